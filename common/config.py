@@ -1,0 +1,242 @@
+"""One TOML file per protected VM, the same on both hosts.
+
+Every key is declared in SCHEMA with its type, default and check; anything
+else in the file is rejected with the key named, so a typo never silently
+falls back to a default.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key."""
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+def _host_port(value: str, *, port_required: bool) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        if port_required:
+            raise ValueError("expected HOST:PORT")
+        return value, 0
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT with a port from 0 to 65535")
+    if port_required and int(port) == 0:
+        raise ValueError("port 0 is not a listening port")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type | tuple[type, ...]
+    default: Any = None  # None: required
+    check: Callable[[Any], Any] | None = None  # raises ValueError or returns a normalised value
+    help: str = ""
+
+
+def _range(lo: float, hi: float) -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        if not lo <= v <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return v
+    return check
+
+
+def _choice(*options: str) -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return v
+    return check
+
+
+def _name(v: str) -> str:
+    if not _NAME_RE.match(v):
+        raise ValueError("letters, digits, '.', '_' and '-' only, at most 63")
+    return v
+
+
+def _mac(v: str) -> str:
+    v = v.lower()
+    if not _MAC_RE.match(v):
+        raise ValueError("expected a MAC address like 52:54:00:12:34:56")
+    if int(v[:2], 16) & 1:
+        raise ValueError("a multicast MAC cannot be a NIC address")
+    return v
+
+
+def _str_list(v: list) -> list:
+    if not all(isinstance(x, str) for x in v):
+        raise ValueError("must be a list of strings")
+    return list(v)
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "guest": {
+        "name": Key(str, None, _name, "name of the protected VM"),
+        "memory_mib": Key(int, 128, _range(16, 1 << 20), "guest RAM in MiB"),
+        "cpus": Key(int, 1, _range(1, 64), "virtual CPUs"),
+        "kernel": Key(str, None, None, "kernel image booted with -kernel"),
+        "initrd": Key(str, "", None, "initramfs passed with -initrd (optional)"),
+        "append": Key(str, "console=ttyS0", None, "kernel command line"),
+        "accel": Key(str, "auto", _choice("auto", "kvm", "tcg"), "KVM where usable (auto), or forced"),
+        "qemu_binary": Key(str, "qemu-system-x86_64", None, "QEMU executable"),
+        "ram_dir": Key(str, "/dev/shm", None, "where the primary keeps the guest RAM file (tmpfs)"),
+        "extra_args": Key(list, [], _str_list, "extra QEMU arguments, appended verbatim"),
+    },
+    "network": {
+        "mode": Key(str, "none", _choice("none", "user"),
+                    "none: no NIC; user: QEMU user-mode NIC with host forwards (unbuffered)"),
+        "mac": Key(str, "52:54:00:12:34:56", _mac, "guest NIC MAC address"),
+        "host_forward": Key(list, [], _str_list, "user mode: hostfwd rules, e.g. tcp:127.0.0.1:8080-:80"),
+    },
+    "replication": {
+        "interval_ms": Key(int, 200, _range(5, 60_000), "checkpoint every MS milliseconds"),
+        "compression": Key(str, "zstd", _choice("zstd", "none"), "page compression on the wire"),
+        "zstd_level": Key(int, 1, _range(-5, 19), "zstd level (1 is fast and good for pages)"),
+        "capture": Key(str, "auto", _choice("auto", "compare", "softdirty"),
+                       "dirty-page capture: softdirty where the kernel has it, else compare"),
+        "stream_timeout_ms": Key(int, 2000, _range(50, 600_000),
+                                 "backup: activate after this long without checkpoint traffic"),
+        "ack_timeout_ms": Key(int, 5000, _range(50, 600_000),
+                              "primary: give up on a backup that does not acknowledge in time"),
+        "compare_threads": Key(int, 2, _range(1, 64), "threads for the compare capture"),
+    },
+    "primary": {
+        "address": Key(str, None, lambda v: (_host_port(v, port_required=False), v)[1],
+                       "HOST[:PORT] the primary sends the checkpoint stream from"),
+        "state_dir": Key(str, "/var/lib/remus/primary", None, "primary state directory"),
+    },
+    "backup": {
+        "address": Key(str, None, lambda v: (_host_port(v, port_required=True), v)[1],
+                       "HOST:PORT the backup listens on for the checkpoint stream"),
+        "state_dir": Key(str, "/var/lib/remus/backup", None, "backup state directory (holds the replica)"),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Section:
+    values: dict[str, Any]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    guest: Section
+    network: Section
+    replication: Section
+    primary: Section
+    backup: Section
+    raw: dict = field(repr=False)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.guest.memory_mib << 20
+
+    @property
+    def backup_endpoint(self) -> tuple[str, int]:
+        return _host_port(self.backup.address, port_required=True)
+
+    @property
+    def primary_endpoint(self) -> tuple[str, int]:
+        return _host_port(self.primary.address, port_required=False)
+
+    def fingerprint(self) -> str:
+        """What both ends must agree on for a replica to be resumable.
+
+        Only what shapes the machine and its RAM layout counts; addresses,
+        timings and paths may differ between the two hosts' copies.
+        """
+        shape = {
+            "guest": {k: self.guest.values[k] for k in ("name", "memory_mib", "cpus", "extra_args")},
+            "network": {k: self.network.values[k] for k in ("mode", "mac")},
+        }
+        blob = json.dumps(shape, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    def with_overrides(self, **replication: Any) -> "Config":
+        values = dict(self.replication.values)
+        for key, value in replication.items():
+            if value is None:
+                continue
+            values[key] = _check_value("replication", key, SCHEMA["replication"][key], value)
+        return Config(self.path, self.guest, self.network, Section(values),
+                      self.primary, self.backup, self.raw)
+
+
+def _check_value(section: str, key: str, spec: Key, value: Any) -> Any:
+    where = f"[{section}] {key}"
+    types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"{where}: expected {types[0].__name__}, got a boolean")
+    if not isinstance(value, types):
+        raise ConfigError(f"{where}: expected {types[0].__name__}, got {type(value).__name__} {value!r}")
+    if spec.check is not None:
+        try:
+            value = spec.check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc} (got {value!r})") from None
+    return value
+
+
+def parse(data: dict, path: Path) -> Config:
+    for section in data:
+        if section not in SCHEMA:
+            raise ConfigError(f"unknown section [{section}] (known: {', '.join(SCHEMA)})")
+    sections: dict[str, Section] = {}
+    for section, keys in SCHEMA.items():
+        given = data.get(section, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        for key in given:
+            if key not in keys:
+                raise ConfigError(f"[{section}] {key}: unknown key (known: {', '.join(keys)})")
+        values = {}
+        for key, spec in keys.items():
+            if key in given:
+                values[key] = _check_value(section, key, spec, given[key])
+            elif spec.default is None:
+                raise ConfigError(f"[{section}] {key}: required ({spec.help})")
+            else:
+                values[key] = spec.default
+        sections[section] = Section(values)
+    base = path.parent
+    for key in ("kernel", "initrd"):
+        value = sections["guest"].values[key]
+        if value and not os.path.isabs(value):
+            sections["guest"].values[key] = str((base / value).resolve())
+    if sections["network"].mode != "user" and sections["network"].host_forward:
+        raise ConfigError("[network] host_forward: only meaningful with mode = \"user\"")
+    return Config(path=path, raw=data, **sections)
+
+
+def load(path: str | os.PathLike) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse(data, p)

@@ -1,0 +1,32 @@
+"""remusctl: the operator's tool."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="remusctl",
+        description="Operate Remus: build the demo guest, inspect replicas.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    guest = sub.add_parser("guest", help="the built-in demo guest")
+    guest_sub = guest.add_subparsers(dest="guest_command", required=True)
+    from remus.common import guest_image
+    guest_image.add_build_parser(guest_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
