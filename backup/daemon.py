@@ -1,0 +1,239 @@
+"""remus-backup: receive checkpoints, keep the replica, resume the VM when the primary is lost."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+from remus.backup.replica import Replica, ReplicaError
+from remus.common import log
+from remus.common.capture import PAGE_SIZE
+from remus.common.config import Config, ConfigError, load
+from remus.common.protocol import BackupProtocol, CheckpointStaged, PeerBye, Send, SessionOpened
+from remus.common.qemu import GuestError, GuestPaths, QemuGuest
+from remus.common.wire import ProtocolError
+
+_log = log.get("remus.backup")
+
+READ_CHUNK = 1 << 20
+HANDSHAKE_TIMEOUT = 10.0
+EXIT_ACTIVATION_REFUSED = 4
+
+
+class Connection:
+    """One inbound checkpoint stream."""
+
+    def __init__(self, peer: str):
+        self.peer = peer
+        self.session: str | None = None
+        self.committed = 0          # checkpoints committed in this session
+        self.superseded = False
+        self.task: asyncio.Task | None = None
+
+
+class Backup:
+    def __init__(self, cfg: Config, replica: Replica):
+        self.cfg = cfg
+        self.replica = replica
+        self.fingerprint = cfg.fingerprint()
+        self.current: Connection | None = None
+        self.lost = asyncio.Event()
+        self.lost_reason = ""
+        self.lost_at = 0.0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = "%s:%d" % writer.get_extra_info("peername")[:2]
+        conn = Connection(peer)
+        conn.task = asyncio.current_task()
+        try:
+            reason = await self._serve(conn, reader, writer)
+        except asyncio.CancelledError:
+            reason = None  # superseded by a newer session
+        except Exception as exc:  # noqa: BLE001 - a bug must not turn into an activation
+            _log.error("session-failed", peer=peer, error=repr(exc), action="dropping the connection")
+            reason = None
+        finally:
+            writer.close()
+        if conn is self.current and conn.committed and not conn.superseded and reason:
+            self.lost_reason = reason
+            self.lost_at = time.monotonic()
+            self.lost.set()
+
+    async def _serve(self, conn: Connection, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> str | None:
+        """Returns why the primary is presumed lost, or None if it is not."""
+        proto = BackupProtocol(self.fingerprint, self.cfg.memory_bytes, PAGE_SIZE,
+                               self._read_previous)
+        loop = asyncio.get_running_loop()
+        stream_timeout = self.cfg.replication.stream_timeout_ms / 1000
+        while True:
+            timeout = stream_timeout if conn.session else HANDSHAKE_TIMEOUT
+            try:
+                data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
+            except asyncio.TimeoutError:
+                if not conn.session:
+                    _log.warning("handshake-timeout", peer=conn.peer)
+                    return None
+                return f"no checkpoint traffic for {self.cfg.replication.stream_timeout_ms} ms"
+            except OSError as exc:
+                return f"stream failed: {exc.strerror or exc}"
+            try:
+                if not data:
+                    proto.close()
+                    return "primary closed the stream"
+                events = proto.receive(data)
+            except ProtocolError as exc:
+                reply = getattr(exc, "reply", None)
+                if reply:
+                    writer.write(reply)
+                if not data:
+                    # EOF in the middle of a checkpoint: the primary died sending it.
+                    _log.warning("checkpoint-truncated", peer=conn.peer, detail=str(exc))
+                    return "primary closed the stream in the middle of a checkpoint"
+                _log.error("stream-rejected", peer=conn.peer, session=conn.session or "-",
+                           error=str(exc), replica_epoch=self.replica.state.epoch,
+                           action="dropping the connection; replica untouched")
+                return None
+            for event in events:
+                if isinstance(event, Send):
+                    writer.write(event.data)
+                elif isinstance(event, SessionOpened):
+                    self._open_session(conn, event.session)
+                elif isinstance(event, CheckpointStaged):
+                    cp = event.checkpoint
+                    t0 = time.monotonic()
+                    await loop.run_in_executor(None, self.replica.commit, cp.epoch, cp.full,
+                                               cp.taken_at, cp.indices, cp.pages, cp.device_state)
+                    writer.write(proto.ack(cp.epoch))
+                    conn.committed += 1
+                    _log.debug("committed", epoch=cp.epoch, pages=len(cp.indices),
+                               apply_ms=(time.monotonic() - t0) * 1000)
+                    if cp.full:
+                        _log.info("standby", session=conn.session, epoch=cp.epoch,
+                                  detail="full checkpoint committed; the replica is resumable")
+                elif isinstance(event, PeerBye):
+                    _log.info("primary-bye", session=conn.session, reason=event.reason,
+                              action="not activating; waiting for a new session")
+                    return None
+            try:
+                await writer.drain()
+            except OSError as exc:
+                return f"stream failed: {exc.strerror or exc}"
+
+    def _read_previous(self, indices):
+        return self.replica.read_pages(indices)
+
+    def _open_session(self, conn: Connection, session: str) -> None:
+        old = self.current
+        if old is not None and old is not conn:
+            old.superseded = True
+            if old.task is not None:
+                old.task.cancel()
+            _log.warning("session-superseded", old=old.session, new=session)
+        conn.session = session
+        self.current = conn
+        self.replica.begin_session(session, self.fingerprint, self.cfg.memory_bytes, PAGE_SIZE)
+        _log.info("session-start", session=session, peer=conn.peer,
+                  detail="replica is stale until the full sync commits")
+
+
+async def activate(cfg: Config, replica: Replica, reason: str, lost_at: float) -> QemuGuest:
+    """Resume the VM from the last committed checkpoint."""
+    replica.check_activatable(cfg.fingerprint())
+    s = replica.state
+    _log.warning("activating", reason=reason, epoch=s.epoch, session=s.session,
+                 checkpoint_age_s=time.time() - s.taken_at)
+    replica.mark_activated()  # before QEMU touches the file: never resume it twice
+    guest = QemuGuest(cfg, GuestPaths(run_dir=Path(cfg.backup.state_dir) / "run",
+                                      ram_file=replica.ram_file))
+    t0 = time.monotonic()
+    await guest.launch(incoming=True)
+    t1 = time.monotonic()
+    await guest.load_device_state(replica.device_file)
+    t2 = time.monotonic()
+    await guest.cont()
+    t3 = time.monotonic()
+    if cfg.network.mode != "none":
+        await guest.announce()
+    _log.warning("activated", epoch=s.epoch, qemu_pid=guest.pid,
+                 detect_to_resume_ms=(t3 - lost_at) * 1000, launch_ms=(t1 - t0) * 1000,
+                 load_ms=(t2 - t1) * 1000, cont_ms=(t3 - t2) * 1000)
+    return guest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="remus-backup",
+        description="Receive checkpoints of the protected VM into a replica, and resume the "
+                    "VM from the last committed checkpoint when the checkpoint stream from "
+                    "the primary is lost (reset, EOF, or silence longer than "
+                    "[replication] stream_timeout_ms). A primary that says goodbye is not "
+                    "taken over.")
+    p.add_argument("--config", "-c", required=True, metavar="FILE",
+                   help="the guest's TOML config (the same file as on the primary)")
+    p.add_argument("--stream-timeout", type=int, metavar="MS",
+                   help="override [replication] stream_timeout_ms")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+async def run(args: argparse.Namespace) -> int:
+    cfg = load(args.config).with_overrides(stream_timeout_ms=args.stream_timeout)
+    replica = Replica(Path(cfg.backup.state_dir))
+    s = replica.state
+    _log.info("backup-start", guest=cfg.guest.name, listen=cfg.backup.address,
+              replica_state=s.state, replica_epoch=s.epoch,
+              detail="waiting for a session; an old replica is never resumed without one")
+    backup = Backup(cfg, replica)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    host, port = cfg.backup_endpoint
+    server = await asyncio.start_server(backup.handle, host, port, reuse_address=True)
+    lost = asyncio.create_task(backup.lost.wait())
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        server.close()
+        if stop.is_set():
+            _log.info("backup-stop", reason="signal", replica_state=replica.state.state)
+            return 0
+        _log.warning("primary-lost", reason=backup.lost_reason, last_epoch=replica.state.epoch)
+        try:
+            guest = await activate(cfg, replica, backup.lost_reason, backup.lost_at)
+        except ReplicaError as exc:
+            _log.error("activation-refused", reason=str(exc))
+            return EXIT_ACTIVATION_REFUSED
+        exited = asyncio.create_task(guest.wait())
+        await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            _log.info("backup-stop", reason="signal", action="quit the activated guest")
+            await guest.quit()
+            return 0
+        _log.warning("guest-exit", status=exited.result(), reason=guest.shutdown_reason)
+        return 0 if guest.shutdown_reason == "guest-shutdown" else 1
+    finally:
+        lost.cancel()
+        stopped.cancel()
+        replica.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log.setup("backup", args.log_level)
+    try:
+        return asyncio.run(run(args))
+    except ConfigError as exc:
+        print(f"remus-backup: config error: {exc}", file=sys.stderr)
+        return 2
+    except (GuestError, ReplicaError) as exc:
+        _log.error("backup-failed", error=str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Dirty-page capture: which 4 KiB pages of guest RAM changed since the last checkpoint.
+
+Two modes behind one interface:
+- compare: keep a shadow copy of RAM and compare against it at each pause
+  (works on any kernel; costs one RAM-sized copy and a memory scan);
+- softdirty: ask the kernel which pages QEMU wrote (/proc/PID/pagemap bit 55
+  after clearing with /proc/PID/clear_refs = 4); needs CONFIG_MEM_SOFT_DIRTY.
+
+Both copy the dirty pages into a staging array while the guest is paused, so
+the guest can resume before anything is compressed or sent.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from remus.common import log
+
+_log = log.get("remus.capture")
+
+PAGE_SIZE = 4096
+SOFT_DIRTY_BIT = 55
+PAGEMAP_ENTRY = 8
+CLEAR_SOFT_DIRTY = b"4"
+_SCAN_BLOCK = 1024  # pages compared per numpy call: keeps temporaries in cache
+
+
+@dataclass
+class Captured:
+    """Pages copied out of a paused guest."""
+    indices: np.ndarray          # uint32, ascending
+    new_pages: np.ndarray        # (n, PAGE_SIZE) uint8, copies
+    previous_pages: np.ndarray | None = None  # what the backup holds for those pages, if known
+    full: bool = False
+
+
+class RamView:
+    """The daemon's own read-only mapping of the guest RAM file."""
+
+    def __init__(self, path: Path, size: int):
+        if size % PAGE_SIZE:
+            raise ValueError(f"RAM size {size} is not a multiple of {PAGE_SIZE}")
+        self.path = path
+        self.size = size
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            actual = os.fstat(fd).st_size
+            if actual < size:
+                raise ValueError(f"RAM file {path} is {actual} bytes, expected {size}")
+            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self.pages = np.frombuffer(self._map, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        self.words = self.pages.view(np.uint64)
+
+    @property
+    def npages(self) -> int:
+        return self.pages.shape[0]
+
+    def close(self) -> None:
+        self.pages = self.words = None  # type: ignore[assignment]
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a staging array still references it; freed with it
+
+
+class CompareCapture:
+    name = "compare"
+
+    def __init__(self, ram: RamView, threads: int = 2):
+        self.ram = ram
+        self.shadow: np.ndarray | None = None
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="compare")
+
+    def full(self) -> Captured:
+        self.shadow = np.array(self.ram.pages)  # copy: baseline for later compares
+        indices = np.arange(self.ram.npages, dtype=np.uint32)
+        return Captured(indices, self.shadow, None, full=True)
+
+    def _scan(self, start: int, stop: int) -> np.ndarray:
+        live, shadow = self.ram.words, self.shadow.view(np.uint64)
+        found = []
+        diff = np.empty((_SCAN_BLOCK, PAGE_SIZE // 8), dtype=bool)
+        for a in range(start, stop, _SCAN_BLOCK):
+            b = min(a + _SCAN_BLOCK, stop)
+            d = diff[: b - a]
+            np.not_equal(live[a:b], shadow[a:b], out=d)
+            hits = np.flatnonzero(d.any(axis=1))
+            if hits.size:
+                found.append(hits + a)
+        return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+
+    def capture(self) -> Captured:
+        """At a pause: find and copy the changed pages. Shadow is updated later."""
+        assert self.shadow is not None, "full() must run first"
+        n = self.ram.npages
+        step = -(-n // self.threads)
+        parts = list(self._pool.map(lambda a: self._scan(a, min(a + step, n)), range(0, n, step)))
+        indices = np.concatenate(parts).astype(np.uint32)
+        return Captured(indices, self.ram.pages[indices])
+
+    def after_resume(self, captured: Captured) -> None:
+        """With the guest running again: remember the previous copies, update the shadow."""
+        if captured.full or self.shadow is None:
+            return
+        captured.previous_pages = self.shadow[captured.indices]
+        self.shadow[captured.indices] = captured.new_pages
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self.shadow = None
+
+
+def dirty_indices_from_pagemap(entries: bytes | np.ndarray) -> np.ndarray:
+    """Page numbers whose pagemap entry has the soft-dirty bit (55) set."""
+    words = np.frombuffer(entries, dtype="<u8") if not isinstance(entries, np.ndarray) else entries
+    return np.flatnonzero((words >> np.uint64(SOFT_DIRTY_BIT)) & np.uint64(1)).astype(np.uint32)
+
+
+def find_mapping(pid: int, path: Path) -> tuple[int, int]:
+    """(start, end) of the mapping of `path` in process `pid`, from /proc/PID/maps."""
+    target = str(path.resolve())
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == target:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                return start, end
+    raise LookupError(f"process {pid} has no mapping of {target}")
+
+
+def softdirty_supported() -> tuple[bool, str]:
+    """Probe on our own process: clear, write a page, see bit 55 set."""
+    buf = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf[0] = 1
+        addr = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+        with open("/proc/self/clear_refs", "wb", buffering=0) as f:
+            f.write(CLEAR_SOFT_DIRTY)
+        buf[0] = 2
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            f.seek(addr // PAGE_SIZE * PAGEMAP_ENTRY)
+            entry = f.read(PAGEMAP_ENTRY)
+        if len(entry) != PAGEMAP_ENTRY:
+            return False, "cannot read /proc/self/pagemap"
+        if not dirty_indices_from_pagemap(entry).size:
+            return False, "kernel does not track soft-dirty pages (CONFIG_MEM_SOFT_DIRTY unset)"
+        return True, "soft-dirty bit set after a write"
+    except OSError as exc:
+        return False, f"soft-dirty probe failed: {exc.strerror or exc}"
+    finally:
+        buf.close()
+
+
+class SoftDirtyCapture:
+    name = "softdirty"
+
+    def __init__(self, ram: RamView, qemu_pid: int):
+        self.ram = ram
+        self.pid = qemu_pid
+        start, end = find_mapping(qemu_pid, ram.path)
+        if end - start < ram.size:
+            raise LookupError(f"QEMU maps {end - start} bytes of {ram.path}, expected {ram.size}")
+        self._offset = start // PAGE_SIZE * PAGEMAP_ENTRY
+        self._pagemap = open(f"/proc/{qemu_pid}/pagemap", "rb", buffering=0)
+
+    def _clear(self) -> None:
+        with open(f"/proc/{self.pid}/clear_refs", "wb", buffering=0) as f:
+            f.write(CLEAR_SOFT_DIRTY)
+
+    def full(self) -> Captured:
+        pages = np.array(self.ram.pages)
+        self._clear()
+        return Captured(np.arange(self.ram.npages, dtype=np.uint32), pages, None, full=True)
+
+    def capture(self) -> Captured:
+        entries = os.pread(self._pagemap.fileno(), self.ram.npages * PAGEMAP_ENTRY, self._offset)
+        indices = dirty_indices_from_pagemap(entries)
+        new_pages = self.ram.pages[indices]
+        self._clear()  # still paused: every write after this is seen next time
+        return Captured(indices, new_pages)
+
+    def after_resume(self, captured: Captured) -> None:
+        pass  # no shadow copy: pages go out without an XOR base
+
+    def close(self) -> None:
+        self._pagemap.close()
+
+
+def make_capture(mode: str, ram: RamView, qemu_pid: int, threads: int = 2):
+    """Pick the capture for `mode` (auto|compare|softdirty), falling back loudly."""
+    if mode in ("auto", "softdirty"):
+        ok, why = softdirty_supported()
+        if ok:
+            return SoftDirtyCapture(ram, qemu_pid)
+        if mode == "softdirty":
+            _log.warning("softdirty-unavailable", reason=why, fallback="compare")
+        else:
+            _log.info("capture-mode", mode="compare", reason=why)
+    return CompareCapture(ram, threads)

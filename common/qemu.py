@@ -1,0 +1,276 @@
+"""Launch, supervise and drive one QEMU guest over QMP.
+
+The guest's RAM lives in a shared memory-backend-file so the daemons can read
+(primary) or fill (backup) it directly; migration with `x-ignore-shared` then
+carries only CPU and device state, which is what a checkpoint needs.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import shlex
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from remus.common import log
+from remus.common.config import Config
+
+_log = log.get("remus.qemu")
+
+PR_SET_PDEATHSIG = 1
+STATE_FD_NAME = "remus-state"
+
+
+class GuestError(RuntimeError):
+    """QEMU did not do what was asked; the message says what and why."""
+
+
+def detect_accel(requested: str) -> tuple[str, str]:
+    """Return (accel, reason). KVM only where the host really offers it.
+
+    /dev/kvm alone is not enough: nested setups such as PVM expose a device
+    that stock guests cannot run on, and those hosts lack vmx/svm.
+    """
+    if requested != "auto":
+        return requested, "configured"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg", "/dev/kvm not usable"
+    if os.path.exists("/sys/module/kvm_pvm"):
+        return "tcg", "/dev/kvm is a PVM device that stock guests cannot use"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if " vmx" not in flags and " svm" not in flags:
+        return "tcg", "CPU has no vmx/svm"
+    return "kvm", "/dev/kvm usable"
+
+
+@dataclass(frozen=True)
+class GuestPaths:
+    """Where one QEMU instance keeps its sockets and logs."""
+    run_dir: Path
+    ram_file: Path
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.run_dir / "serial.log"
+
+
+def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = False) -> list[str]:
+    g = cfg.guest
+    mem = f"{g.memory_mib}M"
+    cmd = [
+        g.qemu_binary, "-name", g.name, "-nodefaults", "-no-user-config",
+        "-display", "none", "-accel", accel,
+        "-machine", "q35,memory-backend=mem",
+        "-object", f"memory-backend-file,id=mem,size={mem},mem-path={paths.ram_file},share=on",
+        "-m", mem, "-smp", str(g.cpus),
+        "-kernel", g.kernel, "-append", g.append,
+        "-serial", f"file:{paths.serial_log}",
+        "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
+    ]
+    if accel == "kvm":
+        cmd += ["-cpu", "host"]
+    if g.initrd:
+        cmd += ["-initrd", g.initrd]
+    net = cfg.network
+    if net.mode == "user":
+        fwd = "".join(f",hostfwd={rule}" for rule in net.host_forward)
+        cmd += ["-netdev", f"user,id=n0{fwd}",
+                "-device", f"virtio-net-pci,netdev=n0,mac={net.mac},romfile="]
+    cmd += list(g.extra_args)
+    if incoming:
+        cmd += ["-incoming", "defer"]
+    return cmd
+
+
+def _die_with_parent() -> None:
+    # If the daemon dies, its guest must not run on unsupervised: the
+    # backup is about to resume the same machine.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.setpgid(0, 0)
+
+
+class QemuGuest:
+    def __init__(self, cfg: Config, paths: GuestPaths):
+        self.cfg = cfg
+        self.paths = paths
+        self.proc: asyncio.subprocess.Process | None = None
+        self.qmp: QMPClient | None = None
+        self.accel, self.accel_reason = detect_accel(cfg.guest.accel)
+        self.shutdown_reason: str | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def launch(self, incoming: bool = False) -> None:
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (self.paths.qmp_socket,):
+            stale.unlink(missing_ok=True)
+        cmd = build_command(self.cfg, self.paths, self.accel, incoming)
+        _log.info("qemu-launch", accel=self.accel, why=self.accel_reason, incoming=incoming,
+                  cmd=shlex.join(cmd))
+        stderr_log = open(self.paths.run_dir / "qemu.stderr", "ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
+            preexec_fn=_die_with_parent)
+        stderr_log.close()
+        await self._connect_qmp()
+
+    async def _connect_qmp(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is not None and self.proc.returncode is not None:
+                raise GuestError(f"QEMU exited with status {self.proc.returncode} at start; "
+                                 f"see {self.paths.run_dir / 'qemu.stderr'}")
+            if self.paths.qmp_socket.exists():
+                client = QMPClient(self.cfg.guest.name)
+                try:
+                    await client.connect(str(self.paths.qmp_socket))
+                    self.qmp = client
+                    break
+                except (OSError, ConnectionError):
+                    pass
+            if time.monotonic() > deadline:
+                raise GuestError(f"QMP socket {self.paths.qmp_socket} did not answer within {timeout}s")
+            await asyncio.sleep(0.02)
+        await self.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        # Device state is a few hundred KB; never let the default rate limit stretch the pause.
+        await self.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        asyncio.get_running_loop().create_task(self._watch_shutdown())
+
+    async def _watch_shutdown(self) -> None:
+        assert self.qmp is not None
+        with self.qmp.listener(("SHUTDOWN",)) as listener:
+            async for event in listener:
+                data = event.get("data", {})
+                self.shutdown_reason = data.get("reason", "unknown")
+                _log.info("qemu-shutdown-event", reason=self.shutdown_reason, guest=data.get("guest"))
+                return
+
+    async def execute(self, cmd: str, args: dict | None = None):
+        if self.qmp is None:
+            raise GuestError(f"QMP not connected for {cmd}")
+        try:
+            return await self.qmp.execute(cmd, args)
+        except Exception as exc:
+            raise GuestError(f"QMP {cmd} failed: {exc}") from exc
+
+    async def stop(self) -> None:
+        await self.execute("stop")
+
+    async def cont(self) -> None:
+        await self.execute("cont")
+
+    async def status(self) -> str:
+        return (await self.execute("query-status"))["status"]
+
+    async def save_device_state(self) -> bytes:
+        """CPU and device state of a stopped guest, RAM excluded (x-ignore-shared)."""
+        loop = asyncio.get_running_loop()
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+        chunks: list[bytes] = []
+        eof = loop.create_future()
+
+        def readable() -> None:
+            try:
+                while True:
+                    data = os.read(rfd, 1 << 20)
+                    if not data:
+                        if not eof.done():
+                            eof.set_result(None)
+                        loop.remove_reader(rfd)
+                        return
+                    chunks.append(data)
+            except BlockingIOError:
+                return
+
+        try:
+            assert self.qmp is not None
+            self.qmp.send_fd_scm(wfd)
+            await self.execute("getfd", {"fdname": STATE_FD_NAME})
+            os.close(wfd)
+            wfd = -1
+            loop.add_reader(rfd, readable)
+            await self.execute("migrate", {"uri": f"fd:{STATE_FD_NAME}"})
+            await asyncio.wait_for(eof, timeout=30)
+            while True:
+                info = await self.execute("query-migrate")
+                status = info.get("status")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled"):
+                    raise GuestError(f"device state save {status}: {info.get('error-desc', '')}")
+                await asyncio.sleep(0.001)
+        finally:
+            loop.remove_reader(rfd)
+            os.close(rfd)
+            if wfd >= 0:
+                os.close(wfd)
+        state = b"".join(chunks)
+        if not state:
+            raise GuestError("device state save produced no data")
+        return state
+
+    async def load_device_state(self, state_file: Path, timeout: float = 30.0) -> None:
+        """Backup side: QEMU started with -incoming defer reads the committed state."""
+        await self.execute("migrate-incoming", {"uri": "exec:cat " + shlex.quote(str(state_file))})
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await self.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise GuestError(f"loading device state {status}: {info.get('error-desc', '')}")
+            if time.monotonic() > deadline:
+                raise GuestError(f"loading device state took more than {timeout}s (status {status})")
+            await asyncio.sleep(0.002)
+
+    async def announce(self) -> None:
+        await self.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        return await self.proc.wait()
+
+    async def quit(self, timeout: float = 5.0) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        try:
+            await asyncio.wait_for(self.execute("quit"), timeout)
+        except (GuestError, asyncio.TimeoutError):
+            pass
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        await self.close_qmp()
+
+    async def close_qmp(self) -> None:
+        if self.qmp is not None:
+            try:
+                await self.qmp.disconnect()
+            except Exception:
+                pass
+            self.qmp = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()

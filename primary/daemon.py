@@ -1,0 +1,108 @@
+"""remus-primary: run a protected VM and checkpoint it to the backup."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from remus.common import log
+from remus.common.capture import RamView, make_capture
+from remus.common.config import ConfigError, load
+from remus.common.qemu import GuestError, GuestPaths, QemuGuest
+from remus.common.stats import EpochLog
+from remus.primary.hooks import Hooks
+from remus.primary.replicator import Replicator
+
+_log = log.get("remus.primary")
+
+EXIT_GUEST_FAILED = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="remus-primary",
+        description="Run the protected VM under QEMU and send a checkpoint of it to the "
+                    "backup host every interval. If the backup is unreachable the VM keeps "
+                    "running unprotected and the daemon keeps reconnecting; every new session "
+                    "starts with a full sync.")
+    p.add_argument("--config", "-c", required=True, metavar="FILE",
+                   help="the guest's TOML config (the same file as on the backup)")
+    p.add_argument("-i", "--interval", type=int, metavar="MS",
+                   help="checkpoint every MS milliseconds (overrides [replication] interval_ms)")
+    p.add_argument("--capture", choices=("auto", "compare", "softdirty"),
+                   help="dirty-page capture mode (overrides [replication] capture)")
+    p.add_argument("--stats", type=Path, metavar="FILE",
+                   help="append one JSON line of figures per checkpoint to FILE")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+async def run(args: argparse.Namespace) -> int:
+    cfg = load(args.config).with_overrides(interval_ms=args.interval, capture=args.capture)
+    state_dir = Path(cfg.primary.state_dir)
+    ram_file = Path(cfg.guest.ram_dir) / f"remus-{cfg.guest.name}-primary.ram"
+    ram_file.unlink(missing_ok=True)  # never start from an old RAM image
+    guest = QemuGuest(cfg, GuestPaths(run_dir=state_dir / "run", ram_file=ram_file))
+    epochs = EpochLog(args.stats)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await guest.launch()
+    ram = RamView(ram_file, cfg.memory_bytes)
+    capture = make_capture(cfg.replication.capture, ram, guest.pid, cfg.replication.compare_threads)
+    _log.info("primary-start", guest=cfg.guest.name, memory_mib=cfg.guest.memory_mib,
+              interval_ms=cfg.replication.interval_ms, capture=capture.name,
+              backup=cfg.backup.address, qemu_pid=guest.pid)
+    replicator = Replicator(cfg, guest, capture, Hooks(), epochs)
+    rep = asyncio.create_task(replicator.run(), name="replicator")
+    exited = asyncio.create_task(guest.wait(), name="qemu")
+    stopped = asyncio.create_task(stop.wait(), name="signal")
+    try:
+        done, _ = await asyncio.wait({rep, exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if rep in done:
+            rep.result()  # re-raise: the loop only ends on a bug
+        if stopped in done:
+            _log.info("primary-stop", reason="signal", action="bye to backup, quit guest")
+            rep.cancel()
+            await replicator.say_bye("primary stopped by operator")
+            await guest.quit()
+            return 0
+        status = exited.result()
+        rep.cancel()
+        if guest.shutdown_reason in ("guest-shutdown", "host-qmp-quit"):
+            _log.info("guest-exit", reason=guest.shutdown_reason, action="bye to backup")
+            await replicator.say_bye(f"guest ended: {guest.shutdown_reason}")
+            return 0
+        # QEMU died under us: say nothing, so the backup takes over.
+        _log.error("guest-died", status=status, reason=guest.shutdown_reason or "killed or crashed",
+                   action="leaving the backup to activate")
+        return EXIT_GUEST_FAILED
+    finally:
+        for task in (rep, exited, stopped):
+            task.cancel()
+        guest.kill()
+        capture.close()
+        ram.close()
+        epochs.close()
+        ram_file.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log.setup("primary", args.log_level)
+    try:
+        return asyncio.run(run(args))
+    except ConfigError as exc:
+        print(f"remus-primary: config error: {exc}", file=sys.stderr)
+        return 2
+    except GuestError as exc:
+        _log.error("guest-error", error=str(exc))
+        return EXIT_GUEST_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Checkpoint devices: the extension points of the primary's epoch loop.
+
+As in the original Remus script, each device is told when the guest has been
+suspended for a checkpoint, when it is about to resume, and when the backup
+has acknowledged the checkpoint. Network output buffering and disk
+replication plug in here.
+"""
+from __future__ import annotations
+
+
+class CheckpointDevice:
+    name = "device"
+
+    async def postsuspend(self, epoch: int) -> None:
+        """The guest is paused; epoch `epoch` is closing."""
+
+    async def preresume(self, epoch: int) -> None:
+        """The checkpoint is captured; the guest is about to run again."""
+
+    async def commit(self, epoch: int) -> None:
+        """The backup holds checkpoint `epoch`: effects of it may leave the host."""
+
+    async def unprotected(self) -> None:
+        """The backup is gone: stop holding anything back."""
+
+
+class Hooks:
+    """Runs every device's hook in order; disks must commit before network."""
+
+    def __init__(self, devices: list[CheckpointDevice] | None = None):
+        self.devices = list(devices or [])
+
+    async def postsuspend(self, epoch: int) -> None:
+        for d in self.devices:
+            await d.postsuspend(epoch)
+
+    async def preresume(self, epoch: int) -> None:
+        for d in self.devices:
+            await d.preresume(epoch)
+
+    async def commit(self, epoch: int) -> None:
+        for d in self.devices:
+            await d.commit(epoch)
+
+    async def unprotected(self) -> None:
+        for d in self.devices:
+            await d.unprotected()

@@ -1,0 +1,273 @@
+"""The primary's checkpoint loop (the original Remus `Saver` with its hooks).
+
+Per epoch: stop the guest, run postsuspend hooks, capture dirty pages and
+device state (concurrently), run preresume hooks, cont; then, with the guest
+already running, encode and send the checkpoint, wait for the backup's ack,
+and run the commit hooks. The backup is lost => run unprotected and keep
+trying to reconnect; every new session starts with a full sync.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from remus.common import log
+from remus.common.capture import PAGE_SIZE, Captured
+from remus.common.config import Config
+from remus.common.protocol import Acked, CheckpointEncoder, PrimaryProtocol, Rejected, Welcome
+from remus.common.qemu import QemuGuest
+from remus.common.stats import EpochLog, EpochStats
+from remus.common.wire import ProtocolError
+from remus.primary.hooks import Hooks
+
+_log = log.get("remus.primary")
+
+READ_CHUNK = 1 << 16
+BATCH_PAGES = 1024  # pages per frame: 4 MiB before compression
+CONNECT_TIMEOUT = 5.0
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+SUMMARY_EVERY_S = 10.0
+
+
+class SessionLost(Exception):
+    """The checkpoint stream to the backup is gone; the message says why."""
+
+
+class BackupRefused(SessionLost):
+    """The backup answered, but refused the session (wrong version, other guest)."""
+
+
+class Replicator:
+    def __init__(self, cfg: Config, guest: QemuGuest, capture, hooks: Hooks, epochs: EpochLog):
+        self.cfg = cfg
+        self.guest = guest
+        self.capture = capture
+        self.hooks = hooks
+        self.epochs = epochs
+        self.state = "connecting"
+        self.committed_epoch = 0
+        self._writer: asyncio.StreamWriter | None = None
+        self._encoder: CheckpointEncoder | None = None
+        self._acks: dict[int, asyncio.Future] = {}
+        # One thread encodes while the loop thread talks to QEMU and the socket.
+        self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
+        self._last_summary = time.monotonic()
+
+    async def run(self) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            try:
+                await self._session()
+            except BackupRefused as exc:
+                _log.error("backup-refused", reason=str(exc))
+                backoff = BACKOFF_MAX
+            except (SessionLost, OSError, ProtocolError, asyncio.TimeoutError) as exc:
+                reason = str(exc) or type(exc).__name__
+                if self.state == "protecting":
+                    _log.warning("backup-lost", reason=reason, last_committed=self.committed_epoch,
+                                 action="running unprotected, reconnecting")
+                else:
+                    _log.info("backup-unreachable", reason=reason, retry_s=backoff)
+            finally:
+                await self._close_stream()
+            if self.state in ("protecting", "syncing"):
+                backoff = BACKOFF_MIN
+            self.state = "degraded"
+            await self.hooks.unprotected()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def say_bye(self, reason: str) -> None:
+        """Tell the backup we are alive and ending on purpose, so it does not activate."""
+        if self._writer is not None and self._encoder is not None:
+            try:
+                self._writer.write(self._encoder.bye(reason))
+                await asyncio.wait_for(self._writer.drain(), 2.0)
+                _log.info("bye-sent", reason=reason)
+            except (OSError, asyncio.TimeoutError):
+                pass
+        await self._close_stream()
+
+    async def _close_stream(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            except (OSError, asyncio.TimeoutError):
+                pass
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(SessionLost("stream closed"))
+        self._acks.clear()
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        host, port = self.cfg.backup_endpoint
+        src_host, src_port = self.cfg.primary_endpoint
+        local = (src_host, src_port) if src_host else None
+        return await asyncio.wait_for(
+            asyncio.open_connection(host, port, local_addr=local), CONNECT_TIMEOUT)
+
+    async def _session(self) -> None:
+        self.state = "connecting"
+        reader, writer = await self._connect()
+        self._writer = writer
+        session = secrets.token_hex(16)
+        rep = self.cfg.replication
+        proto = PrimaryProtocol(session)
+        self._encoder = CheckpointEncoder(PAGE_SIZE, rep.compression, rep.zstd_level)
+        writer.write(self._encoder.hello(self.cfg.fingerprint(), session, self.cfg.memory_bytes))
+        await writer.drain()
+        welcome = await asyncio.wait_for(self._handshake(reader, proto), CONNECT_TIMEOUT)
+        _log.info("session-start", session=session, backup="%s:%d" % self.cfg.backup_endpoint,
+                  version=welcome)
+        reader_task = asyncio.create_task(self._read_acks(reader, proto))
+        try:
+            await self._replicate(proto)
+        finally:
+            reader_task.cancel()
+
+    async def _handshake(self, reader: asyncio.StreamReader, proto: PrimaryProtocol) -> int:
+        while True:
+            data = await reader.read(READ_CHUNK)
+            if not data:
+                raise SessionLost("backup closed the connection during the handshake")
+            for event in proto.receive(data):
+                if isinstance(event, Rejected):
+                    raise BackupRefused(event.reason)
+                if isinstance(event, Welcome):
+                    return getattr(event, "version", 1)
+
+    async def _read_acks(self, reader: asyncio.StreamReader, proto: PrimaryProtocol) -> None:
+        error: Exception
+        try:
+            while True:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    error = SessionLost("backup closed the stream")
+                    break
+                for event in proto.receive(data):
+                    if isinstance(event, Acked):
+                        fut = self._acks.pop(event.epoch, None)
+                        if fut is not None and not fut.done():
+                            fut.set_result(time.monotonic())
+        except (OSError, ProtocolError) as exc:
+            error = SessionLost(f"stream from backup failed: {exc}")
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+    async def _replicate(self, proto: PrimaryProtocol) -> None:
+        interval = self.cfg.replication.interval_ms / 1000
+        epoch = 0
+        next_pause = time.monotonic()
+        while True:
+            delay = next_pause - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            next_pause = time.monotonic() + interval
+            epoch += 1
+            full = epoch == 1
+            self.state = "syncing" if full else "protecting"
+            await self._checkpoint(proto, epoch, full)
+            if full:
+                self.state = "protecting"
+                _log.info("protecting", epoch=epoch, interval_ms=self.cfg.replication.interval_ms,
+                          capture=self.capture.name)
+            self._maybe_summary()
+
+    async def _pause_and_capture(self, epoch: int, full: bool) -> tuple[Captured, bytes, dict]:
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        await self.guest.stop()
+        resumed = False
+        try:
+            await self.hooks.postsuspend(epoch)
+            timings: dict = {}
+            tc = time.monotonic()
+            capture_job = loop.run_in_executor(None, self.capture.full if full else self.capture.capture)
+            capture_job.add_done_callback(
+                lambda _: timings.__setitem__("capture_ms", (time.monotonic() - tc) * 1000))
+            device_state = await self.guest.save_device_state()
+            timings["device_ms"] = (time.monotonic() - tc) * 1000
+            captured = await capture_job
+            await self.hooks.preresume(epoch)
+            await self.guest.cont()
+            resumed = True
+        finally:
+            if not resumed:
+                # Never leave the guest stopped because a checkpoint failed.
+                try:
+                    await self.guest.cont()
+                except Exception as exc:  # noqa: BLE001 - already failing; report both
+                    _log.error("resume-after-failed-checkpoint-failed", error=str(exc))
+        timings["pause_ms"] = (time.monotonic() - t0) * 1000
+        return captured, device_state, timings
+
+    async def _checkpoint(self, proto: PrimaryProtocol, epoch: int, full: bool) -> None:
+        loop = asyncio.get_running_loop()
+        taken_at = time.time()
+        captured, device_state, timings = await self._pause_and_capture(epoch, full)
+        t_send = time.monotonic()
+        await loop.run_in_executor(self._encode_pool, self.capture.after_resume, captured)
+        assert self._encoder is not None and self._writer is not None
+        frames = self._encoder.checkpoint(epoch, full, taken_at, captured.indices, captured.new_pages,
+                                          captured.previous_pages, device_state,
+                                          batch_pages=BATCH_PAGES)
+        ack = loop.create_future()
+        self._acks[epoch] = ack
+        proto.sent(epoch)
+        wire = frames_sent = 0
+        total = len(captured.indices)
+        shown = 0
+        while True:
+            frame = await loop.run_in_executor(self._encode_pool, next, frames, None)
+            if frame is None:
+                break
+            self._writer.write(frame)
+            wire += len(frame)
+            frames_sent += 1
+            await self._writer.drain()
+            if full:
+                shown = self._sync_progress(min(total, (frames_sent - 1) * BATCH_PAGES), total, shown)
+        sent_at = time.monotonic()
+        try:
+            acked_at = await asyncio.wait_for(ack, self.cfg.replication.ack_timeout_ms / 1000)
+        except asyncio.TimeoutError:
+            raise SessionLost(f"backup did not acknowledge epoch {epoch} within "
+                              f"{self.cfg.replication.ack_timeout_ms} ms") from None
+        self.committed_epoch = epoch
+        await self.hooks.commit(epoch)
+        stats = EpochStats(
+            epoch=epoch, full=full, taken_at=taken_at, pause_ms=timings["pause_ms"],
+            capture_ms=timings.get("capture_ms", 0.0), device_ms=timings["device_ms"],
+            dirty_pages=total, device_bytes=len(device_state), wire_bytes=wire,
+            send_ms=(sent_at - t_send) * 1000, ack_ms=(acked_at - sent_at) * 1000)
+        self.epochs.add(stats)
+        _log.debug("checkpoint", epoch=epoch, pause_ms=stats.pause_ms, dirty=total, wire=wire,
+                   ack_ms=stats.ack_ms)
+        if full:
+            _log.info("sync-complete", epoch=epoch, pages=total, wire_bytes=wire,
+                      seconds=(acked_at - t_send))
+
+    @staticmethod
+    def _sync_progress(pages_sent: int, total_pages: int, shown: int) -> int:
+        """Log the initial sync every 10% of guest RAM."""
+        percent = pages_sent * 100 // max(total_pages, 1)
+        if percent >= shown + 10:
+            _log.info("sync-progress", percent=percent, pages=pages_sent, of=total_pages)
+            return percent - percent % 10
+        return shown
+
+    def _maybe_summary(self) -> None:
+        now = time.monotonic()
+        if now - self._last_summary < SUMMARY_EVERY_S:
+            return
+        self._last_summary = now
+        s = self.epochs.summary()
+        _log.info("protecting-summary", epoch=self.committed_epoch,
+                  cps=s["checkpoints_per_s"], pause_p50_ms=s["pause_p50_ms"],
+                  pause_p99_ms=s["pause_p99_ms"], dirty_p50=s["dirty_pages_p50"],
+                  wire_p50=s["wire_bytes_p50"], ack_p50_ms=s["ack_p50_ms"])
