@@ -1,0 +1,101 @@
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+from remus.common.capture import (PAGE_SIZE, CompareCapture, RamView, SoftDirtyCapture,
+                                  dirty_indices_from_pagemap, find_mapping, make_capture,
+                                  softdirty_supported)
+
+NPAGES = 3000  # not a multiple of the scan block or of the thread split
+
+
+@pytest.fixture
+def ram(tmp_path):
+    path = tmp_path / "guest.ram"
+    path.write_bytes(os.urandom(NPAGES * PAGE_SIZE))
+    fd = os.open(path, os.O_RDWR)
+    writer = mmap.mmap(fd, NPAGES * PAGE_SIZE)
+    os.close(fd)
+    view = RamView(path, NPAGES * PAGE_SIZE)
+    yield view, writer
+    view.close()
+    writer.close()
+
+
+def poke(writer, page, offset=0, value=None):
+    pos = page * PAGE_SIZE + offset
+    writer[pos] = (writer[pos] + 1) % 256 if value is None else value
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_compare_finds_exactly_the_changed_pages(ram, threads):
+    view, writer = ram
+    cap = CompareCapture(view, threads)
+    full = cap.full()
+    assert full.full and len(full.indices) == NPAGES
+    assert len(cap.capture().indices) == 0
+    changed = [0, 1, 1023, 1024, 1500, 2047, 2999]
+    for i, page in enumerate(changed):
+        poke(writer, page, offset=(i * 977) % PAGE_SIZE)  # first, middle and last words
+    poke(writer, 5, PAGE_SIZE - 1)
+    expect = sorted(set(changed + [5]))
+    got = cap.capture()
+    assert got.indices.tolist() == expect
+    assert np.array_equal(got.new_pages, view.pages[expect])
+    before = np.array(cap.shadow[expect])
+    cap.after_resume(got)
+    assert np.array_equal(got.previous_pages, before)
+    assert len(cap.capture().indices) == 0  # shadow caught up
+
+
+def test_compare_copies_are_taken_at_capture_time(ram):
+    view, writer = ram
+    cap = CompareCapture(view, 2)
+    cap.full()
+    poke(writer, 7, value=1)
+    got = cap.capture()
+    snapshot = got.new_pages.copy()
+    poke(writer, 7, value=2)  # the guest runs on after the pause
+    assert np.array_equal(got.new_pages, snapshot)
+
+
+def test_pagemap_bit_55():
+    entries = np.zeros(10, dtype="<u8")
+    entries[[1, 4, 9]] = np.uint64(1 << 55)
+    entries[2] = np.uint64((1 << 63) | (1 << 62) | 0x1234)  # present + swapped, not soft-dirty
+    entries[4] |= np.uint64(1 << 63)
+    assert dirty_indices_from_pagemap(entries.tobytes()).tolist() == [1, 4, 9]
+
+
+def test_find_mapping_of_own_file(ram):
+    view, _ = ram
+    start, end = find_mapping(os.getpid(), view.path)
+    assert end - start == NPAGES * PAGE_SIZE
+    with pytest.raises(LookupError):
+        find_mapping(os.getpid(), view.path.with_name("nope"))
+
+
+def test_auto_falls_back_to_compare_without_softdirty(ram):
+    view, _ = ram
+    ok, why = softdirty_supported()
+    cap = make_capture("auto", view, os.getpid())
+    assert cap.name == ("softdirty" if ok else "compare")
+    if not ok:
+        assert "soft-dirty" in why or "pagemap" in why
+    cap.close()
+
+
+def test_softdirty_on_own_process(ram):
+    ok, why = softdirty_supported()
+    if not ok:
+        pytest.skip(f"soft-dirty page tracking unavailable on this kernel: {why}")
+    view, writer = ram
+    cap = SoftDirtyCapture(view, os.getpid())
+    cap.full()
+    poke(writer, 3)
+    poke(writer, 2500)
+    got = cap.capture()
+    assert {3, 2500} <= set(got.indices.tolist())
+    cap.close()
