@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the guest's TOML config (the same file as on the primary)")
     p.add_argument("--stream-timeout", type=int, metavar="MS",
                    help="override [replication] stream_timeout_ms")
+    p.add_argument("--activate-now", action="store_true",
+                   help="operator takeover: resume the VM from the replica at once, without "
+                        "waiting for a session. Only after making sure the primary is off. "
+                        "A torn, stale or already activated replica is refused.")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -188,6 +192,9 @@ async def run(args: argparse.Namespace) -> int:
               replica_state=s.state, replica_epoch=s.epoch,
               detail="waiting for a session; an old replica is never resumed without one")
     backup = Backup(cfg, replica)
+    if args.activate_now:
+        backup.lost_reason, backup.lost_at = "operator asked (--activate-now)", time.monotonic()
+        backup.lost.set()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,195 @@
+"""A protected pair on one machine: real daemons as separate processes, bounded waits,
+certain cleanup. Used by the tests, the demo and the benchmarks."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Daemon:
+    """One remus daemon; its stderr goes to a log file the test can search."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path):
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=self._log)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-n:])
+
+    def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match:
+        """Wait for `pattern` in the log after character offset `start`."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.log(), start)
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                m = rx.search(self.log(), start)
+                if m:
+                    return m
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}) before "
+                                     f"logging {pattern!r}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not log {pattern!r} within {timeout}s:\n"
+                                     f"{self.tail()}")
+            time.sleep(0.01)
+
+    def family(self) -> list[psutil.Process]:
+        try:
+            me = psutil.Process(self.proc.pid)
+            return [me] + me.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill9(self) -> None:
+        """Host loss: the daemon and its QEMU die at once."""
+        for p in reversed(self.family()):
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait(10)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        family = self.family()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+
+class Pair:
+    """A protected guest: config, backup and primary daemons, and an HTTP client for it."""
+
+    def __init__(self, image, workdir: Path, **replication):
+        self.workdir = workdir
+        self.http_port = free_port()
+        self.stream_port = free_port()
+        self.ram_dir = Path("/dev/shm") / f"remus-test-{os.getpid()}-{self.stream_port}"
+        self.ram_dir.mkdir()
+        rep = {"interval_ms": 200, "stream_timeout_ms": 2000, **replication}
+        rep_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in rep.items())
+        self.config = workdir / "guest.toml"
+        self.config.write_text(f"""
+[guest]
+name = "demo"
+memory_mib = 128
+kernel = "{image.kernel}"
+initrd = "{image.initrd}"
+append = "console=ttyS0 quiet panic=-1 remus.ip=10.0.2.15/24 remus.gw=10.0.2.2"
+ram_dir = "{self.ram_dir}"
+[network]
+mode = "user"
+host_forward = ["tcp:127.0.0.1:{self.http_port}-:80"]
+[replication]
+{rep_lines}
+[primary]
+address = "127.0.0.1"
+state_dir = "{workdir / 'primary'}"
+[backup]
+address = "127.0.0.1:{self.stream_port}"
+state_dir = "{workdir / 'backup'}"
+""")
+        self.daemons: list[Daemon] = []
+        self.primary: Daemon | None = None
+        self.backup: Daemon | None = None
+
+    def start_backup(self, *extra: str) -> Daemon:
+        self.backup = self._start("backup", [str(BIN / "remus-backup"), "--config", str(self.config),
+                                             *extra])
+        self.backup.wait_for(r"backup-start", 15)
+        return self.backup
+
+    def start_primary(self, *extra: str) -> Daemon:
+        self.primary = self._start("primary", [str(BIN / "remus-primary"), "--config",
+                                               str(self.config), *extra])
+        return self.primary
+
+    def _start(self, name: str, argv: list[str]) -> Daemon:
+        d = Daemon(name, argv, self.workdir / f"{name}-{len(self.daemons)}.log")
+        self.daemons.append(d)
+        return d
+
+    def protect(self, boot_timeout: float = 120) -> None:
+        """Backup and primary up, initial sync committed, guest service answering."""
+        self.start_backup()
+        self.start_primary()
+        self.primary.wait_for(r"protecting epoch=1", 60)
+        wait_until(lambda: self.try_get("get"), boot_timeout, "the guest's counter service")
+
+    def replica_record(self) -> dict:
+        try:
+            return json.loads((self.workdir / "backup" / "replica.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def url(self, what: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}/cgi-bin/{what}"
+
+    def get(self, what: str, timeout: float = 10) -> str:
+        with urllib.request.urlopen(self.url(what), timeout=timeout) as r:
+            return r.read().decode().strip()
+
+    def try_get(self, what: str, timeout: float = 2) -> str | None:
+        try:
+            return self.get(what, timeout)
+        except (OSError, urllib.error.URLError):
+            return None
+
+    def cleanup(self) -> None:
+        for d in self.daemons:
+            d.stop()
+        shutil.rmtree(self.ram_dir, ignore_errors=True)

@@ -1,0 +1,31 @@
+import os
+from pathlib import Path
+
+import pytest
+
+
+from remus.common.localpair import Pair  # noqa: E402
+
+CACHE = Path(os.environ.get("REMUS_CACHE", Path.home() / ".cache" / "remus"))
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    from remus.common.guest_image import build
+    return build(CACHE)
+
+
+@pytest.fixture
+def make_pair(guest_image, tmp_path):
+    pairs = []
+
+    def make(**replication) -> Pair:
+        workdir = tmp_path / f"pair{len(pairs)}"
+        workdir.mkdir()
+        pair = Pair(guest_image, workdir, **replication)
+        pairs.append(pair)
+        return pair
+
+    yield make
+    for pair in pairs:
+        pair.cleanup()
