@@ -1,0 +1,278 @@
+"""Framing: encode_frame / FrameDecoder (no sockets)."""
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from remus.common.wire import (
+    DEFAULT_MAX_PAYLOAD,
+    MAX_HEADER,
+    PREFIX_SIZE,
+    Frame,
+    FrameDecoder,
+    ProtocolError,
+    encode_frame,
+)
+
+
+def raw_frame(header_bytes: bytes, payload: bytes = b"") -> bytes:
+    return struct.pack(">II", len(header_bytes), len(payload)) + header_bytes + payload
+
+
+def feed_all(decoder: FrameDecoder, data: bytes, chunk: int | None = None) -> list[Frame]:
+    if chunk is None:
+        return decoder.feed(data)
+    frames = []
+    for i in range(0, len(data), chunk):
+        frames += decoder.feed(data[i : i + chunk])
+    return frames
+
+
+# --------------------------------------------------------------------------
+# Round trips
+
+
+def test_encode_layout():
+    data = encode_frame({"t": "x", "a": 1}, b"payload")
+    hl, pl = struct.unpack(">II", data[:8])
+    assert pl == 7 and len(data) == 8 + hl + pl
+    assert msgpack.unpackb(data[8 : 8 + hl]) == {"t": "x", "a": 1}
+    assert data[8 + hl :] == b"payload"
+
+
+@pytest.mark.parametrize("payload", [b"", b"x", bytearray(b"abc"), memoryview(b"hello world")[2:7]])
+def test_roundtrip_payload_types(payload):
+    dec = FrameDecoder()
+    frames = dec.feed(encode_frame({"t": "m", "k": [1, "two", 3.5, None, True]}, payload))
+    assert frames == [Frame({"t": "m", "k": [1, "two", 3.5, None, True]}, bytes(payload))]
+    assert isinstance(frames[0].payload, bytes)
+    dec.close()
+
+
+def test_many_frames_one_feed_and_byte_by_byte():
+    stream = b"".join(encode_frame({"t": "n", "i": i}, os.urandom(i * 7)) for i in range(30))
+    whole = FrameDecoder().feed(stream)
+    assert [f.header["i"] for f in whole] == list(range(30))
+    dec = FrameDecoder()
+    one = feed_all(dec, stream, chunk=1)
+    assert one == whole
+    assert dec.buffered == 0 and not dec.in_frame
+    dec.close()
+
+
+def test_empty_feed_is_harmless():
+    dec = FrameDecoder()
+    assert dec.feed(b"") == []
+    data = encode_frame({"t": "a"})
+    assert dec.feed(data[:3]) == []
+    assert dec.feed(b"") == []
+    assert dec.feed(data[3:]) == [Frame({"t": "a"}, b"")]
+
+
+def test_large_payload_in_small_chunks_is_linear():
+    payload = os.urandom(24 * 1024 * 1024)
+    data = encode_frame({"t": "big"}, payload)
+    dec = FrameDecoder()
+    start = time.perf_counter()
+    frames = feed_all(dec, data, chunk=16 * 1024)
+    elapsed = time.perf_counter() - start
+    assert len(frames) == 1 and frames[0].payload == payload
+    # quadratic copying would take minutes here
+    assert elapsed < 3.0, elapsed
+
+
+def test_buffered_tracks_partial_frame():
+    data = encode_frame({"t": "p"}, b"z" * 100)
+    dec = FrameDecoder()
+    dec.feed(data[:5])
+    assert dec.buffered == 5 and dec.in_frame
+    dec.feed(data[5:20])
+    assert dec.buffered == 20
+    dec.feed(data[20:-1])
+    assert dec.buffered == len(data) - 1
+    assert len(dec.feed(data[-1:])) == 1
+    assert dec.buffered == 0
+
+
+# --------------------------------------------------------------------------
+# Rejections
+
+
+def test_oversized_payload_rejected_at_prefix():
+    dec = FrameDecoder(max_payload=1000)
+    with pytest.raises(ProtocolError, match="payload length 1001 exceeds the limit of 1000"):
+        dec.feed(struct.pack(">II", 5, 1001))
+    dec = FrameDecoder(max_payload=1000)
+    assert len(dec.feed(encode_frame({"t": "a"}, b"x" * 1000))) == 1
+
+
+def test_default_max_payload():
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError, match="exceeds"):
+        dec.feed(struct.pack(">II", 5, DEFAULT_MAX_PAYLOAD + 1))
+
+
+@pytest.mark.parametrize("header_len", [0, MAX_HEADER + 1, 0xFFFFFFFF])
+def test_header_length_out_of_range(header_len):
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError, match="header length"):
+        dec.feed(struct.pack(">II", header_len, 0))
+
+
+def test_max_header_accepted():
+    header = {"t": "a", "pad": ""}
+    base = len(msgpack.packb(header))
+    header["pad"] = "x" * (MAX_HEADER - base - 2)  # str8 -> str16 costs 2 more bytes
+    data = encode_frame(header)
+    assert struct.unpack(">I", data[:4])[0] == MAX_HEADER
+    assert FrameDecoder().feed(data)[0].header == header
+
+
+@pytest.mark.parametrize(
+    "header_bytes, message",
+    [
+        (b"\xc1", "not valid msgpack"),  # never-used byte
+        (msgpack.packb([1, 2]), "must be a msgpack map"),
+        (msgpack.packb("t"), "must be a msgpack map"),
+        (msgpack.packb({"x": 1}), 'no str "t"'),
+        (msgpack.packb({"t": 5}), 'no str "t"'),
+        (msgpack.packb({"t": b"bytes"}, use_bin_type=True), 'no str "t"'),
+        (msgpack.packb({b"t": "a"}, use_bin_type=True), "is not a string"),
+        (msgpack.packb({1: "a", "t": "x"}), "not valid msgpack"),  # strict_map_key
+        (msgpack.packb({"t": "a"}) + b"\x00", "not valid msgpack"),  # trailing bytes
+        (msgpack.packb({"t": "a"})[:-1], "not valid msgpack"),  # truncated
+        (msgpack.packb({"t": "a", "e": msgpack.ExtType(5, b"x")}), "not valid msgpack"),
+    ],
+)
+def test_bad_headers(header_bytes, message):
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError, match=message):
+        dec.feed(raw_frame(header_bytes))
+
+
+def test_decoder_dead_after_error():
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError):
+        dec.feed(raw_frame(b"\xc1"))
+    with pytest.raises(ProtocolError, match="unusable after an earlier error"):
+        dec.feed(encode_frame({"t": "a"}))
+    with pytest.raises(ProtocolError, match="unusable"):
+        dec.close()
+
+
+def test_close_mid_frame():
+    data = encode_frame({"t": "a"}, b"12345")
+    for cut in (1, 8, 9, len(data) - 1):
+        dec = FrameDecoder()
+        dec.feed(data[:cut])
+        with pytest.raises(ProtocolError, match="stream ended in the middle of a frame"):
+            dec.close()
+
+
+def test_close_between_frames_and_feed_after_close():
+    dec = FrameDecoder()
+    dec.feed(encode_frame({"t": "a"}))
+    dec.close()
+    dec.close()  # idempotent
+    with pytest.raises(ProtocolError, match="closed"):
+        dec.feed(b"x")
+
+
+def test_frames_before_error_in_same_feed_are_not_returned():
+    # The decoder is all-or-error per feed; what matters is that it is dead.
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError):
+        dec.feed(encode_frame({"t": "a"}) + raw_frame(b"\xc1"))
+
+
+def test_encode_frame_rejects_bad_headers():
+    with pytest.raises(ValueError, match='"t"'):
+        encode_frame({"x": 1})
+    with pytest.raises(ValueError, match='"t"'):
+        encode_frame({"t": 1})
+    with pytest.raises(TypeError):
+        encode_frame([("t", "a")])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="limit"):
+        encode_frame({"t": "a", "pad": "x" * MAX_HEADER})
+
+
+# --------------------------------------------------------------------------
+# Properties
+
+headers = st.fixed_dictionaries(
+    {"t": st.text(max_size=8)},
+    optional={
+        "i": st.integers(-(2**63), 2**64 - 1),
+        "s": st.text(max_size=20),
+        "b": st.booleans(),
+        "f": st.floats(allow_nan=False),
+        "l": st.lists(st.integers(0, 9), max_size=4),
+        "m": st.dictionaries(st.text(max_size=3), st.integers(-100, 100), max_size=3),
+    },
+)
+frames_st = st.lists(st.tuples(headers, st.binary(max_size=300)), max_size=8)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(data)) for c in cuts})
+    pieces, last = [], 0
+    for p in points:
+        pieces.append(data[last:p])
+        last = p
+    pieces.append(data[last:])
+    return pieces
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames_st, st.lists(st.integers(0, 5000), max_size=30))
+def test_any_split_yields_same_frames(frames, cuts):
+    stream = b"".join(encode_frame(h, p) for h, p in frames)
+    dec = FrameDecoder()
+    out = []
+    for piece in split(stream, cuts):
+        out += dec.feed(piece)
+    dec.close()
+    assert out == [Frame(h, p) for h, p in frames]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=64),
+            # well-formed prefixes with arbitrary (often oversized) lengths
+            st.builds(
+                lambda h, p: struct.pack(">II", h, p),
+                st.integers(0, 2**32 - 1),
+                st.integers(0, 2**32 - 1),
+            ),
+            st.builds(lambda h, p: encode_frame(h, p), headers, st.binary(max_size=200)),
+        ),
+        max_size=20,
+    ),
+    st.integers(0, 300),
+)
+def test_decoder_buffer_is_bounded_and_only_raises_protocol_error(pieces, max_payload):
+    limit = PREFIX_SIZE + MAX_HEADER + max_payload
+    dec = FrameDecoder(max_payload=max_payload)
+    for piece in pieces:
+        try:
+            frames = dec.feed(piece)
+        except ProtocolError:
+            assert sum(map(len, dec._chunks)) == 0  # a dead decoder holds nothing
+            return
+        for f in frames:
+            assert len(f.payload) <= max_payload
+            assert isinstance(f.header["t"], str)
+        assert dec.buffered <= limit
+        assert sum(map(len, dec._chunks)) <= dec.buffered
+    try:
+        dec.close()
+    except ProtocolError as exc:
+        assert "middle of a frame" in str(exc)
