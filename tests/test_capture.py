@@ -99,3 +99,28 @@ def test_softdirty_on_own_process(ram):
     got = cap.capture()
     assert {3, 2500} <= set(got.indices.tolist())
     cap.close()
+
+
+def test_compare_sees_changes_in_zero_and_nonzero_blocks(tmp_path):
+    npages = 1300
+    path = tmp_path / "ram"
+    data = np.zeros((npages, PAGE_SIZE), dtype=np.uint8)
+    data[300:600] = 5  # block 1 and part of block 2 non-zero, the rest zero
+    path.write_bytes(data.tobytes())
+    fd = os.open(path, os.O_RDWR)
+    writer = mmap.mmap(fd, npages * PAGE_SIZE)
+    os.close(fd)
+    view = RamView(path, npages * PAGE_SIZE)
+    cap = CompareCapture(view, 2)
+    cap.full()
+    poke(writer, 10, 4095)    # zero block
+    poke(writer, 400, 0, 0)   # non-zero block, byte set to zero
+    poke(writer, 1299, 17)    # last, partial block
+    got = cap.capture()
+    assert got.indices.tolist() == [10, 400, 1299]
+    cap.after_resume(got)
+    poke(writer, 10, 4095, 0)  # back to zero: its block's shadow is no longer all-zero
+    poke(writer, 11, 1)
+    assert cap.capture().indices.tolist() == [10, 11]
+    view.close()
+    writer.close()
