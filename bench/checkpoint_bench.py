@@ -1,0 +1,173 @@
+"""Checkpoint cost for the 128 MiB demo guest: Remus against a naive full stop-and-copy.
+
+Both run in the same invocation, on the same guest image, under the same load:
+- remus: the real daemons (primary + backup on this machine), figures from the
+  primary's --stats JSON lines;
+- baseline: one QEMU, and per checkpoint `stop`, a full `migrate` to a pipe
+  (RAM included), `cont`: what checkpointing costs without dirty tracking.
+
+Scenarios: the guest idle, then dirtying memory at set rates (pages/s) with its
+`/cgi-bin/dirty` service. Prints a table and writes JSON to bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from remus.common.config import load
+from remus.common.guest_image import build
+from remus.common.localpair import Pair, wait_until
+from remus.common.qemu import GuestPaths, QemuGuest
+from remus.common.stats import percentile
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def set_dirty_rate(port: int, pages_per_s: int) -> None:
+    url = f"http://127.0.0.1:{port}/cgi-bin/dirty?pages={pages_per_s}"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        r.read()
+
+
+def summarise(name: str, scenario: str, rows: list[dict], seconds: float) -> dict:
+    pauses = [r["pause_ms"] for r in rows]
+    return {
+        "mode": name, "scenario": scenario, "checkpoints": len(rows),
+        "checkpoints_per_s": len(rows) / seconds if seconds else 0.0,
+        "pause_p50_ms": percentile(pauses, 0.5), "pause_p99_ms": percentile(pauses, 0.99),
+        "dirty_pages_p50": percentile([r.get("dirty_pages", 0) for r in rows], 0.5),
+        "wire_bytes_p50": percentile([r["wire_bytes"] for r in rows], 0.5),
+        "wire_bytes_p99": percentile([r["wire_bytes"] for r in rows], 0.99),
+    }
+
+
+def run_remus(image, scenarios: list[int], seconds: float, interval: int) -> list[dict]:
+    workdir = Path(tempfile.mkdtemp(prefix="remus-bench-"))
+    pair = Pair(image, workdir, interval_ms=interval)
+    stats = workdir / "epochs.jsonl"
+    out = []
+    try:
+        pair.start_backup()
+        pair.start_primary("--stats", str(stats))
+        pair.primary.wait_for(r"protecting epoch=1", 60)
+        wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
+        for rate in scenarios:
+            set_dirty_rate(pair.http_port, rate)
+            time.sleep(1.0)  # let the dirtier settle before the window opens
+            t0 = time.time()
+            time.sleep(seconds)
+            t1 = time.time()
+            rows = [json.loads(line) for line in stats.read_text().splitlines()]
+            rows = [r for r in rows if not r["full"] and t0 <= r["taken_at"] < t1]
+            out.append(summarise("remus", scenario_name(rate), rows, t1 - t0))
+        set_dirty_rate(pair.http_port, 0)
+    finally:
+        pair.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+async def _baseline(image, scenarios: list[int], seconds: float, interval: int) -> list[dict]:
+    workdir = Path(tempfile.mkdtemp(prefix="remus-bench-base-"))
+    # Reuse the pair's config writer for an identical guest.
+    pair = Pair(image, workdir, interval_ms=interval)
+    cfg = load(pair.config)
+    ram = pair.ram_dir / "baseline.ram"
+    guest = QemuGuest(cfg, GuestPaths(run_dir=workdir / "run", ram_file=ram))
+    out = []
+    try:
+        await guest.launch()
+        # The naive way: every checkpoint is a complete migration, RAM included.
+        await guest.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": False}]})
+        await asyncio.to_thread(wait_until, lambda: pair.try_get("get"), 120, "the guest's service")
+        for rate in scenarios:
+            await asyncio.to_thread(set_dirty_rate, pair.http_port, rate)
+            await asyncio.sleep(1.0)
+            rows = []
+            t0 = time.time()
+            next_at = time.monotonic()
+            while time.time() - t0 < seconds:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at = time.monotonic() + interval / 1000
+                p0 = time.monotonic()
+                await guest.stop()
+                state = await guest.save_device_state()
+                await guest.cont()
+                rows.append({"pause_ms": (time.monotonic() - p0) * 1000, "wire_bytes": len(state)})
+            out.append(summarise("baseline", scenario_name(rate), rows, time.time() - t0))
+        await asyncio.to_thread(set_dirty_rate, pair.http_port, 0)
+    finally:
+        await guest.quit()
+        pair.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+def scenario_name(rate: int) -> str:
+    return "idle" if rate == 0 else f"dirty {rate} pages/s"
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = [("mode", "mode", "{}"), ("scenario", "scenario", "{}"), ("cp/s", "checkpoints_per_s", "{:.1f}"),
+            ("pause p50 ms", "pause_p50_ms", "{:.1f}"), ("pause p99 ms", "pause_p99_ms", "{:.1f}"),
+            ("dirty p50", "dirty_pages_p50", "{:.0f}"), ("wire p50 KiB", "wire_bytes_p50", "{:.0f}"),
+            ("wire p99 KiB", "wire_bytes_p99", "{:.0f}")]
+    cells = [[h for h, _, _ in cols]]
+    for r in rows:
+        cells.append([fmt.format(r[k] / 1024 if "wire" in k else r[k]) for _, k, fmt in cols])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    for n, row in enumerate(cells):
+        print(" | ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            print("-|-".join("-" * w for w in widths))
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    by = {(r["mode"], r["scenario"]): r for r in rows}
+    out = []
+    for (mode, scenario), r in by.items():
+        base = by.get(("baseline", scenario))
+        if mode == "remus" and base and r["pause_p50_ms"]:
+            out.append({"scenario": scenario,
+                        "pause_p50_ratio": base["pause_p50_ms"] / r["pause_p50_ms"],
+                        "wire_p50_ratio": base["wire_bytes_p50"] / max(r["wire_bytes_p50"], 1)})
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10, help="measuring window per scenario")
+    ap.add_argument("--interval", type=int, default=200, help="checkpoint interval in ms")
+    ap.add_argument("--rates", default="0,1000,5000", help="dirty rates in pages/s (0 = idle)")
+    args = ap.parse_args()
+    scenarios = [int(x) for x in args.rates.split(",")]
+    image = build(Path(os.environ.get("REMUS_CACHE", Path.home() / ".cache" / "remus")))
+    rows = run_remus(image, scenarios, args.seconds, args.interval)
+    rows += asyncio.run(_baseline(image, scenarios, args.seconds, args.interval))
+    rows.sort(key=lambda r: (scenarios.index(next(s for s in scenarios if scenario_name(s) == r["scenario"])), r["mode"]))
+    print_table(rows)
+    rel = ratios(rows)
+    print()
+    for r in rel:
+        print(f"{r['scenario']}: baseline pause / remus pause = {r['pause_p50_ratio']:.1f}x, "
+              f"baseline wire / remus wire = {r['wire_p50_ratio']:.0f}x")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"checkpoint-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"host": platform.node(), "cpus": os.cpu_count(),
+                                "interval_ms": args.interval, "seconds": args.seconds,
+                                "rows": rows, "ratios": rel}, indent=2))
+    print(f"\nsaved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
