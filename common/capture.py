@@ -143,7 +143,7 @@ class CompareCapture:
         self._refresh_zero_blocks(np.unique(captured.indices // _SCAN_BLOCK))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        self._pool.shutdown(wait=True)
         self.shadow = None
 
 

@@ -67,12 +67,12 @@ async def run(args: argparse.Namespace) -> int:
             rep.result()  # re-raise: the loop only ends on a bug
         if stopped in done:
             _log.info("primary-stop", reason="signal", action="bye to backup, quit guest")
-            rep.cancel()
+            await _cancel(rep)
             await replicator.say_bye("primary stopped by operator")
             await guest.quit()
             return 0
         status = exited.result()
-        rep.cancel()
+        await _cancel(rep)
         if guest.shutdown_reason in ("guest-shutdown", "host-qmp-quit"):
             _log.info("guest-exit", reason=guest.shutdown_reason, action="bye to backup")
             await replicator.say_bye(f"guest ended: {guest.shutdown_reason}")
@@ -82,13 +82,22 @@ async def run(args: argparse.Namespace) -> int:
                    action="leaving the backup to activate")
         return EXIT_GUEST_FAILED
     finally:
-        for task in (rep, exited, stopped):
-            task.cancel()
         guest.kill()
+        for task in (rep, exited, stopped):
+            await _cancel(task)
+        # Worker threads read guest RAM through raw pointers: let them finish
+        # before the mapping goes away.
+        replicator.close()
+        await loop.shutdown_default_executor()
         capture.close()
         ram.close()
         epochs.close()
         ram_file.unlink(missing_ok=True)
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def main(argv: list[str] | None = None) -> int:

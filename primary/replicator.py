@@ -64,20 +64,23 @@ class Replicator:
                 _log.error("backup-refused", reason=str(exc))
                 backoff = BACKOFF_MAX
             except (SessionLost, OSError, ProtocolError, asyncio.TimeoutError) as exc:
-                reason = str(exc) or type(exc).__name__
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if self.state == "protecting":
                     _log.warning("backup-lost", reason=reason, last_committed=self.committed_epoch,
                                  action="running unprotected, reconnecting")
                 else:
                     _log.info("backup-unreachable", reason=reason, retry_s=backoff)
-            finally:
-                await self._close_stream()
+            # On cancellation the stream stays open, so that say_bye() can still use it.
+            await self._close_stream()
             if self.state in ("protecting", "syncing"):
                 backoff = BACKOFF_MIN
             self.state = "degraded"
             await self.hooks.unprotected()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def close(self) -> None:
+        self._encode_pool.shutdown(wait=True)
 
     async def say_bye(self, reason: str) -> None:
         """Tell the backup we are alive and ending on purpose, so it does not activate."""
@@ -217,6 +220,7 @@ class Replicator:
                                           captured.previous_pages, device_state,
                                           batch_pages=BATCH_PAGES)
         ack = loop.create_future()
+        ack.add_done_callback(lambda f: f.cancelled() or f.exception())  # may end unawaited
         self._acks[epoch] = ack
         proto.sent(epoch)
         wire = frames_sent = 0
