@@ -79,7 +79,7 @@ class RamView:
 class CompareCapture:
     name = "compare"
 
-    def __init__(self, ram: RamView, threads: int = 1):
+    def __init__(self, ram: RamView, threads: int = 2):
         self.ram = ram
         self.shadow: np.ndarray | None = None
         self.threads = max(1, threads)
@@ -223,7 +223,7 @@ class SoftDirtyCapture:
         self._pagemap.close()
 
 
-def make_capture(mode: str, ram: RamView, qemu_pid: int, threads: int = 1):
+def make_capture(mode: str, ram: RamView, qemu_pid: int, threads: int = 2):
     """Pick the capture for `mode` (auto|compare|softdirty), falling back loudly."""
     if mode in ("auto", "softdirty"):
         ok, why = softdirty_supported()

@@ -112,8 +112,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                  "backup: activate after this long without checkpoint traffic"),
         "ack_timeout_ms": Key(int, 5000, _range(50, 600_000),
                               "primary: give up on a backup that does not acknowledge in time"),
-        "compare_threads": Key(int, 1, _range(1, 64),
-                               "threads for the compare scan (memory-bound: one is usually best)"),
+        "compare_threads": Key(int, 2, _range(1, 64),
+                               "threads for the compare scan inside the pause"),
     },
     "primary": {
         "address": Key(str, None, lambda v: (_host_port(v, port_required=False), v)[1],

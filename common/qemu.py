@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from qemu.qmp import QMPClient
 
 from remus.common import log
@@ -110,6 +111,7 @@ class QemuGuest:
         self.qmp: QMPClient | None = None
         self.accel, self.accel_reason = detect_accel(cfg.guest.accel)
         self.shutdown_reason: str | None = None
+        self.process: psutil.Process | None = None
 
     @property
     def pid(self) -> int:
@@ -128,6 +130,8 @@ class QemuGuest:
             *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
             preexec_fn=_die_with_parent)
         stderr_log.close()
+        self.process = psutil.Process(self.proc.pid)
+        self.process.cpu_percent()  # start the CPU usage window
         await self._connect_qmp()
 
     async def _connect_qmp(self, timeout: float = 15.0) -> None:
@@ -161,6 +165,16 @@ class QemuGuest:
                 self.shutdown_reason = data.get("reason", "unknown")
                 _log.info("qemu-shutdown-event", reason=self.shutdown_reason, guest=data.get("guest"))
                 return
+
+    def usage(self) -> dict:
+        """QEMU's resident memory and CPU use since the last call, for the summaries."""
+        try:
+            assert self.process is not None
+            with self.process.oneshot():
+                return {"qemu_rss_mib": self.process.memory_info().rss >> 20,
+                        "qemu_cpu_pct": self.process.cpu_percent()}
+        except (psutil.Error, AssertionError):
+            return {}
 
     async def execute(self, cmd: str, args: dict | None = None):
         if self.qmp is None:

@@ -274,4 +274,4 @@ class Replicator:
         _log.info("protecting-summary", epoch=self.committed_epoch,
                   cps=s["checkpoints_per_s"], pause_p50_ms=s["pause_p50_ms"],
                   pause_p99_ms=s["pause_p99_ms"], dirty_p50=s["dirty_pages_p50"],
-                  wire_p50=s["wire_bytes_p50"], ack_p50_ms=s["ack_p50_ms"])
+                  wire_p50=s["wire_bytes_p50"], ack_p50_ms=s["ack_p50_ms"], **self.guest.usage())

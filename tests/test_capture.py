@@ -124,3 +124,37 @@ def test_compare_sees_changes_in_zero_and_nonzero_blocks(tmp_path):
     assert cap.capture().indices.tolist() == [10, 11]
     view.close()
     writer.close()
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(writes=st.lists(st.tuples(st.integers(0, 599), st.integers(0, PAGE_SIZE - 1),
+                                 st.integers(0, 255)), max_size=40),
+       threads=st.integers(1, 3))
+def test_compare_property_reports_exactly_the_pages_whose_content_changed(tmp_path_factory, writes, threads):
+    npages = 600
+    path = tmp_path_factory.mktemp("ram") / "ram"
+    rng = np.random.default_rng(len(writes))
+    data = rng.integers(0, 256, (npages, PAGE_SIZE), dtype=np.uint8)
+    data[:300] = 0  # zero blocks and non-zero blocks both
+    path.write_bytes(data.tobytes())
+    fd = os.open(path, os.O_RDWR)
+    writer = mmap.mmap(fd, npages * PAGE_SIZE)
+    os.close(fd)
+    view = RamView(path, npages * PAGE_SIZE)
+    cap = CompareCapture(view, threads)
+    cap.full()
+    for page, offset, value in writes:
+        poke(writer, page, offset, value)
+    now = np.frombuffer(writer, dtype=np.uint8).reshape(npages, PAGE_SIZE)
+    expect = np.flatnonzero((now != data).any(axis=1)).tolist()  # a write of the same byte is no change
+    got = cap.capture()
+    assert got.indices.tolist() == expect
+    cap.after_resume(got)
+    assert cap.capture().indices.tolist() == []
+    del now
+    cap.close()
+    view.close()
+    writer.close()
