@@ -43,7 +43,8 @@ def summarise(name: str, scenario: str, rows: list[dict], seconds: float) -> dic
         "mode": name, "scenario": scenario, "checkpoints": len(rows),
         "checkpoints_per_s": len(rows) / seconds if seconds else 0.0,
         "pause_p50_ms": percentile(pauses, 0.5), "pause_p99_ms": percentile(pauses, 0.99),
-        "dirty_pages_p50": percentile([r.get("dirty_pages", 0) for r in rows], 0.5),
+        # The baseline has no dirty tracking: it copies all of RAM every time.
+        "dirty_pages_p50": percentile([r["dirty_pages"] for r in rows], 0.5) if rows and "dirty_pages" in rows[0] else None,
         "wire_bytes_p50": percentile([r["wire_bytes"] for r in rows], 0.5),
         "wire_bytes_p99": percentile([r["wire_bytes"] for r in rows], 0.99),
     }
@@ -123,7 +124,8 @@ def print_table(rows: list[dict]) -> None:
             ("wire p99 KiB", "wire_bytes_p99", "{:.0f}")]
     cells = [[h for h, _, _ in cols]]
     for r in rows:
-        cells.append([fmt.format(r[k] / 1024 if "wire" in k else r[k]) for _, k, fmt in cols])
+        cells.append(["-" if r[k] is None else fmt.format(r[k] / 1024 if "wire" in k else r[k])
+                      for _, k, fmt in cols])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     for n, row in enumerate(cells):
         print(" | ".join(c.ljust(w) for c, w in zip(row, widths)))
