@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -13,7 +14,8 @@ from remus.common import log
 from remus.common.capture import PAGE_SIZE
 from remus.common.config import Config, ConfigError, load
 from remus.common.protocol import BackupProtocol, CheckpointStaged, PeerBye, Send, SessionOpened
-from remus.common.qemu import GuestError, GuestPaths, QemuGuest
+from remus.common.qemu import GuestError, GuestPaths, QemuGuest, tap_fd_args
+from remus.common.tap import TapError, attach, open_tap
 from remus.common.wire import ProtocolError
 
 _log = log.get("remus.backup")
@@ -150,7 +152,17 @@ async def activate(cfg: Config, replica: Replica, reason: str, lost_at: float) -
     guest = QemuGuest(cfg, GuestPaths(run_dir=Path(cfg.backup.state_dir) / "run",
                                       ram_file=replica.ram_file))
     t0 = time.monotonic()
-    await guest.launch(incoming=True)
+    net_args, fds = None, ()
+    if cfg.network.mode == "bridged":
+        # Same NIC device as on the primary; its backend here is a TAP on this host's bridge.
+        tap_fd = open_tap(cfg.network.tap)
+        await asyncio.to_thread(attach, cfg.network.tap, cfg.network.bridge)
+        net_args, fds = tap_fd_args(tap_fd, cfg.network.mac), (tap_fd,)
+    try:
+        await guest.launch(incoming=True, net_args=net_args, pass_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)  # QEMU holds its own copy
     t1 = time.monotonic()
     await guest.load_device_state(replica.device_file)
     t2 = time.monotonic()
@@ -215,6 +227,10 @@ async def run(args: argparse.Namespace) -> int:
         except ReplicaError as exc:
             _log.error("activation-refused", reason=str(exc))
             return EXIT_ACTIVATION_REFUSED
+        except (GuestError, TapError) as exc:
+            _log.error("activation-failed", reason=str(exc),
+                       detail="the replica was marked activated and will not be resumed again")
+            return 1
         exited = asyncio.create_task(guest.wait())
         await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():

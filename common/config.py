@@ -77,6 +77,12 @@ def _mac(v: str) -> str:
     return v
 
 
+def _ifname(v: str) -> str:
+    if v and (len(v) > 15 or not re.match(r"^[A-Za-z0-9_.-]+$", v)):
+        raise ValueError("an interface name: at most 15 letters, digits, '_', '.', '-'")
+    return v
+
+
 def _str_list(v: list) -> list:
     if not all(isinstance(x, str) for x in v):
         raise ValueError("must be a list of strings")
@@ -97,10 +103,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "extra_args": Key(list, [], _str_list, "extra QEMU arguments, appended verbatim"),
     },
     "network": {
-        "mode": Key(str, "none", _choice("none", "user"),
-                    "none: no NIC; user: QEMU user-mode NIC with host forwards (unbuffered)"),
+        "mode": Key(str, "none", _choice("none", "user", "bridged"),
+                    "none: no NIC; user: QEMU user-mode NIC with host forwards (unbuffered, "
+                    "demo only); bridged: NIC on a TAP in [network] bridge, output held "
+                    "until the backup has the checkpoint"),
         "mac": Key(str, "52:54:00:12:34:56", _mac, "guest NIC MAC address"),
         "host_forward": Key(list, [], _str_list, "user mode: hostfwd rules, e.g. tcp:127.0.0.1:8080-:80"),
+        "bridge": Key(str, "", None, "bridged mode: the bridge on each host the guest's TAP joins"),
+        "tap": Key(str, "", _ifname, "bridged mode: TAP device name (default rm-<guest name>)"),
+        "buffer": Key(str, "userspace", _choice("userspace", "plug", "auto"),
+                      "output buffer: userspace (any kernel), plug (kernel sch_plug), "
+                      "auto (plug where the kernel has it)"),
+        "buffer_cap_mib": Key(int, 64, _range(1, 4096),
+                              "most guest output held at once; beyond it new frames are dropped"),
     },
     "replication": {
         "interval_ms": Key(int, 200, _range(5, 60_000), "checkpoint every MS milliseconds"),
@@ -225,8 +240,15 @@ def parse(data: dict, path: Path) -> Config:
         value = sections["guest"].values[key]
         if value and not os.path.isabs(value):
             sections["guest"].values[key] = str((base / value).resolve())
-    if sections["network"].mode != "user" and sections["network"].host_forward:
+    net = sections["network"]
+    if net.mode != "user" and net.host_forward:
         raise ConfigError("[network] host_forward: only meaningful with mode = \"user\"")
+    if net.mode == "bridged":
+        if not net.bridge:
+            raise ConfigError("[network] bridge: required with mode = \"bridged\"")
+        _ifname(net.bridge)
+        if not net.tap:
+            net.values["tap"] = ("rm-" + sections["guest"].name)[:15]
     return Config(path=path, raw=data, **sections)
 
 

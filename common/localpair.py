@@ -17,6 +17,8 @@ from pathlib import Path
 
 import psutil
 
+from remus.common.netns import Lan
+
 BIN = Path(sys.executable).parent
 
 
@@ -114,14 +116,25 @@ class Daemon:
 class Pair:
     """A protected guest: config, backup and primary daemons, and an HTTP client for it."""
 
-    def __init__(self, image, workdir: Path, **replication):
+    def __init__(self, image, workdir: Path, lan: Lan | None = None, **replication):
+        """Without `lan`: both daemons on this host, guest NIC in QEMU user mode with a
+        host forward. With `lan`: daemons on the namespace hosts, guest bridged and
+        its output buffered."""
         self.workdir = workdir
+        self.lan = lan
         self.http_port = free_port()
         self.stream_port = free_port()
         self.ram_dir = Path("/dev/shm") / f"remus-test-{os.getpid()}-{self.stream_port}"
         self.ram_dir.mkdir()
         rep = {"interval_ms": 200, "stream_timeout_ms": 2000, **replication}
         rep_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in rep.items())
+        if lan is None:
+            ip, gw, primary, backup = "10.0.2.15/24", "10.0.2.2", "127.0.0.1", "127.0.0.1"
+            network = f'mode = "user"\nhost_forward = ["tcp:127.0.0.1:{self.http_port}-:80"]'
+        else:
+            ip, gw = lan.addr["guest"] + "/24", lan.addr["client"]
+            primary, backup = lan.addr["primary"], lan.addr["backup"]
+            network = f'mode = "bridged"\nbridge = "{lan.bridge}"'
         self.config = workdir / "guest.toml"
         self.config.write_text(f"""
 [guest]
@@ -129,33 +142,35 @@ name = "demo"
 memory_mib = 128
 kernel = "{image.kernel}"
 initrd = "{image.initrd}"
-append = "console=ttyS0 quiet panic=-1 remus.ip=10.0.2.15/24 remus.gw=10.0.2.2"
+append = "console=ttyS0 quiet panic=-1 remus.ip={ip} remus.gw={gw}"
 ram_dir = "{self.ram_dir}"
 [network]
-mode = "user"
-host_forward = ["tcp:127.0.0.1:{self.http_port}-:80"]
+{network}
 [replication]
 {rep_lines}
 [primary]
-address = "127.0.0.1"
+address = "{primary}"
 state_dir = "{workdir / 'primary'}"
 [backup]
-address = "127.0.0.1:{self.stream_port}"
+address = "{backup}:{self.stream_port}"
 state_dir = "{workdir / 'backup'}"
 """)
         self.daemons: list[Daemon] = []
         self.primary: Daemon | None = None
         self.backup: Daemon | None = None
 
+    def _on(self, role: str) -> list[str]:
+        return self.lan.exec(role) if self.lan else []
+
     def start_backup(self, *extra: str) -> Daemon:
-        self.backup = self._start("backup", [str(BIN / "remus-backup"), "--config", str(self.config),
-                                             *extra])
+        self.backup = self._start("backup", [*self._on("backup"), str(BIN / "remus-backup"),
+                                             "--config", str(self.config), *extra])
         self.backup.wait_for(r"backup-start", 15)
         return self.backup
 
     def start_primary(self, *extra: str) -> Daemon:
-        self.primary = self._start("primary", [str(BIN / "remus-primary"), "--config",
-                                               str(self.config), *extra])
+        self.primary = self._start("primary", [*self._on("primary"), str(BIN / "remus-primary"),
+                                               "--config", str(self.config), *extra])
         return self.primary
 
     def _start(self, name: str, argv: list[str]) -> Daemon:
@@ -177,17 +192,30 @@ state_dir = "{workdir / 'backup'}"
             return {}
 
     def url(self, what: str) -> str:
+        if self.lan:
+            return f"http://{self.lan.addr['guest']}/cgi-bin/{what}"
         return f"http://127.0.0.1:{self.http_port}/cgi-bin/{what}"
 
     def get(self, what: str, timeout: float = 10) -> str:
+        if self.lan:  # the guest is reachable from the client host only
+            r = subprocess.run([*self.lan.exec("client"), "curl", "-sf", "-m", str(timeout),
+                                self.url(what)], capture_output=True, text=True, timeout=timeout + 5)
+            if r.returncode != 0:
+                raise OSError(f"curl exit {r.returncode}")
+            return r.stdout.strip()
         with urllib.request.urlopen(self.url(what), timeout=timeout) as r:
             return r.read().decode().strip()
 
     def try_get(self, what: str, timeout: float = 2) -> str | None:
         try:
             return self.get(what, timeout)
-        except (OSError, urllib.error.URLError):
+        except (OSError, urllib.error.URLError, subprocess.TimeoutExpired):
             return None
+
+    def start_probe(self) -> Daemon:
+        """The client probe on the client host, one JSON line per reply (common/probe.py)."""
+        return self._start("probe", [*self._on("client"), sys.executable, "-m", "remus.common.probe",
+                                     self.url("inc")])
 
     def cleanup(self) -> None:
         for d in self.daemons:

@@ -67,7 +67,16 @@ class GuestPaths:
         return self.run_dir / "serial.log"
 
 
-def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = False) -> list[str]:
+def tap_fd_args(fd: int, mac: str) -> list[str]:
+    """Guest NIC on a TAP the daemon opened and hands to QEMU."""
+    return ["-netdev", f"tap,id=n0,fd={fd}",
+            "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile="]
+
+
+def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = False,
+                  net_args: list[str] | None = None) -> list[str]:
+    """`net_args` gives the NIC for bridged mode; the device (and so the
+    migrated state) is the same on both hosts, only the backend differs."""
     g = cfg.guest
     mem = f"{g.memory_mib}M"
     cmd = [
@@ -89,6 +98,10 @@ def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = F
         fwd = "".join(f",hostfwd={rule}" for rule in net.host_forward)
         cmd += ["-netdev", f"user,id=n0{fwd}",
                 "-device", f"virtio-net-pci,netdev=n0,mac={net.mac},romfile="]
+    elif net.mode == "bridged":
+        if not net_args:
+            raise GuestError("bridged network mode needs a NIC backend from the daemon")
+        cmd += net_args
     cmd += list(g.extra_args)
     if incoming:
         cmd += ["-incoming", "defer"]
@@ -118,17 +131,17 @@ class QemuGuest:
         assert self.proc is not None
         return self.proc.pid
 
-    async def launch(self, incoming: bool = False) -> None:
+    async def launch(self, incoming: bool = False, net_args: list[str] | None = None,
+                     pass_fds: tuple[int, ...] = ()) -> None:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (self.paths.qmp_socket,):
-            stale.unlink(missing_ok=True)
-        cmd = build_command(self.cfg, self.paths, self.accel, incoming)
+        self.paths.qmp_socket.unlink(missing_ok=True)
+        cmd = build_command(self.cfg, self.paths, self.accel, incoming, net_args)
         _log.info("qemu-launch", accel=self.accel, why=self.accel_reason, incoming=incoming,
                   cmd=shlex.join(cmd))
         stderr_log = open(self.paths.run_dir / "qemu.stderr", "ab")
         self.proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
-            preexec_fn=_die_with_parent)
+            preexec_fn=_die_with_parent, pass_fds=pass_fds)
         stderr_log.close()
         self.process = psutil.Process(self.proc.pid)
         self.process.cpu_percent()  # start the CPU usage window

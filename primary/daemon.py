@@ -13,6 +13,7 @@ from remus.common.config import ConfigError, load
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest
 from remus.common.stats import EpochLog
 from remus.primary.hooks import Hooks
+from remus.primary.netbuf import UserspaceNetBuffer
 from remus.primary.replicator import Replicator
 
 _log = log.get("remus.primary")
@@ -33,10 +34,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint every MS milliseconds (overrides [replication] interval_ms)")
     p.add_argument("--capture", choices=("auto", "compare", "softdirty"),
                    help="dirty-page capture mode (overrides [replication] capture)")
+    p.add_argument("--no-net", action="store_true",
+                   help="do not hold back the guest's network output (UNSAFE: clients can see "
+                        "replies that a failover takes back; for benchmarks and drills)")
     p.add_argument("--stats", type=Path, metavar="FILE",
                    help="append one JSON line of figures per checkpoint to FILE")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
+
+
+def make_netbuf(cfg, run_dir: Path, buffering: bool):
+    """The output buffer for bridged mode: plug where asked and possible, else userspace."""
+    net = cfg.network
+    if net.mode != "bridged":
+        return None
+    cap = net.buffer_cap_mib << 20
+    if net.buffer in ("plug", "auto") and buffering:
+        from remus.primary.netbuf_plug import PlugNetBuffer, plug_supported
+        ok, why = plug_supported()
+        if ok:
+            return PlugNetBuffer(net.tap, "ifb-" + net.tap[-11:], cap, net.bridge)
+        if net.buffer == "plug":
+            raise GuestError(f"[network] buffer = \"plug\" but {why}; use \"userspace\" or \"auto\"")
+        _log.info("netbuf-mode", mode="userspace", reason=why)
+    return UserspaceNetBuffer(net.tap, net.bridge, run_dir / "net.sock", cap, buffering)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -45,19 +66,28 @@ async def run(args: argparse.Namespace) -> int:
     ram_file = Path(cfg.guest.ram_dir) / f"remus-{cfg.guest.name}-primary.ram"
     ram_file.unlink(missing_ok=True)  # never start from an old RAM image
     guest = QemuGuest(cfg, GuestPaths(run_dir=state_dir / "run", ram_file=ram_file))
+    (state_dir / "run").mkdir(parents=True, exist_ok=True)
     epochs = EpochLog(args.stats)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    await guest.launch()
+    netbuf = make_netbuf(cfg, state_dir / "run", buffering=not args.no_net)
+    net_args = None
+    if netbuf is not None:
+        await netbuf.start()
+        net_args = netbuf.qemu_netdev_args(cfg.network.mac)
+    if args.no_net:
+        _log.warning("output-buffering-disabled", detail="--no-net: guest output leaves at once; "
+                     "a failover can take back replies that clients saw (unsafe)")
+    await guest.launch(net_args=net_args)
     ram = RamView(ram_file, cfg.memory_bytes)
     capture = make_capture(cfg.replication.capture, ram, guest.pid, cfg.replication.compare_threads)
     _log.info("primary-start", guest=cfg.guest.name, memory_mib=cfg.guest.memory_mib,
               interval_ms=cfg.replication.interval_ms, capture=capture.name,
               backup=cfg.backup.address, qemu_pid=guest.pid)
-    replicator = Replicator(cfg, guest, capture, Hooks(), epochs)
+    replicator = Replicator(cfg, guest, capture, Hooks([netbuf] if netbuf else []), epochs)
     rep = asyncio.create_task(replicator.run(), name="replicator")
     exited = asyncio.create_task(guest.wait(), name="qemu")
     stopped = asyncio.create_task(stop.wait(), name="signal")
@@ -92,6 +122,8 @@ async def run(args: argparse.Namespace) -> int:
         capture.close()
         ram.close()
         epochs.close()
+        if netbuf is not None:
+            await netbuf.close()
         ram_file.unlink(missing_ok=True)
 
 

@@ -1,0 +1,82 @@
+"""Network namespaces as hosts: a client, a primary and a backup on one switch.
+
+    client (10.213.K.1, eth0) ─┐
+    primary (br0 10.213.K.2) ──┼── switch (bridge sw)
+    backup  (br0 10.213.K.3) ──┘
+
+The guest's TAP joins br0 on whichever host runs it and takes 10.213.K.100.
+Everything lives in namespaces this object creates and deletes, so nothing
+touches the machine's own network.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+
+ROLES = ("client", "primary", "backup")
+
+
+def _ip(*args: str) -> None:
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+
+class Lan:
+    def __init__(self, index: int | None = None):
+        self.k = (os.getpid() if index is None else index) % 250 + 1
+        tag = f"{os.getpid()}-{self.k}"
+        self.ns = {role: f"remus-{tag}-{role}" for role in ("switch", *ROLES)}
+        self.subnet = f"10.213.{self.k}"
+        self.addr = {"client": f"{self.subnet}.1", "primary": f"{self.subnet}.2",
+                     "backup": f"{self.subnet}.3", "guest": f"{self.subnet}.100"}
+        self.bridge = "br0"
+        self._made: list[str] = []
+
+    def __enter__(self) -> "Lan":
+        try:
+            self.create()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+    def create(self) -> None:
+        for ns in self.ns.values():
+            _ip("netns", "add", ns)
+            self._made.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        sw = self.ns["switch"]
+        _ip("-n", sw, "link", "add", "sw", "type", "bridge")
+        _ip("-n", sw, "link", "set", "sw", "up")
+        for role in ROLES:
+            port = f"to-{role}"
+            _ip("-n", sw, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+                "netns", self.ns[role])
+            _ip("-n", sw, "link", "set", port, "master", "sw", "up")
+            ns = self.ns[role]
+            if role == "client":
+                _ip("-n", ns, "addr", "add", f"{self.addr[role]}/24", "dev", "eth0")
+                _ip("-n", ns, "link", "set", "eth0", "up")
+            else:
+                # A host bridge, so the guest's TAP shares the host's uplink.
+                _ip("-n", ns, "link", "add", self.bridge, "type", "bridge")
+                _ip("-n", ns, "link", "set", "eth0", "master", self.bridge, "up")
+                _ip("-n", ns, "link", "set", self.bridge, "up")
+                _ip("-n", ns, "addr", "add", f"{self.addr[role]}/24", "dev", self.bridge)
+
+    def destroy(self) -> None:
+        for ns in reversed(self._made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._made.clear()
+
+    def exec(self, role: str) -> list[str]:
+        """argv prefix that runs a command on host `role`."""
+        return ["ip", "netns", "exec", self.ns[role]]
+
+    def cut(self, role: str) -> None:
+        """Unplug host `role` from the switch (a partition)."""
+        _ip("-n", self.ns["switch"], "link", "set", f"to-{role}", "down")
