@@ -54,7 +54,7 @@ import struct
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -121,6 +121,7 @@ class SessionOpened:
     session: str
     ram_size: int
     page_size: int
+    disk_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,9 @@ class StagedCheckpoint:
     indices: np.ndarray  # uint32, strictly increasing
     pages: np.ndarray  # (len(indices), page_size) uint8, NEW contents
     device_state: bytes
+    disk_synced: bool = False
+    disk_extents: np.ndarray = field(default_factory=lambda: np.empty(0, DISK_EXTENT))  # sorted, disjoint
+    disk_data: bytes = b""  # the extents' bytes, in order
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,18 +165,24 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
         ("session", "str"),
         ("ram_size", "int"),
         ("page_size", "int"),
+        ("disk_size", "int"),
     ),
     "welcome": (("version", "int"), ("session", "str")),
     "reject": (("reason", "str"),),
-    "begin": (("epoch", "int"), ("full", "bool"), ("taken_at", "float")),
+    "begin": (("epoch", "int"), ("full", "bool"), ("taken_at", "float"), ("disk_synced", "bool")),
     "pages": (("count", "int"), ("codec", "str"), ("xor", "bool"), ("raw_len", "int")),
+    "disk": (("count", "int"), ("codec", "str"), ("raw_len", "int")),
     "device": (("codec", "str"), ("raw_len", "int")),
     "end": (("epoch", "int"), ("pages", "int"), ("checksum", "str")),
     "ack": (("epoch", "int"),),
     "bye": (("reason", "str"),),
 }
-_WITH_PAYLOAD = frozenset({"pages", "device"})
-_FROM_PRIMARY = frozenset({"hello", "begin", "pages", "device", "end", "bye"})
+_WITH_PAYLOAD = frozenset({"pages", "disk", "device"})
+_FROM_PRIMARY = frozenset({"hello", "begin", "pages", "disk", "device", "end", "bye"})
+# A disk frame's payload starts with `count` of these, then the encoded data.
+DISK_EXTENT = np.dtype([("offset", "<u8"), ("length", "<u4")])
+DISK_SECTOR = 512
+MAX_DISK_SIZE = 1 << 50
 _FROM_BACKUP = frozenset({"welcome", "reject", "ack"})
 
 
@@ -338,7 +348,7 @@ class CheckpointEncoder:
         self.level = level
         self._cctx = zstandard.ZstdCompressor(level=level) if compression == "zstd" else None
 
-    def hello(self, fingerprint: str, session: str, ram_size: int) -> bytes:
+    def hello(self, fingerprint: str, session: str, ram_size: int, disk_size: int = 0) -> bytes:
         if not isinstance(fingerprint, str):
             raise TypeError("fingerprint must be a str")
         if not isinstance(session, str) or not _SESSION_RE.fullmatch(session):
@@ -354,6 +364,7 @@ class CheckpointEncoder:
                 "session": session,
                 "ram_size": ram_size,
                 "page_size": self.page_size,
+                "disk_size": _check_int("disk_size", disk_size, 0, MAX_DISK_SIZE),
             }
         )
 
@@ -379,6 +390,9 @@ class CheckpointEncoder:
         previous_pages: np.ndarray | None,
         device_state: bytes,
         batch_pages: int = 1024,
+        disk_extents: np.ndarray | None = None,
+        disk_data: bytes = b"",
+        disk_synced: bool = False,
     ) -> Iterator[bytes]:
         """Validate the arguments now, then return an iterator over the encoded
         frames: begin, pages (batches of at most ``batch_pages`` pages), device, end.
@@ -427,7 +441,13 @@ class CheckpointEncoder:
         if not device:
             raise ValueError("device_state must not be empty")
         batch = max(1, min(batch_pages, MAX_FRAME_RAW // ps))
-        return self._frames(epoch, full, taken_at, idx, pages, prev, device, batch)
+        extents = np.empty(0, DISK_EXTENT) if disk_extents is None else np.asarray(disk_extents, DISK_EXTENT)
+        if int(extents["length"].sum()) != len(disk_data):
+            raise ValueError("disk_data must hold exactly the extents' bytes")
+        if len(extents) and (extents["length"] == 0).any() or bool((extents["length"] > MAX_FRAME_RAW).any()):
+            raise ValueError(f"disk extents must be 1..{MAX_FRAME_RAW} bytes long")
+        return self._frames(epoch, full, taken_at, idx, pages, prev, device, batch,
+                            extents, bytes(disk_data), bool(disk_synced))
 
     def _frames(
         self,
@@ -439,11 +459,15 @@ class CheckpointEncoder:
         prev: np.ndarray | None,
         device: bytes,
         batch: int,
+        extents: np.ndarray,
+        disk_data: bytes,
+        disk_synced: bool,
     ) -> Iterator[bytes]:
         ps = self.page_size
         n = len(idx)
         h = _new_hasher(epoch, full, taken_at)
-        yield encode_frame({"t": "begin", "epoch": epoch, "full": full, "taken_at": taken_at})
+        yield encode_frame({"t": "begin", "epoch": epoch, "full": full, "taken_at": taken_at,
+                            "disk_synced": disk_synced})
         scratch = np.empty((min(batch, n), ps), dtype=np.uint8) if prev is not None else None
         for start in range(0, n, batch):
             stop = min(start + batch, n)
@@ -468,10 +492,30 @@ class CheckpointEncoder:
                 idx_bytes,
                 encoded,
             )
+        yield from self._disk_frames(h, extents, disk_data)
         codec, encoded = self._encode(device)
         h.update(device)
         yield encode_frame_parts({"t": "device", "codec": codec, "raw_len": len(device)}, encoded)
         yield encode_frame({"t": "end", "epoch": epoch, "pages": n, "checksum": h.hexdigest()})
+
+
+    def _disk_frames(self, h, extents: np.ndarray, data: bytes) -> Iterator[bytes]:
+        """Disk writes in frames of at most MAX_FRAME_RAW bytes of data."""
+        lengths = extents["length"].astype(np.int64)
+        start = pos = 0
+        while start < len(extents):
+            stop, size = start, 0
+            while stop < len(extents) and (stop == start or size + lengths[stop] <= MAX_FRAME_RAW):
+                size += int(lengths[stop])
+                stop += 1
+            table = memoryview(np.ascontiguousarray(extents[start:stop])).cast("B")
+            chunk = memoryview(data)[pos:pos + size]
+            codec, encoded = self._encode(chunk)
+            h.update(table)
+            h.update(chunk)
+            yield encode_frame_parts({"t": "disk", "count": stop - start, "codec": codec,
+                                      "raw_len": size}, table, encoded)
+            start, pos = stop, pos + size
 
 
 class PrimaryProtocol:
@@ -573,9 +617,15 @@ class _Open:
     """A checkpoint between begin and end."""
 
     __slots__ = ("epoch", "full", "taken_at", "hasher", "received", "last_index",
-                 "full_pages", "idx_parts", "page_parts", "device")
+                 "full_pages", "idx_parts", "page_parts", "device", "disk_synced",
+                 "disk_tables", "disk_chunks", "disk_end")
 
-    def __init__(self, epoch: int, full: bool, taken_at: float, npages: int, page_size: int):
+    def __init__(self, epoch: int, full: bool, taken_at: float, npages: int, page_size: int,
+                 disk_synced: bool = False):
+        self.disk_synced = disk_synced
+        self.disk_tables: list[np.ndarray] = []
+        self.disk_chunks: list[bytes] = []
+        self.disk_end = 0  # disk extents must come sorted and disjoint
         self.epoch = epoch
         self.full = full
         self.taken_at = taken_at
@@ -607,10 +657,13 @@ class BackupProtocol:
         page_size: int,
         read_previous: Callable[[np.ndarray], np.ndarray],
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        disk: bool = False,
     ) -> None:
         if not isinstance(fingerprint, str):
             raise TypeError("fingerprint must be a str")
         self.fingerprint = fingerprint
+        self.disk = disk  # whether the guest has a replicated disk
+        self.disk_size = 0
         self.page_size = _check_int("page_size", page_size, 1)
         self.ram_size = _check_int("ram_size", ram_size, page_size)
         if ram_size % page_size:
@@ -698,6 +751,12 @@ class BackupProtocol:
         self.state = "failed"
 
     def _handle(self, frame: Frame, events: list) -> None:
+        version = frame.header.get("version")
+        if (self.state == "await-hello" and frame.header.get("t") == "hello"
+                and type(version) is int and version != PROTOCOL_VERSION):
+            # Another version may have other fields: name the version, not a field.
+            raise ProtocolError(
+                f"peer speaks protocol version {version!r:.20}, this backup speaks {PROTOCOL_VERSION}")
         t, f = _fields(frame, "primary", _FROM_PRIMARY)
         state = self.state
         if state == "await-hello":
@@ -728,6 +787,8 @@ class BackupProtocol:
             )
         if t == "pages":
             self._pages(cp, f, frame.payload)
+        elif t == "disk":
+            self._disk(cp, f, frame.payload)
         elif t == "device":
             self._device(cp, f, frame.payload)
         else:
@@ -751,13 +812,21 @@ class BackupProtocol:
             raise ProtocolError(
                 f"page_size mismatch: primary has {f['page_size']}, this backup has {self.page_size}"
             )
+        disk_size = f["disk_size"]
+        if (disk_size > 0) != self.disk:
+            raise ProtocolError(
+                f"disk mismatch: primary {'has a disk' if disk_size else 'has no disk'}, this "
+                f"backup {'expects one' if self.disk else 'expects none'}")
+        if not 0 <= disk_size <= MAX_DISK_SIZE or disk_size % DISK_SECTOR:
+            raise ProtocolError(f"disk_size {disk_size} is not a whole number of sectors up to 1 PiB")
+        self.disk_size = disk_size
         session = f["session"]
         if not _SESSION_RE.fullmatch(session):
             raise ProtocolError(f"session must be 32 lowercase hex digits, got {session!r:.80}")
         self.session = session
         self.state = "idle"
         welcome = encode_frame({"t": "welcome", "version": PROTOCOL_VERSION, "session": session})
-        return [SessionOpened(session, self.ram_size, self.page_size), Send(welcome)]
+        return [SessionOpened(session, self.ram_size, self.page_size, disk_size), Send(welcome)]
 
     def _begin(self, f: dict) -> None:
         epoch = f["epoch"]
@@ -772,7 +841,10 @@ class BackupProtocol:
             raise ProtocolError(
                 f"begin: epoch {epoch} does not follow the last staged epoch {self._last_staged}"
             )
-        self._open = _Open(epoch, f["full"], f["taken_at"], self.npages, self.page_size)
+        if f["disk_synced"] and not self.disk:
+            raise ProtocolError(f"begin: epoch {epoch} claims a synced disk in a session without one")
+        self._open = _Open(epoch, f["full"], f["taken_at"], self.npages, self.page_size,
+                           f["disk_synced"])
         self.state = "in-checkpoint"
 
     def _decode(self, what: str, codec: str, data: memoryview, raw_len: int) -> bytes | memoryview:
@@ -838,6 +910,8 @@ class BackupProtocol:
         what = f"pages frame in checkpoint {cp.epoch}"
         if cp.device is not None:
             raise ProtocolError(f"{what}: pages after the device frame")
+        if cp.disk_tables:
+            raise ProtocolError(f"{what}: pages after a disk frame")
         if not 1 <= count <= self.npages:
             raise ProtocolError(f"{what}: count {count} is out of range (1..{self.npages})")
         if 4 * count > len(payload):
@@ -895,6 +969,37 @@ class BackupProtocol:
         cp.received += count
         cp.last_index = last
 
+    def _disk(self, cp: _Open, f: dict, payload: bytes) -> None:
+        count, codec, raw_len = f["count"], f["codec"], f["raw_len"]
+        what = f"disk frame in checkpoint {cp.epoch}"
+        if not self.disk:
+            raise ProtocolError(f"{what}: this session has no disk")
+        if cp.device is not None:
+            raise ProtocolError(f"{what}: disk writes after the device frame")
+        size = DISK_EXTENT.itemsize * count
+        if not 1 <= count or size > len(payload):
+            raise ProtocolError(f"{what}: count {count} does not fit the {len(payload)}-byte payload")
+        if not 1 <= raw_len <= min(self.max_payload, MAX_FRAME_RAW):
+            raise ProtocolError(f"{what}: raw_len {raw_len} is out of range")
+        view = memoryview(payload)
+        table = np.frombuffer(view[:size], dtype=DISK_EXTENT)
+        offs = table["offset"].astype(np.int64)
+        lens = table["length"].astype(np.int64)
+        if int(lens.sum()) != raw_len or (lens == 0).any():
+            raise ProtocolError(f"{what}: extent lengths do not add up to raw_len {raw_len}")
+        ends = offs + lens
+        if offs[0] < cp.disk_end or (count > 1 and (offs[1:] < ends[:-1]).any()):
+            raise ProtocolError(f"{what}: extents are not sorted and disjoint")
+        if int(ends[-1]) > self.disk_size or (offs < 0).any():
+            raise ProtocolError(f"{what}: an extent ends beyond the {self.disk_size}-byte disk")
+        data = self._decode(what, codec, view[size:], raw_len)
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        cp.hasher.update(view[:size])
+        cp.hasher.update(chunk)
+        cp.disk_tables.append(table.copy())
+        cp.disk_chunks.append(chunk)
+        cp.disk_end = int(ends[-1])
+
     def _device(self, cp: _Open, f: dict, payload: bytes) -> None:
         codec, raw_len = f["codec"], f["raw_len"]
         what = f"device frame in checkpoint {cp.epoch}"
@@ -935,7 +1040,9 @@ class BackupProtocol:
         else:
             indices = np.empty(0, dtype=np.uint32)
             pages = np.empty((0, self.page_size), dtype=np.uint8)
-        staged = StagedCheckpoint(cp.epoch, cp.full, cp.taken_at, indices, pages, cp.device)
+        extents = np.concatenate(cp.disk_tables) if cp.disk_tables else np.empty(0, DISK_EXTENT)
+        staged = StagedCheckpoint(cp.epoch, cp.full, cp.taken_at, indices, pages, cp.device,
+                                  cp.disk_synced, extents, b"".join(cp.disk_chunks))
         self._open = None
         self._last_staged = cp.epoch
         self._unacked.append(staged)

@@ -168,7 +168,7 @@ def opened() -> Daemon:
 
 def hello_frame(**changes) -> bytes:
     h = {"t": "hello", "version": PROTOCOL_VERSION, "fingerprint": FP, "session": SESSION,
-         "ram_size": RAM, "page_size": PS}
+         "ram_size": RAM, "page_size": PS, "disk_size": 0}
     h.update(changes)
     return frame(h)
 
@@ -398,7 +398,7 @@ def test_primary_acks_in_order():
         ([], welcome(version=7), "peer speaks protocol version 7, this primary speaks 1"),
         ([], welcome() + welcome(), "second welcome"),
         ([], frame({"t": "bogus"}), "unknown message type 'bogus'"),
-        ([], frame({"t": "begin", "epoch": 1, "full": True, "taken_at": 0.0}), "never sent by a backup"),
+        ([], frame({"t": "begin", "epoch": 1, "full": True, "taken_at": 0.0, "disk_synced": False}), "never sent by a backup"),
         ([], frame({"t": "reject", "reason": "x"}) + welcome(), "after the backup rejected"),
         ([], welcome() + frame({"t": "reject", "reason": "x"}), "after it welcomed"),
         ([], welcome() + frame({"t": "ack", "epoch": "1"}), "'epoch' must be a int"),
@@ -702,14 +702,14 @@ def test_xor_flag_flip_caught():
         (frame({"t": "nope"}), "unknown message type 'nope'"),
         (frame({"t": "ack", "epoch": 1}), "never sent by a primary"),
         (frame({"t": "welcome", "version": 1, "session": SESSION}), "never sent by a primary"),
-        (frame({"t": "begin", "epoch": 2, "full": 1, "taken_at": 1.0}), "'full' must be a bool"),
-        (frame({"t": "begin", "epoch": True, "full": False, "taken_at": 1.0}), "'epoch' must be a int"),
-        (frame({"t": "begin", "epoch": 2.0, "full": False, "taken_at": 1.0}), "'epoch' must be a int"),
-        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": "now"}), "'taken_at' must be a finite float"),
-        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": float("inf")}), "finite float"),
+        (frame({"t": "begin", "epoch": 2, "full": 1, "taken_at": 1.0, "disk_synced": False}), "'full' must be a bool"),
+        (frame({"t": "begin", "epoch": True, "full": False, "taken_at": 1.0, "disk_synced": False}), "'epoch' must be a int"),
+        (frame({"t": "begin", "epoch": 2.0, "full": False, "taken_at": 1.0, "disk_synced": False}), "'epoch' must be a int"),
+        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": "now", "disk_synced": False}), "'taken_at' must be a finite float"),
+        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": float("inf"), "disk_synced": False}), "finite float"),
         (frame({"t": "begin", "epoch": 2, "full": False}), "missing the field 'taken_at'"),
-        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": 1.0, "x": 0}), r"unknown field\(s\) \['x'\]"),
-        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": 1.0}, b"p"), "must not carry a payload"),
+        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": 1.0, "disk_synced": False, "x": 0}), r"unknown field\(s\) \['x'\]"),
+        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": 1.0, "disk_synced": False}, b"p"), "must not carry a payload"),
         (frame({"t": "bye", "reason": 5}), "'reason' must be a str"),
         (frame({"t": "pages", "count": 1, "codec": "none", "xor": False, "raw_len": PS}, b"\0" * (PS + 4)),
          "'pages' message outside a checkpoint"),
