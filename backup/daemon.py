@@ -68,7 +68,7 @@ class Backup:
                      writer: asyncio.StreamWriter) -> str | None:
         """Returns why the primary is presumed lost, or None if it is not."""
         proto = BackupProtocol(self.fingerprint, self.cfg.memory_bytes, PAGE_SIZE,
-                               self._read_previous)
+                               self._read_previous, disk=bool(self.cfg.guest.disk))
         loop = asyncio.get_running_loop()
         stream_timeout = self.cfg.replication.stream_timeout_ms / 1000
         while True:
@@ -103,12 +103,13 @@ class Backup:
                 if isinstance(event, Send):
                     writer.write(event.data)
                 elif isinstance(event, SessionOpened):
-                    self._open_session(conn, event.session)
+                    self._open_session(conn, event.session, event.disk_size)
                 elif isinstance(event, CheckpointStaged):
                     cp = event.checkpoint
                     t0 = time.monotonic()
                     await loop.run_in_executor(None, self.replica.commit, cp.epoch, cp.full,
-                                               cp.taken_at, cp.indices, cp.pages, cp.device_state)
+                                               cp.taken_at, cp.indices, cp.pages, cp.device_state,
+                                               cp.disk_extents, cp.disk_data, cp.disk_synced)
                     writer.write(proto.ack(cp.epoch))
                     conn.committed += 1
                     _log.debug("committed", epoch=cp.epoch, pages=len(cp.indices),
@@ -128,7 +129,7 @@ class Backup:
     def _read_previous(self, indices):
         return self.replica.read_pages(indices)
 
-    def _open_session(self, conn: Connection, session: str) -> None:
+    def _open_session(self, conn: Connection, session: str, disk_size: int) -> None:
         old = self.current
         if old is not None and old is not conn:
             old.superseded = True
@@ -137,7 +138,8 @@ class Backup:
             _log.warning("session-superseded", old=old.session, new=session)
         conn.session = session
         self.current = conn
-        self.replica.begin_session(session, self.fingerprint, self.cfg.memory_bytes, PAGE_SIZE)
+        self.replica.begin_session(session, self.fingerprint, self.cfg.memory_bytes, PAGE_SIZE,
+                                   disk_size)
         _log.info("session-start", session=session, peer=conn.peer,
                   detail="replica is stale until the full sync commits")
 
@@ -159,7 +161,8 @@ async def activate(cfg: Config, replica: Replica, reason: str, lost_at: float) -
         await asyncio.to_thread(attach, cfg.network.tap, cfg.network.bridge)
         net_args, fds = tap_fd_args(tap_fd, cfg.network.mac), (tap_fd,)
     try:
-        await guest.launch(incoming=True, net_args=net_args, pass_fds=fds)
+        await guest.launch(incoming=True, net_args=net_args, pass_fds=fds,
+                           disk=str(replica.disk_file) if cfg.guest.disk else None)
     finally:
         for fd in fds:
             os.close(fd)  # QEMU holds its own copy

@@ -41,6 +41,8 @@ class ReplicaState:
     committed_at: float = 0.0
     ram_size: int = 0
     page_size: int = PAGE_SIZE
+    disk_size: int = 0
+    disk_synced: bool = False  # the disk's initial copy had completed at `epoch`
 
     def as_dict(self) -> dict:
         return {"format": FORMAT, **self.__dict__}
@@ -52,6 +54,7 @@ class Replica:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ram_file = self.dir / "replica.ram"
         self.device_file = self.dir / "device.state"
+        self.disk_file = self.dir / "replica.disk"
         self.record_file = self.dir / "replica.json"
         self.state = self._read_record()
         self._map: mmap.mmap | None = None
@@ -85,11 +88,17 @@ class Replica:
         self._write_record()
 
     # --- receiving -------------------------------------------------------
-    def begin_session(self, session: str, fingerprint: str, ram_size: int, page_size: int) -> None:
+    def begin_session(self, session: str, fingerprint: str, ram_size: int, page_size: int,
+                      disk_size: int = 0) -> None:
         """A new session supersedes whatever the replica held: it is stale from now on."""
         self._set(state=SYNCING, session=session, fingerprint=fingerprint, epoch=0,
-                  taken_at=0.0, committed_at=0.0, ram_size=ram_size, page_size=page_size)
+                  taken_at=0.0, committed_at=0.0, ram_size=ram_size, page_size=page_size,
+                  disk_size=disk_size, disk_synced=False)
         self._open_ram(ram_size)
+        if disk_size:
+            # The session's mirror copies the whole disk again; start from zeros.
+            with open(self.disk_file, "wb") as f:
+                f.truncate(disk_size)
 
     def _open_ram(self, size: int) -> None:
         if self._map is not None and len(self._map) == size:
@@ -108,7 +117,8 @@ class Replica:
         return self.pages[indices]
 
     def commit(self, epoch: int, full: bool, taken_at: float, indices: np.ndarray,
-               pages: np.ndarray, device_state: bytes) -> None:
+               pages: np.ndarray, device_state: bytes, disk_extents=None, disk_data: bytes = b"",
+               disk_synced: bool = False) -> None:
         """Apply a verified checkpoint. Only whole checkpoints come here."""
         assert self.pages is not None, "no session open"
         if self.state.state not in (SYNCING, COMMITTED):
@@ -120,11 +130,25 @@ class Replica:
             self.pages[:] = pages
         else:
             self.pages[indices] = pages
+        if disk_extents is not None and len(disk_extents):
+            self._write_disk(disk_extents, disk_data)
         tmp = self.device_file.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             f.write(device_state)
         os.replace(tmp, self.device_file)
-        self._set(state=COMMITTED, taken_at=taken_at, committed_at=time.time())
+        self._set(state=COMMITTED, taken_at=taken_at, committed_at=time.time(),
+                  disk_synced=self.state.disk_synced or disk_synced)
+
+    def _write_disk(self, extents, data: bytes) -> None:
+        view = memoryview(data)
+        pos = 0
+        fd = os.open(self.disk_file, os.O_WRONLY)
+        try:
+            for offset, length in extents.tolist():
+                os.pwrite(fd, view[pos:pos + length], offset)
+                pos += length
+        finally:
+            os.close(fd)
 
     # --- activation ------------------------------------------------------
     def check_activatable(self, fingerprint: str) -> None:
@@ -132,6 +156,9 @@ class Replica:
         if s.state == COMMITTED and s.fingerprint == fingerprint:
             if not self.ram_file.exists() or not self.device_file.exists():
                 raise ReplicaError("replica record says committed but its files are missing")
+            if s.disk_size and not s.disk_synced:
+                raise ReplicaError("the replica disk is incomplete: the disk's initial copy had "
+                                   f"not finished at the last committed epoch {s.epoch}")
             return
         reasons = {
             EMPTY: "the replica is empty: no checkpoint was ever committed",

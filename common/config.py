@@ -100,6 +100,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "accel": Key(str, "auto", _choice("auto", "kvm", "tcg"), "KVM where usable (auto), or forced"),
         "qemu_binary": Key(str, "qemu-system-x86_64", None, "QEMU executable"),
         "ram_dir": Key(str, "/dev/shm", None, "where the primary keeps the guest RAM file (tmpfs)"),
+        "disk": Key(str, "", None, "raw disk image of the guest on the primary (optional); "
+                                   "replicated to the backup's state directory"),
         "extra_args": Key(list, [], _str_list, "extra QEMU arguments, appended verbatim"),
     },
     "network": {
@@ -183,7 +185,8 @@ class Config:
         timings and paths may differ between the two hosts' copies.
         """
         shape = {
-            "guest": {k: self.guest.values[k] for k in ("name", "memory_mib", "cpus", "extra_args")},
+            "guest": {**{k: self.guest.values[k] for k in ("name", "memory_mib", "cpus", "extra_args")},
+                      "disk": bool(self.guest.values["disk"])},
             "network": {k: self.network.values[k] for k in ("mode", "mac")},
         }
         blob = json.dumps(shape, sort_keys=True).encode()
@@ -236,7 +239,7 @@ def parse(data: dict, path: Path) -> Config:
                 values[key] = spec.default
         sections[section] = Section(values)
     base = path.parent
-    for key in ("kernel", "initrd"):
+    for key in ("kernel", "initrd", "disk"):
         value = sections["guest"].values[key]
         if value and not os.path.isabs(value):
             sections["guest"].values[key] = str((base / value).resolve())

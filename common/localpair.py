@@ -116,7 +116,8 @@ class Daemon:
 class Pair:
     """A protected guest: config, backup and primary daemons, and an HTTP client for it."""
 
-    def __init__(self, image, workdir: Path, lan: Lan | None = None, **replication):
+    def __init__(self, image, workdir: Path, lan: Lan | None = None, disk_mib: int = 0,
+                 **replication):
         """Without `lan`: both daemons on this host, guest NIC in QEMU user mode with a
         host forward. With `lan`: daemons on the namespace hosts, guest bridged and
         its output buffered."""
@@ -135,6 +136,12 @@ class Pair:
             ip, gw = lan.addr["guest"] + "/24", lan.addr["client"]
             primary, backup = lan.addr["primary"], lan.addr["backup"]
             network = f'mode = "bridged"\nbridge = "{lan.bridge}"'
+        disk = ""
+        if disk_mib:
+            self.disk = workdir / "guest.disk"
+            with open(self.disk, "wb") as f:
+                f.truncate(disk_mib << 20)
+            disk = f'disk = "{self.disk}"'
         self.config = workdir / "guest.toml"
         self.config.write_text(f"""
 [guest]
@@ -144,6 +151,7 @@ kernel = "{image.kernel}"
 initrd = "{image.initrd}"
 append = "console=ttyS0 quiet panic=-1 remus.ip={ip} remus.gw={gw}"
 ram_dir = "{self.ram_dir}"
+{disk}
 [network]
 {network}
 [replication]
@@ -212,10 +220,10 @@ state_dir = "{workdir / 'backup'}"
         except (OSError, urllib.error.URLError, subprocess.TimeoutExpired):
             return None
 
-    def start_probe(self) -> Daemon:
+    def start_probe(self, what: str = "inc") -> Daemon:
         """The client probe on the client host, one JSON line per reply (common/probe.py)."""
         return self._start("probe", [*self._on("client"), sys.executable, "-m", "remus.common.probe",
-                                     self.url("inc")])
+                                     self.url(what)])
 
     def cleanup(self) -> None:
         for d in self.daemons:

@@ -73,8 +73,15 @@ def tap_fd_args(fd: int, mac: str) -> list[str]:
             "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile="]
 
 
+def disk_args(path: str) -> list[str]:
+    """The guest disk: a raw file as node `disk0`, the node a mirror job copies from."""
+    return ["-blockdev", f"driver=file,filename={path},node-name=disk0file",
+            "-blockdev", "driver=raw,file=disk0file,node-name=disk0",
+            "-device", "virtio-blk-pci,drive=disk0,id=disk0dev"]
+
+
 def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = False,
-                  net_args: list[str] | None = None) -> list[str]:
+                  net_args: list[str] | None = None, disk: str | None = None) -> list[str]:
     """`net_args` gives the NIC for bridged mode; the device (and so the
     migrated state) is the same on both hosts, only the backend differs."""
     g = cfg.guest
@@ -102,6 +109,8 @@ def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = F
         if not net_args:
             raise GuestError("bridged network mode needs a NIC backend from the daemon")
         cmd += net_args
+    if disk:
+        cmd += disk_args(disk)
     cmd += list(g.extra_args)
     if incoming:
         cmd += ["-incoming", "defer"]
@@ -132,10 +141,11 @@ class QemuGuest:
         return self.proc.pid
 
     async def launch(self, incoming: bool = False, net_args: list[str] | None = None,
-                     pass_fds: tuple[int, ...] = ()) -> None:
+                     pass_fds: tuple[int, ...] = (), disk: str | None = None) -> None:
+        """`disk`: the guest's disk image on this host (the primary's own, or the replica)."""
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         self.paths.qmp_socket.unlink(missing_ok=True)
-        cmd = build_command(self.cfg, self.paths, self.accel, incoming, net_args)
+        cmd = build_command(self.cfg, self.paths, self.accel, incoming, net_args, disk)
         _log.info("qemu-launch", accel=self.accel, why=self.accel_reason, incoming=incoming,
                   cmd=shlex.join(cmd))
         stderr_log = open(self.paths.run_dir / "qemu.stderr", "ab")

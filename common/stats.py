@@ -18,6 +18,7 @@ class EpochStats:
     device_ms: float     # device state save, inside the pause
     dirty_pages: int
     device_bytes: int
+    disk_bytes: int      # guest disk writes carried by this checkpoint
     wire_bytes: int      # bytes sent for this checkpoint, framing included
     send_ms: float       # encode + send, guest running
     ack_ms: float        # last byte sent .. ack received

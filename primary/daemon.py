@@ -12,6 +12,7 @@ from remus.common.capture import RamView, make_capture
 from remus.common.config import ConfigError, load
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest
 from remus.common.stats import EpochLog
+from remus.primary.diskrep import DiskReplicator
 from remus.primary.hooks import Hooks
 from remus.primary.netbuf import UserspaceNetBuffer
 from remus.primary.replicator import Replicator
@@ -81,13 +82,18 @@ async def run(args: argparse.Namespace) -> int:
     if args.no_net:
         _log.warning("output-buffering-disabled", detail="--no-net: guest output leaves at once; "
                      "a failover can take back replies that clients saw (unsafe)")
-    await guest.launch(net_args=net_args)
+    disk_path = cfg.guest.disk or None
+    await guest.launch(net_args=net_args, disk=disk_path)
+    disk = None
+    if disk_path:
+        disk = DiskReplicator(guest, Path(disk_path), state_dir / "run")
+        await disk.start()
     ram = RamView(ram_file, cfg.memory_bytes)
     capture = make_capture(cfg.replication.capture, ram, guest.pid, cfg.replication.compare_threads)
     _log.info("primary-start", guest=cfg.guest.name, memory_mib=cfg.guest.memory_mib,
               interval_ms=cfg.replication.interval_ms, capture=capture.name,
               backup=cfg.backup.address, qemu_pid=guest.pid)
-    replicator = Replicator(cfg, guest, capture, Hooks([netbuf] if netbuf else []), epochs)
+    replicator = Replicator(cfg, guest, capture, Hooks([netbuf] if netbuf else []), epochs, disk)
     rep = asyncio.create_task(replicator.run(), name="replicator")
     exited = asyncio.create_task(guest.wait(), name="qemu")
     stopped = asyncio.create_task(stop.wait(), name="signal")
@@ -124,6 +130,8 @@ async def run(args: argparse.Namespace) -> int:
         epochs.close()
         if netbuf is not None:
             await netbuf.close()
+        if disk is not None:
+            await disk.close()
         ram_file.unlink(missing_ok=True)
 
 

@@ -40,8 +40,10 @@ class BackupRefused(SessionLost):
 
 
 class Replicator:
-    def __init__(self, cfg: Config, guest: QemuGuest, capture, hooks: Hooks, epochs: EpochLog):
+    def __init__(self, cfg: Config, guest: QemuGuest, capture, hooks: Hooks, epochs: EpochLog,
+                 disk=None):
         self.cfg = cfg
+        self.disk = disk  # DiskReplicator, or None for a disk-less guest
         self.guest = guest
         self.capture = capture
         self.hooks = hooks
@@ -121,16 +123,21 @@ class Replicator:
         rep = self.cfg.replication
         proto = PrimaryProtocol(session)
         self._encoder = CheckpointEncoder(PAGE_SIZE, rep.compression, rep.zstd_level)
-        writer.write(self._encoder.hello(self.cfg.fingerprint(), session, self.cfg.memory_bytes))
+        writer.write(self._encoder.hello(self.cfg.fingerprint(), session, self.cfg.memory_bytes,
+                                         self.disk.size if self.disk else 0))
         await writer.drain()
         welcome = await asyncio.wait_for(self._handshake(reader, proto), CONNECT_TIMEOUT)
         _log.info("session-start", session=session, backup="%s:%d" % self.cfg.backup_endpoint,
                   version=welcome)
         reader_task = asyncio.create_task(self._read_acks(reader, proto))
         try:
+            if self.disk is not None:
+                await self.disk.session_start()
             await self._replicate(proto)
         finally:
             reader_task.cancel()
+            if self.disk is not None:
+                await self.disk.session_end()
 
     async def _handshake(self, reader: asyncio.StreamReader, proto: PrimaryProtocol) -> int:
         while True:
@@ -181,13 +188,15 @@ class Replicator:
                           capture=self.capture.name)
             self._maybe_summary()
 
-    async def _pause_and_capture(self, epoch: int, full: bool) -> tuple[Captured, bytes, dict]:
+    async def _pause_and_capture(self, epoch: int, full: bool) -> tuple[Captured, bytes, tuple, dict]:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         await self.guest.stop()
         resumed = False
         try:
             await self.hooks.postsuspend(epoch)
+            # Stopped and drained: every guest write of this epoch has reached us.
+            disk = self.disk.seal() if self.disk is not None else (None, b"", False)
             timings: dict = {}
             tc = time.monotonic()
             capture_job = loop.run_in_executor(None, self.capture.full if full else self.capture.capture)
@@ -207,18 +216,20 @@ class Replicator:
                 except Exception as exc:  # noqa: BLE001 - already failing; report both
                     _log.error("resume-after-failed-checkpoint-failed", error=str(exc))
         timings["pause_ms"] = (time.monotonic() - t0) * 1000
-        return captured, device_state, timings
+        return captured, device_state, disk, timings
 
     async def _checkpoint(self, proto: PrimaryProtocol, epoch: int, full: bool) -> None:
         loop = asyncio.get_running_loop()
         taken_at = time.time()
-        captured, device_state, timings = await self._pause_and_capture(epoch, full)
+        captured, device_state, (disk_extents, disk_data, disk_synced), timings = \
+            await self._pause_and_capture(epoch, full)
         t_send = time.monotonic()
         await loop.run_in_executor(self._encode_pool, self.capture.after_resume, captured)
         assert self._encoder is not None and self._writer is not None
         frames = self._encoder.checkpoint(epoch, full, taken_at, captured.indices, captured.new_pages,
                                           captured.previous_pages, device_state,
-                                          batch_pages=BATCH_PAGES)
+                                          batch_pages=BATCH_PAGES, disk_extents=disk_extents,
+                                          disk_data=disk_data, disk_synced=disk_synced)
         ack = loop.create_future()
         ack.add_done_callback(lambda f: f.cancelled() or f.exception())  # may end unawaited
         self._acks[epoch] = ack
@@ -247,7 +258,8 @@ class Replicator:
         stats = EpochStats(
             epoch=epoch, full=full, taken_at=taken_at, pause_ms=timings["pause_ms"],
             capture_ms=timings.get("capture_ms", 0.0), device_ms=timings["device_ms"],
-            dirty_pages=total, device_bytes=len(device_state), wire_bytes=wire,
+            dirty_pages=total, device_bytes=len(device_state), disk_bytes=len(disk_data),
+            wire_bytes=wire,
             send_ms=(sent_at - t_send) * 1000, ack_ms=(acked_at - sent_at) * 1000)
         self.epochs.add(stats)
         _log.debug("checkpoint", epoch=epoch, pause_ms=stats.pause_ms, dirty=total, wire=wire,
