@@ -39,6 +39,7 @@ demo: guest
 bench: guest
 	$(VBIN)/python bench/checkpoint_bench.py
 	$(VBIN)/python bench/net_bench.py
+	$(VBIN)/python bench/disk_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
