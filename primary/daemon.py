@@ -54,11 +54,11 @@ def make_netbuf(cfg, run_dir: Path, buffering: bool):
         from remus.primary.netbuf_plug import PlugNetBuffer, plug_supported
         ok, why = plug_supported()
         if ok:
-            return PlugNetBuffer(net.tap, "ifb-" + net.tap[-11:], cap, net.bridge)
+            return PlugNetBuffer(net.tap, "ifb-" + net.tap[-11:], cap)
         if net.buffer == "plug":
             raise GuestError(f"[network] buffer = \"plug\" but {why}; use \"userspace\" or \"auto\"")
         _log.info("netbuf-mode", mode="userspace", reason=why)
-    return UserspaceNetBuffer(net.tap, net.bridge, run_dir / "net.sock", cap, buffering)
+    return UserspaceNetBuffer(net.tap, run_dir / "net.sock", cap, buffering)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -78,6 +78,7 @@ async def run(args: argparse.Namespace) -> int:
     net_args = None
     if netbuf is not None:
         await netbuf.start()
+        await netbuf.attach(cfg.network.bridge)
         net_args = netbuf.qemu_netdev_args(cfg.network.mac)
     if args.no_net:
         _log.warning("output-buffering-disabled", detail="--no-net: guest output leaves at once; "

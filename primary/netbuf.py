@@ -79,9 +79,8 @@ class EpochQueue:
 class UserspaceNetBuffer(CheckpointDevice):
     name = "net-userspace"
 
-    def __init__(self, tap: str, bridge: str, socket_path: Path, cap_bytes: int, buffering: bool = True):
+    def __init__(self, tap: str, socket_path: Path, cap_bytes: int, buffering: bool = True):
         self.tap_name = tap
-        self.bridge = bridge
         self.socket_path = socket_path
         self.queue = EpochQueue(cap_bytes)
         self.buffering_enabled = buffering  # False with --no-net
@@ -107,12 +106,14 @@ class UserspaceNetBuffer(CheckpointDevice):
     async def start(self) -> None:
         """Before QEMU starts: it connects to our socket at launch."""
         self._tap_fd = open_tap(self.tap_name)
-        await asyncio.to_thread(attach, self.tap_name, self.bridge)  # pyroute2 runs its own loop
         self.socket_path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._serve_guest, path=str(self.socket_path))
         asyncio.get_running_loop().add_reader(self._tap_fd, self._from_wire)
-        _log.info("netbuf-start", mode="userspace", tap=self.tap_name, bridge=self.bridge,
+        _log.info("netbuf-start", mode="userspace", tap=self.tap_name,
                   buffering=self.buffering_enabled, cap_bytes=self.queue.cap_bytes)
+
+    async def attach(self, bridge: str) -> None:
+        await asyncio.to_thread(attach, self.tap_name, bridge)  # pyroute2 runs its own loop
 
     async def wait_connected(self, timeout: float = 15.0) -> None:
         await asyncio.wait_for(self._connected.wait(), timeout)

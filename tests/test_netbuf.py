@@ -42,3 +42,30 @@ def test_barriers_must_advance():
     q.seal(2)
     with pytest.raises(ValueError):
         q.seal(2)
+
+
+def test_plug_is_chosen_only_where_the_kernel_has_it(tmp_path):
+    from remus.common.config import load
+    from remus.common.qemu import GuestError
+    from remus.primary.daemon import make_netbuf
+    from remus.primary.netbuf import UserspaceNetBuffer
+    from remus.primary.netbuf_plug import PlugNetBuffer, plug_supported
+
+    def cfg(buffer):
+        p = tmp_path / f"{buffer}.toml"
+        p.write_text(f'[guest]\nname = "g"\nkernel = "k"\n[network]\nmode = "bridged"\nbridge = "br0"\n'
+                     f'buffer = "{buffer}"\n[primary]\naddress = "127.0.0.1"\n'
+                     f'[backup]\naddress = "127.0.0.1:1"\n')
+        return load(p)
+
+    ok, why = plug_supported()
+    assert isinstance(make_netbuf(cfg("userspace"), tmp_path, True), UserspaceNetBuffer)
+    auto = make_netbuf(cfg("auto"), tmp_path, True)
+    assert isinstance(auto, PlugNetBuffer if ok else UserspaceNetBuffer)
+    if ok:
+        assert isinstance(make_netbuf(cfg("plug"), tmp_path, True), PlugNetBuffer)
+    else:
+        with pytest.raises(GuestError, match="sch_plug"):
+            make_netbuf(cfg("plug"), tmp_path, True)
+    # --no-net never holds output, whatever the buffer setting.
+    assert not make_netbuf(cfg("auto"), tmp_path, False).buffering_enabled
