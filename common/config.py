@@ -83,6 +83,17 @@ def _ifname(v: str) -> str:
     return v
 
 
+def _links(v: list) -> list:
+    links = []
+    for item in v:
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+            raise ValueError('each link is ["PRIMARY_HOST:PORT", "BACKUP_HOST:PORT"]')
+        for addr in item:
+            _host_port(addr, port_required=True)
+        links.append(list(item))
+    return links
+
+
 def _str_list(v: list) -> list:
     if not all(isinstance(x, str) for x in v):
         raise ValueError("must be a list of strings")
@@ -132,6 +143,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "compare_threads": Key(int, 2, _range(1, 64),
                                "threads for the compare scan inside the pause"),
     },
+    "heartbeat": {
+        "links": Key(list, [], _links,
+                     "heartbeat links, each [primary HOST:PORT, backup HOST:PORT]; none = no "
+                     "heartbeat (the backup then activates on stream loss alone: unsafe)"),
+        "interval_ms": Key(int, 100, _range(10, 10_000), "beat interval"),
+        "miss": Key(int, 5, _range(2, 1000), "beats missed on a link before the peer is lost on it"),
+        "keys_dir": Key(str, "/etc/remus/keys", None,
+                        "CURVE keys: primary.key, backup.key and this node's *.key_secret "
+                        "(remusctl keys generate)"),
+    },
     "primary": {
         "address": Key(str, None, lambda v: (_host_port(v, port_required=False), v)[1],
                        "HOST[:PORT] the primary sends the checkpoint stream from"),
@@ -164,6 +185,7 @@ class Config:
     replication: Section
     primary: Section
     backup: Section
+    heartbeat: Section
     raw: dict = field(repr=False)
 
     @property
@@ -199,7 +221,7 @@ class Config:
                 continue
             values[key] = _check_value("replication", key, SCHEMA["replication"][key], value)
         return Config(self.path, self.guest, self.network, Section(values),
-                      self.primary, self.backup, self.raw)
+                      self.primary, self.backup, self.heartbeat, self.raw)
 
 
 def _check_value(section: str, key: str, spec: Key, value: Any) -> Any:
@@ -239,6 +261,9 @@ def parse(data: dict, path: Path) -> Config:
                 values[key] = spec.default
         sections[section] = Section(values)
     base = path.parent
+    keys_dir = sections["heartbeat"].values["keys_dir"]
+    if not os.path.isabs(keys_dir):
+        sections["heartbeat"].values["keys_dir"] = str((base / keys_dir).resolve())
     for key in ("kernel", "initrd", "disk"):
         value = sections["guest"].values[key]
         if value and not os.path.isabs(value):

@@ -5,6 +5,8 @@
     backup  (br0 10.213.K.3) ──┘
 
 The guest's TAP joins br0 on whichever host runs it and takes 10.213.K.100.
+With `second_link`, primary and backup also share a private wire (switch
+`hb`, eth1, 10.214.K.2 and .3), as a crossover cable for a second heartbeat.
 Everything lives in namespaces this object creates and deletes, so nothing
 touches the machine's own network.
 """
@@ -23,13 +25,15 @@ def _ip(*args: str) -> None:
 
 
 class Lan:
-    def __init__(self, index: int | None = None):
+    def __init__(self, index: int | None = None, second_link: bool = False):
+        self.second_link = second_link
         self.k = (os.getpid() if index is None else index) % 250 + 1
         tag = f"{os.getpid()}-{self.k}"
         self.ns = {role: f"remus-{tag}-{role}" for role in ("switch", *ROLES)}
         self.subnet = f"10.213.{self.k}"
         self.addr = {"client": f"{self.subnet}.1", "primary": f"{self.subnet}.2",
                      "backup": f"{self.subnet}.3", "guest": f"{self.subnet}.100"}
+        self.addr2 = {"primary": f"10.214.{self.k}.2", "backup": f"10.214.{self.k}.3"}
         self.bridge = "br0"
         self._made: list[str] = []
 
@@ -67,6 +71,16 @@ class Lan:
                 _ip("-n", ns, "link", "set", "eth0", "master", self.bridge, "up")
                 _ip("-n", ns, "link", "set", self.bridge, "up")
                 _ip("-n", ns, "addr", "add", f"{self.addr[role]}/24", "dev", self.bridge)
+        if self.second_link:
+            _ip("-n", sw, "link", "add", "hb", "type", "bridge")
+            _ip("-n", sw, "link", "set", "hb", "up")
+            for role in ("primary", "backup"):
+                port = f"hb-{role}"
+                _ip("-n", sw, "link", "add", port, "type", "veth", "peer", "name", "eth1",
+                    "netns", self.ns[role])
+                _ip("-n", sw, "link", "set", port, "master", "hb", "up")
+                _ip("-n", self.ns[role], "addr", "add", f"{self.addr2[role]}/24", "dev", "eth1")
+                _ip("-n", self.ns[role], "link", "set", "eth1", "up")
 
     def destroy(self) -> None:
         for ns in reversed(self._made):
@@ -77,6 +91,13 @@ class Lan:
         """argv prefix that runs a command on host `role`."""
         return ["ip", "netns", "exec", self.ns[role]]
 
-    def cut(self, role: str) -> None:
-        """Unplug host `role` from the switch (a partition)."""
-        _ip("-n", self.ns["switch"], "link", "set", f"to-{role}", "down")
+    def cut(self, role: str, wire: str = "lan") -> None:
+        """Unplug host `role` from the LAN (`lan`) or the second link (`hb`)."""
+        _ip("-n", self.ns["switch"], "link", "set", self._port(role, wire), "down")
+
+    def mend(self, role: str, wire: str = "lan") -> None:
+        _ip("-n", self.ns["switch"], "link", "set", self._port(role, wire), "up")
+
+    @staticmethod
+    def _port(role: str, wire: str) -> str:
+        return f"{'to' if wire == 'lan' else 'hb'}-{role}"

@@ -1,0 +1,66 @@
+"""When may the backup take over? A pure judge, fed facts, giving verdicts.
+
+With a heartbeat, the primary is presumed dead only when the checkpoint
+stream AND every heartbeat link have gone quiet. The stream alone failing
+while beats still arrive means the primary is alive and, as Remus does, runs
+on unprotected: the replica is then stale and must never be resumed until a
+new session has resynchronised it. Without a heartbeat the stream is the only
+signal, which cannot tell a dead primary from a partition (unsafe; logged).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WAIT = "wait"          # nothing to do (yet)
+FAILOVER = "failover"  # fence the primary, then activate
+STALE = "stale"        # the primary lives on without us: the replica is no longer resumable
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: str
+    reason: str
+
+
+class FailoverJudge:
+    def __init__(self, heartbeat: bool, grace_s: float):
+        """`grace_s`: how long after the stream is lost the heartbeat gets to
+        declare the peer lost (miss * interval plus a margin)."""
+        self.heartbeat = heartbeat
+        self.grace_s = grace_s
+        self.resumable = False   # a checkpoint of the current session is committed
+        self.lost_at: float | None = None
+        self.lost_reason = ""
+        self.peer_alive = heartbeat
+        self.stale = False
+
+    def session_started(self) -> None:
+        self.resumable = False
+        self.lost_at = None
+        self.stale = False
+
+    def committed(self) -> None:
+        self.resumable = True
+
+    def stream_lost(self, now: float, reason: str) -> None:
+        if self.lost_at is None:
+            self.lost_at, self.lost_reason = now, reason
+
+    def peer(self, alive: bool) -> None:
+        self.peer_alive = alive
+
+    def verdict(self, now: float) -> Verdict:
+        if self.lost_at is None or not self.resumable or self.stale:
+            return Verdict(WAIT, "")
+        if not self.heartbeat:
+            return Verdict(FAILOVER, f"{self.lost_reason} (no heartbeat configured: the stream "
+                                     "is the only sign of life)")
+        if not self.peer_alive:
+            return Verdict(FAILOVER, f"{self.lost_reason}, and the primary is silent on every "
+                                     "heartbeat link")
+        if now - self.lost_at < self.grace_s:
+            return Verdict(WAIT, "stream lost; waiting for the heartbeat's verdict")
+        self.stale = True
+        return Verdict(STALE, f"{self.lost_reason}, but the primary still beats: it is alive and "
+                              "runs unprotected; not activating, the replica is stale until it "
+                              "resynchronises")
