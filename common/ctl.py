@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     guest_sub = guest.add_subparsers(dest="guest_command", required=True)
     from remus.common import guest_image
     guest_image.add_build_parser(guest_sub)
+
+    from remus.common import fencing
+    fencing.add_fence_test_parser(sub)
     return parser
 
 
