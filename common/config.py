@@ -187,6 +187,7 @@ class Config:
     backup: Section
     heartbeat: Section
     raw: dict = field(repr=False)
+    fencing: Any = None  # remus.common.fencing.FencingPlan
 
     @property
     def memory_bytes(self) -> int:
@@ -221,7 +222,7 @@ class Config:
                 continue
             values[key] = _check_value("replication", key, SCHEMA["replication"][key], value)
         return Config(self.path, self.guest, self.network, Section(values),
-                      self.primary, self.backup, self.heartbeat, self.raw)
+                      self.primary, self.backup, self.heartbeat, self.raw, self.fencing)
 
 
 def _check_value(section: str, key: str, spec: Key, value: Any) -> Any:
@@ -241,8 +242,8 @@ def _check_value(section: str, key: str, spec: Key, value: Any) -> Any:
 
 def parse(data: dict, path: Path) -> Config:
     for section in data:
-        if section not in SCHEMA:
-            raise ConfigError(f"unknown section [{section}] (known: {', '.join(SCHEMA)})")
+        if section not in SCHEMA and section != "fencing":
+            raise ConfigError(f"unknown section [{section}] (known: {', '.join(SCHEMA)}, fencing)")
     sections: dict[str, Section] = {}
     for section, keys in SCHEMA.items():
         given = data.get(section, {})
@@ -277,7 +278,9 @@ def parse(data: dict, path: Path) -> Config:
         _ifname(net.bridge)
         if not net.tap:
             net.values["tap"] = ("rm-" + sections["guest"].name)[:15]
-    return Config(path=path, raw=data, **sections)
+    from remus.common import fencing  # its parser raises ConfigError itself
+    plan = fencing.parse(data.get("fencing"), base)
+    return Config(path=path, raw=data, fencing=plan, **sections)
 
 
 def load(path: str | os.PathLike) -> Config:
