@@ -8,7 +8,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="remusctl",
-        description="Operate Remus: build the demo guest, inspect replicas.",
+        description="Operate Remus: build the demo guest, make node keys, inspect replicas.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -16,6 +16,13 @@ def build_parser() -> argparse.ArgumentParser:
     guest_sub = guest.add_subparsers(dest="guest_command", required=True)
     from remus.common import guest_image
     guest_image.add_build_parser(guest_sub)
+
+    # Key material. `generate` makes CURVE key pairs for the heartbeat channel;
+    # other kinds (TLS for the checkpoint stream) can join this group.
+    keys = sub.add_parser("keys", help="key material: node key pairs")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    from remus.common import heartbeat
+    heartbeat.add_keys_generate_parser(keys_sub)
 
     from remus.common import fencing
     fencing.add_fence_test_parser(sub)
