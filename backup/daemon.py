@@ -9,10 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+from remus.backup.failover import FAILOVER, STALE, FailoverJudge, Verdict
 from remus.backup.replica import Replica, ReplicaError
 from remus.common import log
 from remus.common.capture import PAGE_SIZE
 from remus.common.config import Config, ConfigError, load
+from remus.common.fencing import Fencer, fence_with_retry
+from remus.common.heartbeat import HeartbeatError, LinkDown, LinkUp, PeerBack, PeerBeat, PeerLost
+from remus.common.peering import grace_s, heartbeat_for
 from remus.common.protocol import BackupProtocol, CheckpointStaged, PeerBye, Send, SessionOpened
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest, tap_fd_args
 from remus.common.tap import TapError, attach, open_tap
@@ -37,14 +41,13 @@ class Connection:
 
 
 class Backup:
-    def __init__(self, cfg: Config, replica: Replica):
+    def __init__(self, cfg: Config, replica: Replica, judge: FailoverJudge):
         self.cfg = cfg
         self.replica = replica
+        self.judge = judge
         self.fingerprint = cfg.fingerprint()
         self.current: Connection | None = None
-        self.lost = asyncio.Event()
-        self.lost_reason = ""
-        self.lost_at = 0.0
+        self.changed = asyncio.Event()  # something the judge should look at
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "%s:%d" % writer.get_extra_info("peername")[:2]
@@ -59,10 +62,9 @@ class Backup:
             reason = None
         finally:
             writer.close()
-        if conn is self.current and conn.committed and not conn.superseded and reason:
-            self.lost_reason = reason
-            self.lost_at = time.monotonic()
-            self.lost.set()
+        if conn is self.current and not conn.superseded and reason:
+            self.judge.stream_lost(time.monotonic(), reason)
+            self.changed.set()
 
     async def _serve(self, conn: Connection, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> str | None:
@@ -112,6 +114,8 @@ class Backup:
                                                cp.disk_extents, cp.disk_data, cp.disk_synced)
                     writer.write(proto.ack(cp.epoch))
                     conn.committed += 1
+                    if conn is self.current:
+                        self.judge.committed()
                     _log.debug("committed", epoch=cp.epoch, pages=len(cp.indices),
                                apply_ms=(time.monotonic() - t0) * 1000)
                     if cp.full:
@@ -138,19 +142,21 @@ class Backup:
             _log.warning("session-superseded", old=old.session, new=session)
         conn.session = session
         self.current = conn
+        self.judge.session_started()
         self.replica.begin_session(session, self.fingerprint, self.cfg.memory_bytes, PAGE_SIZE,
                                    disk_size)
         _log.info("session-start", session=session, peer=conn.peer,
                   detail="replica is stale until the full sync commits")
 
 
-async def activate(cfg: Config, replica: Replica, reason: str, lost_at: float) -> QemuGuest:
-    """Resume the VM from the last committed checkpoint."""
+async def activate(cfg: Config, replica: Replica, reason: str, lost_at: float,
+                   generation: int) -> QemuGuest:
+    """Resume the VM from the last committed checkpoint, as holder of `generation`."""
     replica.check_activatable(cfg.fingerprint())
     s = replica.state
     _log.warning("activating", reason=reason, epoch=s.epoch, session=s.session,
-                 checkpoint_age_s=time.time() - s.taken_at)
-    replica.mark_activated()  # before QEMU touches the file: never resume it twice
+                 generation=generation, checkpoint_age_s=time.time() - s.taken_at)
+    replica.mark_activated(generation)  # before QEMU touches the file: never resume it twice
     guest = QemuGuest(cfg, GuestPaths(run_dir=Path(cfg.backup.state_dir) / "run",
                                       ram_file=replica.ram_file))
     t0 = time.monotonic()
@@ -204,29 +210,91 @@ async def run(args: argparse.Namespace) -> int:
     replica = Replica(Path(cfg.backup.state_dir))
     s = replica.state
     _log.info("backup-start", guest=cfg.guest.name, listen=cfg.backup.address,
-              replica_state=s.state, replica_epoch=s.epoch,
+              replica_state=s.state, replica_epoch=s.epoch, generation=s.generation,
               detail="waiting for a session; an old replica is never resumed without one")
-    backup = Backup(cfg, replica)
-    if args.activate_now:
-        backup.lost_reason, backup.lost_at = "operator asked (--activate-now)", time.monotonic()
-        backup.lost.set()
+    hb = heartbeat_for(cfg, "backup")
+    if hb is None:
+        _log.warning("no-heartbeat", detail="no [heartbeat] links: the loss of the checkpoint "
+                     "stream alone triggers activation, which cannot tell a dead primary from a "
+                     "partition (unsafe)")
+    fencer = Fencer(cfg.fencing, log.get("remus.fencing")) if cfg.fencing.configured else None
+    if fencer is None:
+        _log.warning("no-fencing", detail="no [fencing] levels: the backup will activate "
+                     "without making sure the primary is off (unsafe)")
+    judge = FailoverJudge(hb is not None, grace_s(cfg))
+    backup = Backup(cfg, replica, judge)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host, port = cfg.backup_endpoint
     server = await asyncio.start_server(backup.handle, host, port, reuse_address=True)
-    lost = asyncio.create_task(backup.lost.wait())
+    peer_generation = 0
+    tasks: list[asyncio.Task] = []
+    if hb is not None:
+        await hb.start()
+        hb.update("backup", "", s.generation, 0)
+
+        async def follow_heartbeat() -> None:
+            try:
+                await _follow(hb.events())
+            except HeartbeatError as exc:
+                _log.error("heartbeat-failed", error=str(exc),
+                           detail="peer state frozen at its last value; no failover on it")
+
+        async def _follow(events) -> None:
+            nonlocal peer_generation
+            async for event in events:
+                if isinstance(event, PeerLost):
+                    judge.peer(alive=False)
+                    _log.warning("peer-lost", silent_ms=event.silent_ms)
+                elif isinstance(event, (PeerBack, PeerBeat)):
+                    judge.peer(alive=True)
+                    peer_generation = max(peer_generation, int(event.beat.get("generation", 0)))
+                elif isinstance(event, LinkDown):
+                    _log.warning("link-down", link=event.link, missed=event.missed,
+                                 detail="no failover while another link answers")
+                elif isinstance(event, LinkUp):
+                    _log.info("link-up", link=event.link)
+                backup.changed.set()
+        tasks.append(asyncio.create_task(follow_heartbeat()))
     stopped = asyncio.create_task(stop.wait())
+    tasks.append(stopped)
     try:
-        await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        verdict = None
+        if args.activate_now:
+            verdict = Verdict(FAILOVER, "operator asked (--activate-now)")
+            judge.lost_at = time.monotonic()
+        while verdict is None and not stop.is_set():
+            v = judge.verdict(time.monotonic())
+            if v.action == FAILOVER:
+                verdict = v
+            elif v.action == STALE:
+                _log.warning("replica-stale", reason=v.reason)
+            if hb is not None and backup.current is not None:
+                hb.update("backup", backup.current.session or "", replica.state.generation,
+                          replica.state.epoch)
+            backup.changed.clear()
+            try:  # re-judge on news, and at least every 50 ms while a verdict is pending
+                await asyncio.wait_for(backup.changed.wait(), 0.05)
+            except asyncio.TimeoutError:
+                pass
         server.close()
         if stop.is_set():
             _log.info("backup-stop", reason="signal", replica_state=replica.state.state)
             return 0
-        _log.warning("primary-lost", reason=backup.lost_reason, last_epoch=replica.state.epoch)
+        decided_at = time.monotonic()
+        _log.warning("primary-lost", reason=verdict.reason, last_epoch=replica.state.epoch,
+                     detect_ms=(decided_at - (judge.lost_at or decided_at)) * 1000)
+        fenced_ms = 0.0
+        if fencer is not None and not args.activate_now:
+            result = await fence_primary(cfg, fencer, stop)
+            if result is None:
+                return 0  # stopped while fencing
+            fenced_ms = result.seconds * 1000
+        generation = max(replica.state.generation, peer_generation) + 1
         try:
-            guest = await activate(cfg, replica, backup.lost_reason, backup.lost_at)
+            guest = await activate(cfg, replica, verdict.reason, decided_at, generation)
         except ReplicaError as exc:
             _log.error("activation-refused", reason=str(exc))
             return EXIT_ACTIVATION_REFUSED
@@ -234,6 +302,10 @@ async def run(args: argparse.Namespace) -> int:
             _log.error("activation-failed", reason=str(exc),
                        detail="the replica was marked activated and will not be resumed again")
             return 1
+        _log.warning("failover-complete", detect_ms=(decided_at - (judge.lost_at or decided_at)) * 1000,
+                     fence_ms=fenced_ms, generation=generation)
+        if hb is not None:
+            hb.update("active", replica.state.session, generation, replica.state.epoch)
         exited = asyncio.create_task(guest.wait())
         await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
@@ -243,9 +315,33 @@ async def run(args: argparse.Namespace) -> int:
         _log.warning("guest-exit", status=exited.result(), reason=guest.shutdown_reason)
         return 0 if guest.shutdown_reason == "guest-shutdown" else 1
     finally:
-        lost.cancel()
-        stopped.cancel()
+        for task in tasks:
+            task.cancel()
+        if hb is not None:
+            await hb.stop()
         replica.close()
+
+
+async def fence_primary(cfg: Config, fencer: Fencer, stop: asyncio.Event):
+    """Fence until a level succeeds (or, explicitly unsafe, give up after one round)."""
+    _log.warning("fencing", detail="making sure the primary is off before resuming the VM")
+
+    def failed(result) -> None:
+        _log.error("fencing-failed", detail=result.summary(), action="staying passive; retrying",
+                   hint="check the fence devices (remusctl fence-test); the VM is down until "
+                        "fencing succeeds or an operator intervenes")
+
+    if cfg.fencing.on_fence_failure == "activate":
+        result = await fencer.fence()
+        if not result.ok:
+            _log.error("fencing-failed-activating-anyway", detail=result.summary(),
+                       reason="on_fence_failure = activate (unsafe opt-in)")
+        return result
+    result = await fence_with_retry(fencer, stop, failed)
+    if not result.ok:
+        return None
+    _log.warning("fenced", seconds=result.seconds, level=result.level)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ class ReplicaState:
     page_size: int = PAGE_SIZE
     disk_size: int = 0
     disk_synced: bool = False  # the disk's initial copy had completed at `epoch`
+    generation: int = 1        # rises at every activation; a lower one never holds the guest
 
     def as_dict(self) -> dict:
         return {"format": FORMAT, **self.__dict__}
@@ -174,9 +175,9 @@ class Replica:
                                f"(fingerprint {s.fingerprint}, expected {fingerprint})")
         raise ReplicaError(reasons.get(s.state, f"the replica is in unknown state {s.state}"))
 
-    def mark_activated(self) -> None:
+    def mark_activated(self, generation: int | None = None) -> None:
         self.close()
-        self._set(state=ACTIVATED)
+        self._set(state=ACTIVATED, generation=generation or self.state.generation + 1)
 
     def close(self) -> None:
         self.pages = None

@@ -117,7 +117,7 @@ class Pair:
     """A protected guest: config, backup and primary daemons, and an HTTP client for it."""
 
     def __init__(self, image, workdir: Path, lan: Lan | None = None, disk_mib: int = 0,
-                 **replication):
+                 extra_config: str = "", **replication):
         """Without `lan`: both daemons on this host, guest NIC in QEMU user mode with a
         host forward. With `lan`: daemons on the namespace hosts, guest bridged and
         its output buffered."""
@@ -162,6 +162,7 @@ state_dir = "{workdir / 'primary'}"
 [backup]
 address = "{backup}:{self.stream_port}"
 state_dir = "{workdir / 'backup'}"
+{extra_config}
 """)
         self.daemons: list[Daemon] = []
         self.primary: Daemon | None = None

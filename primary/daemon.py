@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 from remus.common import log
 from remus.common.capture import RamView, make_capture
 from remus.common.config import ConfigError, load
+from remus.common.heartbeat import HeartbeatError, LinkDown, PeerLost
+from remus.common.peering import heartbeat_for
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest
 from remus.common.stats import EpochLog
 from remus.primary.diskrep import DiskReplicator
@@ -20,6 +23,7 @@ from remus.primary.replicator import Replicator
 _log = log.get("remus.primary")
 
 EXIT_GUEST_FAILED = 3
+EXIT_STOOD_DOWN = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +78,11 @@ async def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    generation = read_generation(state_dir)
+    hb = heartbeat_for(cfg, "primary")
+    if hb is not None:
+        await hb.start()
+        hb.update("primary", "", generation, 0)
     netbuf = make_netbuf(cfg, state_dir / "run", buffering=not args.no_net)
     net_args = None
     if netbuf is not None:
@@ -94,14 +103,28 @@ async def run(args: argparse.Namespace) -> int:
     _log.info("primary-start", guest=cfg.guest.name, memory_mib=cfg.guest.memory_mib,
               interval_ms=cfg.replication.interval_ms, capture=capture.name,
               backup=cfg.backup.address, qemu_pid=guest.pid)
-    replicator = Replicator(cfg, guest, capture, Hooks([netbuf] if netbuf else []), epochs, disk)
+    hooks = Hooks([netbuf] if netbuf else [])
+    replicator = Replicator(cfg, guest, capture, hooks, epochs, disk)
     rep = asyncio.create_task(replicator.run(), name="replicator")
     exited = asyncio.create_task(guest.wait(), name="qemu")
     stopped = asyncio.create_task(stop.wait(), name="signal")
+    superseded = asyncio.create_task(watch_for_newer_holder(hb, replicator, generation),
+                                     name="heartbeat")
     try:
-        done, _ = await asyncio.wait({rep, exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({rep, exited, stopped, superseded},
+                                     return_when=asyncio.FIRST_COMPLETED)
         if rep in done:
             rep.result()  # re-raise: the loop only ends on a bug
+        if superseded in done:
+            holder = superseded.result()
+            # Split-brain guard: never let this copy's output out again.
+            hooks.silence()
+            guest.kill()
+            _log.error("stood-down", my_generation=generation, holder=holder.get("node"),
+                       holder_generation=holder.get("generation"),
+                       detail="another host holds the guest at a higher generation; this copy "
+                              "was stopped and its held output dropped")
+            return EXIT_STOOD_DOWN
         if stopped in done:
             _log.info("primary-stop", reason="signal", action="bye to backup, quit guest")
             await _cancel(rep)
@@ -120,8 +143,10 @@ async def run(args: argparse.Namespace) -> int:
         return EXIT_GUEST_FAILED
     finally:
         guest.kill()
-        for task in (rep, exited, stopped):
+        for task in (rep, exited, stopped, superseded):
             await _cancel(task)
+        if hb is not None:
+            await hb.stop()
         # Worker threads read guest RAM through raw pointers: let them finish
         # before the mapping goes away.
         replicator.close()
@@ -134,6 +159,51 @@ async def run(args: argparse.Namespace) -> int:
         if disk is not None:
             await disk.close()
         ram_file.unlink(missing_ok=True)
+
+
+def read_generation(state_dir: Path) -> int:
+    """The generation this primary holds the guest at (1 until re-protection raises it)."""
+    try:
+        return int(json.loads((state_dir / "primary.json").read_text())["generation"])
+    except FileNotFoundError:
+        return 1
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise GuestError(f"{state_dir / 'primary.json'} unreadable: {exc}") from None
+
+
+async def watch_for_newer_holder(hb, replicator: Replicator, generation: int) -> dict:
+    """Keep our beats current; return the beat of a peer holding a newer generation."""
+    if hb is None:
+        await asyncio.Event().wait()  # no heartbeat: nothing to learn from
+
+    async def publish() -> None:
+        while True:
+            hb.update("primary", replicator.session, generation, replicator.committed_epoch)
+            await asyncio.sleep(0.1)
+
+    publisher = asyncio.create_task(publish())
+    try:
+        holder = await _newer_holder(hb, generation)
+    except HeartbeatError as exc:
+        _log.error("heartbeat-failed", error=str(exc), detail="running on without a heartbeat")
+        holder = None
+    finally:
+        publisher.cancel()
+    if holder is None:
+        await asyncio.Event().wait()
+    return holder
+
+
+async def _newer_holder(hb, generation: int) -> dict | None:
+    async for event in hb.events():
+        beat = getattr(event, "beat", None)
+        if beat and beat.get("role") == "active" and int(beat.get("generation", 0)) > generation:
+            return beat
+        if isinstance(event, PeerLost):
+            _log.warning("peer-lost", detail="backup silent on every heartbeat link")
+        elif isinstance(event, LinkDown):
+            _log.warning("link-down", link=event.link)
+    return None
 
 
 async def _cancel(task: asyncio.Task) -> None:

@@ -23,6 +23,9 @@ class CheckpointDevice:
     async def unprotected(self) -> None:
         """The backup is gone: stop holding anything back."""
 
+    def silence(self) -> None:
+        """Another host holds the guest now: drop everything held, release nothing ever again."""
+
 
 class Hooks:
     """Runs every device's hook in order; disks must commit before network."""
@@ -45,3 +48,7 @@ class Hooks:
     async def unprotected(self) -> None:
         for d in self.devices:
             await d.unprotected()
+
+    def silence(self) -> None:
+        for d in self.devices:
+            d.silence()

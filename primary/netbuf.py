@@ -91,6 +91,7 @@ class UserspaceNetBuffer(CheckpointDevice):
         self._connected = asyncio.Event()
         self._last_warning = 0.0
         self.tap_write_drops = 0
+        self.silenced = False
 
     def qemu_netdev_args(self, mac: str) -> list[str]:
         return ["-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={self.socket_path}",
@@ -155,6 +156,8 @@ class UserspaceNetBuffer(CheckpointDevice):
                          detail="output held longer than the buffer allows; dropping new frames")
 
     def _write_tap(self, frame: bytes) -> None:
+        if self.silenced:
+            return
         try:
             os.write(self._tap_fd, frame)
         except BlockingIOError:
@@ -194,6 +197,12 @@ class UserspaceNetBuffer(CheckpointDevice):
         if released:
             _log.warning("netbuf-released-unprotected", frames=len(released),
                          detail="backup lost: held output released, guest runs unprotected")
+
+    def silence(self) -> None:
+        self.silenced = True
+        dropped = self.queue.release_all()
+        _log.warning("netbuf-silenced", dropped_frames=len(dropped),
+                     detail="held output dropped; nothing will leave this host again")
 
     async def close(self) -> None:
         if self._server is not None:

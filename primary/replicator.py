@@ -49,6 +49,7 @@ class Replicator:
         self.hooks = hooks
         self.epochs = epochs
         self.state = "connecting"
+        self.session = ""
         self.committed_epoch = 0
         self._writer: asyncio.StreamWriter | None = None
         self._encoder: CheckpointEncoder | None = None
@@ -120,6 +121,7 @@ class Replicator:
         reader, writer = await self._connect()
         self._writer = writer
         session = secrets.token_hex(16)
+        self.session = session
         rep = self.cfg.replication
         proto = PrimaryProtocol(session)
         self._encoder = CheckpointEncoder(PAGE_SIZE, rep.compression, rep.zstd_level)

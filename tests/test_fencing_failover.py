@@ -1,0 +1,168 @@
+"""Heartbeat and fencing with real daemons on namespace hosts, the real fence_dummy agent,
+and a test "power switch" that cuts the primary host when its status file says off."""
+import re
+import shutil
+import threading
+import time
+
+import pytest
+import zmq.auth
+
+from remus.common.localpair import Pair, wait_until
+from remus.common.netns import Lan
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not shutil.which("fence_dummy") and not shutil.which("/usr/sbin/fence_dummy"),
+                                 reason="fence_dummy (Debian fence-agents) is not installed")]
+
+HB_PORT = 7790
+
+
+@pytest.fixture(scope="module")
+def lan():
+    with Lan(second_link=True) as lan:
+        yield lan
+
+
+class PowerSwitch(threading.Thread):
+    """Cuts the primary host's power (kills its daemon and QEMU) once fence_dummy says off."""
+
+    def __init__(self, status_file, pair):
+        super().__init__(daemon=True)
+        self.status_file, self.pair = status_file, pair
+        self.done = threading.Event()
+        self.cut_at = None
+
+    def run(self):
+        while not self.done.is_set():
+            if self.status_file.read_text() == "off":
+                self.cut_at = time.monotonic()
+                self.pair.primary.kill9()
+                return
+            time.sleep(0.005)
+
+
+def protected_pair(guest_image, lan, workdir, fence_type="file", device=None, **replication):
+    keys = workdir / "keys"
+    keys.mkdir()
+    for node in ("primary", "backup"):
+        zmq.auth.create_certificates(str(keys), node)
+    status = workdir / "power"
+    status.write_text("on")
+    device = device or (f'kind = "agent"\nagent = "fence_dummy"\n'
+                        f'options = {{ type = "{fence_type}", status_file = "{status}", power_timeout = "1" }}')
+    extra = f"""
+[heartbeat]
+links = [["{lan.addr['primary']}:{HB_PORT}", "{lan.addr['backup']}:{HB_PORT}"],
+         ["{lan.addr2['primary']}:{HB_PORT}", "{lan.addr2['backup']}:{HB_PORT}"]]
+keys_dir = "{keys}"
+[fencing]
+timeout_s = 10
+retry_min_s = 0.5
+retry_max_s = 2
+[[fencing.level]]
+[[fencing.level.device]]
+{device}
+"""
+    pair = Pair(guest_image, workdir, lan=lan, extra_config=extra, **replication)
+    pair.start_backup()
+    pair.start_primary()
+    pair.primary.wait_for(r"protecting epoch=1", 60)
+    wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
+    return pair, status
+
+
+def test_killed_primary_is_fenced_then_the_backup_activates(guest_image, lan, tmp_path):
+    pair, status = protected_pair(guest_image, lan, tmp_path)
+    switch = PowerSwitch(status, pair)
+    try:
+        before = int(pair.get("inc"))
+        pair.primary.kill9()
+        switch.start()
+        fenced = pair.backup.wait_for(r"WARNING fenced ", 30)
+        activated = pair.backup.wait_for(r"activated epoch=", 30)
+        assert fenced.start() < activated.start(), "activated before fencing succeeded"
+        assert status.read_text() == "off"
+        after = int(wait_until(lambda: pair.try_get("inc"), 60, "the activated guest"))
+        assert after == before + 1
+    finally:
+        switch.done.set()
+        pair.cleanup()
+
+
+def test_cutting_every_link_fences_then_activates(guest_image, lan, tmp_path):
+    pair, status = protected_pair(guest_image, lan, tmp_path)
+    switch = PowerSwitch(status, pair)
+    switch.start()
+    try:
+        lan.cut("primary", "lan")
+        lan.cut("primary", "hb")
+        pair.backup.wait_for(r"peer-lost", 30)
+        pair.backup.wait_for(r"WARNING fenced ", 30)
+        pair.backup.wait_for(r"activated epoch=", 30)
+        assert switch.cut_at is not None, "activated without the primary's power being cut"
+        assert pair.primary.proc.poll() is not None
+    finally:
+        switch.done.set()
+        lan.mend("primary", "lan")
+        lan.mend("primary", "hb")
+        pair.cleanup()
+
+
+def test_one_of_two_links_lost_is_no_failover(guest_image, lan, tmp_path):
+    pair, _ = protected_pair(guest_image, lan, tmp_path)
+    try:
+        lan.cut("primary", "hb")
+        pair.backup.wait_for(r"link-down", 30)
+        epoch = pair.replica_record()["epoch"]
+        wait_until(lambda: pair.replica_record()["epoch"] >= epoch + 10, 30, "checkpoints to go on")
+        log = pair.backup.log()
+        assert not re.search(r"peer-lost|WARNING (fencing|activating) ", log)
+    finally:
+        lan.mend("primary", "hb")
+        pair.cleanup()
+
+
+def test_stream_lost_while_beats_continue_is_no_activation(guest_image, lan, tmp_path):
+    # The stream and the first link share the LAN; the second link still answers.
+    pair, status = protected_pair(guest_image, lan, tmp_path, stream_timeout_ms=500)
+    try:
+        lan.cut("primary", "lan")
+        pair.backup.wait_for(r"replica-stale", 30)
+        log = pair.backup.log()
+        assert not re.search(r"WARNING (fencing|activating) ", log)
+        assert status.read_text() == "on"
+        assert pair.primary.proc.poll() is None
+    finally:
+        lan.mend("primary", "lan")
+        pair.cleanup()
+
+
+def test_failing_fence_device_means_no_activation_and_a_loud_error(guest_image, lan, tmp_path):
+    pair, status = protected_pair(guest_image, lan, tmp_path, fence_type="fail")
+    try:
+        pair.primary.kill9()
+        first = pair.backup.wait_for(r"ERROR fencing-failed ", 60)
+        pair.backup.wait_for(r"ERROR fencing-failed ", 60, start=first.end())  # it retries
+        assert not re.search(r"WARNING activating ", pair.backup.log())
+        assert pair.backup.proc.poll() is None
+    finally:
+        pair.cleanup()
+
+
+def test_stale_primary_stands_down_and_releases_nothing(guest_image, lan, tmp_path):
+    # A fence device that claims success without cutting anything: the worst case.
+    pair, _ = protected_pair(guest_image, lan, tmp_path, device='kind = "command"\ncommand = ["true"]')
+    try:
+        lan.cut("primary", "lan")
+        lan.cut("primary", "hb")
+        pair.backup.wait_for(r"activated epoch=", 60)
+        lan.mend("primary", "lan")
+        lan.mend("primary", "hb")
+        pair.primary.wait_for(r"stood-down", 30)
+        assert pair.primary.proc.wait(30) == 5
+        assert "netbuf-silenced" in pair.primary.log()
+        # The guest the client reaches is the activated one, and it keeps answering.
+        assert wait_until(lambda: pair.try_get("get"), 60, "the activated guest")
+    finally:
+        pair.cleanup()
