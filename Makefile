@@ -40,6 +40,7 @@ bench: guest
 	$(VBIN)/python bench/checkpoint_bench.py
 	$(VBIN)/python bench/net_bench.py
 	$(VBIN)/python bench/disk_bench.py
+	$(VBIN)/python bench/failover_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

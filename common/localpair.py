@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import re
 import shutil
 import signal
@@ -230,3 +231,53 @@ state_dir = "{workdir / 'backup'}"
         for d in self.daemons:
             d.stop()
         shutil.rmtree(self.ram_dir, ignore_errors=True)
+
+
+HB_PORT = 7790
+
+
+def ha_config(lan: Lan, workdir: Path, fence_type: str = "file", device: str | None = None) -> tuple[str, Path]:
+    """[heartbeat] on both wires and [fencing] with fence_dummy, plus the keys and the
+    dummy's status file ("on"). Returns (config text, status file)."""
+    import zmq.auth
+    keys = workdir / "keys"
+    keys.mkdir()
+    for node in ("primary", "backup"):
+        zmq.auth.create_certificates(str(keys), node)
+    status = workdir / "power"
+    status.write_text("on")
+    device = device or (f'kind = "agent"\nagent = "fence_dummy"\n'
+                        f'options = {{ type = "{fence_type}", status_file = "{status}", power_timeout = "1" }}')
+    text = f"""
+[heartbeat]
+links = [["{lan.addr['primary']}:{HB_PORT}", "{lan.addr['backup']}:{HB_PORT}"],
+         ["{lan.addr2['primary']}:{HB_PORT}", "{lan.addr2['backup']}:{HB_PORT}"]]
+keys_dir = "{keys}"
+[fencing]
+timeout_s = 10
+retry_min_s = 0.5
+retry_max_s = 2
+[[fencing.level]]
+[[fencing.level.device]]
+{device}
+"""
+    return text, status
+
+
+class PowerSwitch(threading.Thread):
+    """A test power switch: cuts the primary host (kills its daemon and QEMU) once
+    fence_dummy's status file says off."""
+
+    def __init__(self, status_file: Path, pair: Pair):
+        super().__init__(daemon=True)
+        self.status_file, self.pair = status_file, pair
+        self.done = threading.Event()
+        self.cut_at: float | None = None
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            if self.status_file.read_text() == "off":
+                self.cut_at = time.time()
+                self.pair.primary.kill9()
+                return
+            time.sleep(0.005)

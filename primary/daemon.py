@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 from remus.common import log
@@ -24,6 +25,7 @@ _log = log.get("remus.primary")
 
 EXIT_GUEST_FAILED = 3
 EXIT_STOOD_DOWN = 5
+JITTER_REPORT_S = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,8 +179,15 @@ async def watch_for_newer_holder(hb, replicator: Replicator, generation: int) ->
         await asyncio.Event().wait()  # no heartbeat: nothing to learn from
 
     async def publish() -> None:
+        last_report = time.monotonic()
         while True:
             hb.update("primary", replicator.session, generation, replicator.committed_epoch)
+            if time.monotonic() - last_report >= JITTER_REPORT_S:
+                last_report = time.monotonic()
+                j = hb.jitter()
+                _log.info("heartbeat-jitter", beats=j.get("count"), p50_ms=j.get("p50_ms"),
+                          p99_ms=j.get("p99_ms"), max_ms=j.get("max_ms"))
+                hb.reset_jitter()
             await asyncio.sleep(0.1)
 
     publisher = asyncio.create_task(publish())

@@ -2,20 +2,15 @@
 and a test "power switch" that cuts the primary host when its status file says off."""
 import re
 import shutil
-import threading
-import time
 
 import pytest
-import zmq.auth
 
-from remus.common.localpair import Pair, wait_until
+from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
 from remus.common.netns import Lan
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not shutil.which("fence_dummy") and not shutil.which("/usr/sbin/fence_dummy"),
                                  reason="fence_dummy (Debian fence-agents) is not installed")]
-
-HB_PORT = 7790
 
 
 @pytest.fixture(scope="module")
@@ -24,46 +19,8 @@ def lan():
         yield lan
 
 
-class PowerSwitch(threading.Thread):
-    """Cuts the primary host's power (kills its daemon and QEMU) once fence_dummy says off."""
-
-    def __init__(self, status_file, pair):
-        super().__init__(daemon=True)
-        self.status_file, self.pair = status_file, pair
-        self.done = threading.Event()
-        self.cut_at = None
-
-    def run(self):
-        while not self.done.is_set():
-            if self.status_file.read_text() == "off":
-                self.cut_at = time.monotonic()
-                self.pair.primary.kill9()
-                return
-            time.sleep(0.005)
-
-
 def protected_pair(guest_image, lan, workdir, fence_type="file", device=None, **replication):
-    keys = workdir / "keys"
-    keys.mkdir()
-    for node in ("primary", "backup"):
-        zmq.auth.create_certificates(str(keys), node)
-    status = workdir / "power"
-    status.write_text("on")
-    device = device or (f'kind = "agent"\nagent = "fence_dummy"\n'
-                        f'options = {{ type = "{fence_type}", status_file = "{status}", power_timeout = "1" }}')
-    extra = f"""
-[heartbeat]
-links = [["{lan.addr['primary']}:{HB_PORT}", "{lan.addr['backup']}:{HB_PORT}"],
-         ["{lan.addr2['primary']}:{HB_PORT}", "{lan.addr2['backup']}:{HB_PORT}"]]
-keys_dir = "{keys}"
-[fencing]
-timeout_s = 10
-retry_min_s = 0.5
-retry_max_s = 2
-[[fencing.level]]
-[[fencing.level.device]]
-{device}
-"""
+    extra, status = ha_config(lan, workdir, fence_type, device)
     pair = Pair(guest_image, workdir, lan=lan, extra_config=extra, **replication)
     pair.start_backup()
     pair.start_primary()
