@@ -5,6 +5,8 @@ Both run in the same invocation, on the same guest image, under the same load:
   primary's --stats JSON lines;
 - baseline: one QEMU, and per checkpoint `stop`, a full `migrate` to a pipe
   (RAM included), `cont`: what checkpointing costs without dirty tracking.
+  Twice: with QEMU's default migration bandwidth limit (128 MiB/s, the naive
+  way), and unthrottled (the best a full copy can do).
 
 Scenarios: the guest idle, then dirtying memory at set rates (pages/s) with its
 `/cgi-bin/dirty` service. Prints a table and writes JSON to bench/results/.
@@ -76,7 +78,11 @@ def run_remus(image, scenarios: list[int], seconds: float, interval: int) -> lis
     return out
 
 
-async def _baseline(image, scenarios: list[int], seconds: float, interval: int) -> list[dict]:
+QEMU_DEFAULT_MAX_BANDWIDTH = 128 << 20
+
+
+async def _baseline(image, scenarios: list[int], seconds: float, interval: int,
+                    name: str, max_bandwidth: int) -> list[dict]:
     workdir = Path(tempfile.mkdtemp(prefix="remus-bench-base-"))
     # Reuse the pair's config writer for an identical guest.
     pair = Pair(image, workdir, interval_ms=interval)
@@ -89,6 +95,7 @@ async def _baseline(image, scenarios: list[int], seconds: float, interval: int) 
         # The naive way: every checkpoint is a complete migration, RAM included.
         await guest.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": False}]})
+        await guest.execute("migrate-set-parameters", {"max-bandwidth": max_bandwidth})
         await asyncio.to_thread(wait_until, lambda: pair.try_get("get"), 120, "the guest's service")
         for rate in scenarios:
             await asyncio.to_thread(set_dirty_rate, pair.http_port, rate)
@@ -104,7 +111,7 @@ async def _baseline(image, scenarios: list[int], seconds: float, interval: int) 
                 state = await guest.save_device_state()
                 await guest.cont()
                 rows.append({"pause_ms": (time.monotonic() - p0) * 1000, "wire_bytes": len(state)})
-            out.append(summarise("baseline", scenario_name(rate), rows, time.time() - t0))
+            out.append(summarise(name, scenario_name(rate), rows, time.time() - t0))
         await asyncio.to_thread(set_dirty_rate, pair.http_port, 0)
     finally:
         await guest.quit()
@@ -137,11 +144,12 @@ def ratios(rows: list[dict]) -> list[dict]:
     by = {(r["mode"], r["scenario"]): r for r in rows}
     out = []
     for (mode, scenario), r in by.items():
-        base = by.get(("baseline", scenario))
-        if mode == "remus" and base and r["pause_p50_ms"]:
-            out.append({"scenario": scenario,
-                        "pause_p50_ratio": base["pause_p50_ms"] / r["pause_p50_ms"],
-                        "wire_p50_ratio": base["wire_bytes_p50"] / max(r["wire_bytes_p50"], 1)})
+        for base_mode in ("baseline", "baseline-unthrottled"):
+            base = by.get((base_mode, scenario))
+            if mode == "remus" and base and r["pause_p50_ms"]:
+                out.append({"scenario": scenario, "against": base_mode,
+                            "pause_p50_ratio": base["pause_p50_ms"] / r["pause_p50_ms"],
+                            "wire_p50_ratio": base["wire_bytes_p50"] / max(r["wire_bytes_p50"], 1)})
     return out
 
 
@@ -154,14 +162,17 @@ def main() -> int:
     scenarios = [int(x) for x in args.rates.split(",")]
     image = build(Path(os.environ.get("REMUS_CACHE", Path.home() / ".cache" / "remus")))
     rows = run_remus(image, scenarios, args.seconds, args.interval)
-    rows += asyncio.run(_baseline(image, scenarios, args.seconds, args.interval))
+    rows += asyncio.run(_baseline(image, scenarios, args.seconds, args.interval,
+                                  "baseline", QEMU_DEFAULT_MAX_BANDWIDTH))
+    rows += asyncio.run(_baseline(image, scenarios, args.seconds, args.interval,
+                                  "baseline-unthrottled", 1 << 40))
     rows.sort(key=lambda r: (scenarios.index(next(s for s in scenarios if scenario_name(s) == r["scenario"])), r["mode"]))
     print_table(rows)
     rel = ratios(rows)
     print()
     for r in rel:
-        print(f"{r['scenario']}: baseline pause / remus pause = {r['pause_p50_ratio']:.1f}x, "
-              f"baseline wire / remus wire = {r['wire_p50_ratio']:.0f}x")
+        print(f"{r['scenario']}: {r['against']} pause / remus pause = {r['pause_p50_ratio']:.1f}x, "
+              f"wire = {r['wire_p50_ratio']:.0f}x")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"checkpoint-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"host": platform.node(), "cpus": os.cpu_count(),
