@@ -48,6 +48,7 @@ class Backup:
         self.fingerprint = cfg.fingerprint()
         self.current: Connection | None = None
         self.changed = asyncio.Event()  # something the judge should look at
+        self.peer_generation = 0        # the highest generation the peer's beats carried
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "%s:%d" % writer.get_extra_info("peername")[:2]
@@ -229,70 +230,34 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     host, port = cfg.backup_endpoint
     server = await asyncio.start_server(backup.handle, host, port, reuse_address=True)
-    peer_generation = 0
     tasks: list[asyncio.Task] = []
     if hb is not None:
         await hb.start()
         hb.update("backup", "", s.generation, 0)
-
-        async def follow_heartbeat() -> None:
-            try:
-                await _follow(hb.events())
-            except HeartbeatError as exc:
-                _log.error("heartbeat-failed", error=str(exc),
-                           detail="peer state frozen at its last value; no failover on it")
-
-        async def _follow(events) -> None:
-            nonlocal peer_generation
-            async for event in events:
-                if isinstance(event, PeerLost):
-                    judge.peer(alive=False)
-                    _log.warning("peer-lost", silent_ms=event.silent_ms)
-                elif isinstance(event, (PeerBack, PeerBeat)):
-                    judge.peer(alive=True)
-                    peer_generation = max(peer_generation, int(event.beat.get("generation", 0)))
-                elif isinstance(event, LinkDown):
-                    _log.warning("link-down", link=event.link, missed=event.missed,
-                                 detail="no failover while another link answers")
-                elif isinstance(event, LinkUp):
-                    _log.info("link-up", link=event.link)
-                backup.changed.set()
-        tasks.append(asyncio.create_task(follow_heartbeat()))
+        tasks.append(asyncio.create_task(follow_heartbeat(hb, backup)))
     stopped = asyncio.create_task(stop.wait())
     tasks.append(stopped)
     try:
-        verdict = None
         if args.activate_now:
             verdict = Verdict(FAILOVER, "operator asked (--activate-now)")
             judge.lost_at = time.monotonic()
-        while verdict is None and not stop.is_set():
-            v = judge.verdict(time.monotonic())
-            if v.action == FAILOVER:
-                verdict = v
-            elif v.action == STALE:
-                _log.warning("replica-stale", reason=v.reason)
-            if hb is not None and backup.current is not None:
-                hb.update("backup", backup.current.session or "", replica.state.generation,
-                          replica.state.epoch)
-            backup.changed.clear()
-            try:  # re-judge on news, and at least every 50 ms while a verdict is pending
-                await asyncio.wait_for(backup.changed.wait(), 0.05)
-            except asyncio.TimeoutError:
-                pass
+        else:
+            verdict = await wait_for_failover(backup, hb, stop)
         server.close()
-        if stop.is_set():
+        if verdict is None:
             _log.info("backup-stop", reason="signal", replica_state=replica.state.state)
             return 0
         decided_at = time.monotonic()
+        detect_ms = (decided_at - (judge.lost_at or decided_at)) * 1000
         _log.warning("primary-lost", reason=verdict.reason, last_epoch=replica.state.epoch,
-                     detect_ms=(decided_at - (judge.lost_at or decided_at)) * 1000)
+                     detect_ms=detect_ms)
         fenced_ms = 0.0
         if fencer is not None and not args.activate_now:
             result = await fence_primary(cfg, fencer, stop)
             if result is None:
                 return 0  # stopped while fencing
             fenced_ms = result.seconds * 1000
-        generation = max(replica.state.generation, peer_generation) + 1
+        generation = max(replica.state.generation, backup.peer_generation) + 1
         try:
             guest = await activate(cfg, replica, verdict.reason, decided_at, generation)
         except ReplicaError as exc:
@@ -302,8 +267,8 @@ async def run(args: argparse.Namespace) -> int:
             _log.error("activation-failed", reason=str(exc),
                        detail="the replica was marked activated and will not be resumed again")
             return 1
-        _log.warning("failover-complete", detect_ms=(decided_at - (judge.lost_at or decided_at)) * 1000,
-                     fence_ms=fenced_ms, generation=generation)
+        _log.warning("failover-complete", detect_ms=detect_ms, fence_ms=fenced_ms,
+                     generation=generation)
         if hb is not None:
             hb.update("active", replica.state.session, generation, replica.state.epoch)
         exited = asyncio.create_task(guest.wait())
@@ -320,6 +285,48 @@ async def run(args: argparse.Namespace) -> int:
         if hb is not None:
             await hb.stop()
         replica.close()
+
+
+async def follow_heartbeat(hb, backup: Backup) -> None:
+    """Feed the peer's liveness and generation to the judge, and log link changes."""
+    try:
+        async for event in hb.events():
+            if isinstance(event, PeerLost):
+                backup.judge.peer(alive=False)
+                _log.warning("peer-lost", silent_ms=event.silent_ms)
+            elif isinstance(event, (PeerBack, PeerBeat)):
+                backup.judge.peer(alive=True)
+                backup.peer_generation = max(backup.peer_generation,
+                                             int(event.beat.get("generation", 0)))
+            elif isinstance(event, LinkDown):
+                _log.warning("link-down", link=event.link, missed=event.missed,
+                             detail="no failover while another link answers")
+            elif isinstance(event, LinkUp):
+                _log.info("link-up", link=event.link)
+            backup.changed.set()
+    except HeartbeatError as exc:
+        _log.error("heartbeat-failed", error=str(exc),
+                   detail="peer state frozen at its last value; no failover on it")
+
+
+async def wait_for_failover(backup: Backup, hb, stop: asyncio.Event) -> Verdict | None:
+    """Until the judge says fail over (None: stopped first)."""
+    replica = backup.replica
+    while not stop.is_set():
+        v = backup.judge.verdict(time.monotonic())
+        if v.action == FAILOVER:
+            return v
+        if v.action == STALE:
+            _log.warning("replica-stale", reason=v.reason)
+        if hb is not None and backup.current is not None:
+            hb.update("backup", backup.current.session or "", replica.state.generation,
+                      replica.state.epoch)
+        backup.changed.clear()
+        try:  # re-judge on news, and at least every 50 ms while a verdict is pending
+            await asyncio.wait_for(backup.changed.wait(), 0.05)
+        except asyncio.TimeoutError:
+            pass
+    return None
 
 
 async def fence_primary(cfg: Config, fencer: Fencer, stop: asyncio.Event):
