@@ -157,6 +157,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "address": Key(str, None, lambda v: (_host_port(v, port_required=False), v)[1],
                        "HOST[:PORT] the primary sends the checkpoint stream from"),
         "state_dir": Key(str, "/var/lib/remus/primary", None, "primary state directory"),
+        "on_backup_loss": Key(str, "continue", _choice("continue", "pause"),
+                              "continue: release held output and run unprotected (as Remus); "
+                              "pause: keep the guest stopped until the backup returns or an "
+                              "operator resumes it (SIGUSR1)"),
     },
     "backup": {
         "address": Key(str, None, lambda v: (_host_port(v, port_required=True), v)[1],

@@ -79,6 +79,8 @@ async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    resume_requested = asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR1, resume_requested.set)
 
     generation = read_generation(state_dir)
     hb = heartbeat_for(cfg, "primary")
@@ -112,6 +114,13 @@ async def run(args: argparse.Namespace) -> int:
     stopped = asyncio.create_task(stop.wait(), name="signal")
     superseded = asyncio.create_task(watch_for_newer_holder(hb, replicator, generation),
                                      name="heartbeat")
+
+    async def resume_on_request() -> None:
+        while True:
+            await resume_requested.wait()
+            resume_requested.clear()
+            await replicator.operator_resume()
+    resumer = asyncio.create_task(resume_on_request(), name="resume")
     try:
         done, _ = await asyncio.wait({rep, exited, stopped, superseded},
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -145,7 +154,7 @@ async def run(args: argparse.Namespace) -> int:
         return EXIT_GUEST_FAILED
     finally:
         guest.kill()
-        for task in (rep, exited, stopped, superseded):
+        for task in (rep, exited, stopped, superseded, resumer):
             await _cancel(task)
         if hb is not None:
             await hb.stop()

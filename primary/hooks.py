@@ -26,6 +26,10 @@ class CheckpointDevice:
     def silence(self) -> None:
         """Another host holds the guest now: drop everything held, release nothing ever again."""
 
+    def carry_over(self) -> None:
+        """The session is lost but the guest stays paused: keep what is held for the next
+        session's first commit (its full checkpoint covers the state that produced it)."""
+
 
 class Hooks:
     """Runs every device's hook in order; disks must commit before network."""
@@ -52,3 +56,7 @@ class Hooks:
     def silence(self) -> None:
         for d in self.devices:
             d.silence()
+
+    def carry_over(self) -> None:
+        for d in self.devices:
+            d.carry_over()

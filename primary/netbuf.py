@@ -63,6 +63,11 @@ class EpochQueue:
         self._account(out)
         return out
 
+    def carry_over(self) -> None:
+        """Everything held joins the open epoch: epoch numbers restart with a new session."""
+        self.open = [f for _, frames in self.sealed for f in frames] + self.open
+        self.sealed.clear()
+
     def release_all(self) -> list[bytes]:
         out = [f for _, frames in self.sealed for f in frames] + self.open
         self.sealed.clear()
@@ -197,6 +202,9 @@ class UserspaceNetBuffer(CheckpointDevice):
         if released:
             _log.warning("netbuf-released-unprotected", frames=len(released),
                          detail="backup lost: held output released, guest runs unprotected")
+
+    def carry_over(self) -> None:
+        self.queue.carry_over()
 
     def silence(self) -> None:
         self.silenced = True

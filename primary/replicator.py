@@ -49,6 +49,8 @@ class Replicator:
         self.hooks = hooks
         self.epochs = epochs
         self.state = "connecting"
+        self.paused_for_backup = False  # on_backup_loss = pause, and the backup is gone
+        self.ever_protected = False     # a backup has held a checkpoint of this guest
         self.session = ""
         self.committed_epoch = 0
         self._writer: asyncio.StreamWriter | None = None
@@ -77,10 +79,30 @@ class Replicator:
             await self._close_stream()
             if self.state in ("protecting", "syncing"):
                 backoff = BACKOFF_MIN
-            self.state = "degraded"
-            await self.hooks.unprotected()
+            if self.ever_protected and self.cfg.primary.on_backup_loss == "pause":
+                await self._pause_for_backup()
+            elif not self.paused_for_backup:
+                await self.hooks.unprotected()
+            self.state = "paused" if self.paused_for_backup else "degraded"
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _pause_for_backup(self) -> None:
+        await self.guest.stop()
+        self.hooks.carry_over()
+        self.paused_for_backup = True
+        _log.error("guest-paused", detail="backup lost and on_backup_loss = pause: the guest "
+                   "stays stopped, its output held, until the backup returns (a new session "
+                   "resumes it) or an operator resumes it unprotected (SIGUSR1)")
+
+    async def operator_resume(self) -> None:
+        if not self.paused_for_backup:
+            _log.info("operator-resume", detail="nothing to resume: the guest is not paused")
+            return
+        self.paused_for_backup = False
+        await self.hooks.unprotected()
+        await self.guest.cont()
+        _log.warning("operator-resume", detail="guest resumed unprotected, held output released")
 
     def close(self) -> None:
         self._encode_pool.shutdown(wait=True)
@@ -210,6 +232,9 @@ class Replicator:
             await self.hooks.preresume(epoch)
             await self.guest.cont()
             resumed = True
+            if self.paused_for_backup:
+                self.paused_for_backup = False
+                _log.warning("guest-resumed", detail="a new session took its first checkpoint")
         finally:
             if not resumed:
                 # Never leave the guest stopped because a checkpoint failed.
@@ -256,6 +281,7 @@ class Replicator:
             raise SessionLost(f"backup did not acknowledge epoch {epoch} within "
                               f"{self.cfg.replication.ack_timeout_ms} ms") from None
         self.committed_epoch = epoch
+        self.ever_protected = True
         await self.hooks.commit(epoch)
         stats = EpochStats(
             epoch=epoch, full=full, taken_at=taken_at, pause_ms=timings["pause_ms"],

@@ -128,3 +128,26 @@ def test_torn_replica_is_refused(make_pair):
     m = takeover.wait_for(r"activation-refused reason=(.*)", 30)
     assert "torn" in m.group(1)
     assert takeover.proc.wait(15) == 4
+
+
+def test_on_backup_loss_pause_keeps_the_guest_stopped_until_the_backup_returns(make_pair):
+    pair = make_pair(interval_ms=200)
+    text = pair.config.read_text().replace('state_dir = "', 'on_backup_loss = "pause"\nstate_dir = "', 1)
+    pair.config.write_text(text)
+    pair.protect()
+    value = int(pair.get("inc"))
+    pair.backup.kill9()
+    pair.primary.wait_for(r"guest-paused", 30)
+    assert pair.try_get("get", timeout=2) is None, "the guest answered while paused"
+    mark = len(pair.primary.log())
+    pair.start_backup()  # the backup returns: a new session resumes the guest
+    pair.primary.wait_for(r"guest-resumed", 60, start=mark)
+    pair.primary.wait_for(r"protecting epoch=1", 60, start=mark)
+    assert int(wait_until(lambda: pair.try_get("inc"), 30, "the resumed guest")) == value + 1
+    # An operator can also resume it without a backup.
+    mark = len(pair.primary.log())
+    pair.backup.kill9()
+    pair.primary.wait_for(r"guest-paused", 30, start=mark)
+    pair.primary.signal(signal.SIGUSR1)
+    pair.primary.wait_for(r"operator-resume detail=\"guest resumed", 30, start=mark)
+    assert int(wait_until(lambda: pair.try_get("inc"), 30, "the guest resumed by the operator")) == value + 2

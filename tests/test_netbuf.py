@@ -69,3 +69,13 @@ def test_plug_is_chosen_only_where_the_kernel_has_it(tmp_path):
             make_netbuf(cfg("plug"), tmp_path, True)
     # --no-net never holds output, whatever the buffer setting.
     assert not make_netbuf(cfg("auto"), tmp_path, False).buffering_enabled
+
+
+def test_carry_over_keeps_held_frames_for_the_next_session():
+    q = EpochQueue(1 << 20)
+    q.hold(b"a")
+    q.seal(57)
+    q.hold(b"b")
+    q.carry_over()       # session lost, guest paused: epochs restart at 1
+    q.seal(1)            # the new session's first barrier
+    assert q.release(1) == [b"a", b"b"]
