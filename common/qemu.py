@@ -246,14 +246,7 @@ class QemuGuest:
             loop.add_reader(rfd, readable)
             await self.execute("migrate", {"uri": f"fd:{STATE_FD_NAME}"})
             await asyncio.wait_for(eof, timeout=30)
-            while True:
-                info = await self.execute("query-migrate")
-                status = info.get("status")
-                if status == "completed":
-                    break
-                if status in ("failed", "cancelled"):
-                    raise GuestError(f"device state save {status}: {info.get('error-desc', '')}")
-                await asyncio.sleep(0.001)
+            await self._migration_done("device state save", timeout=30, poll=0.001)
         finally:
             loop.remove_reader(rfd)
             os.close(rfd)
@@ -267,6 +260,9 @@ class QemuGuest:
     async def load_device_state(self, state_file: Path, timeout: float = 30.0) -> None:
         """Backup side: QEMU started with -incoming defer reads the committed state."""
         await self.execute("migrate-incoming", {"uri": "exec:cat " + shlex.quote(str(state_file))})
+        await self._migration_done("loading device state", timeout, poll=0.002)
+
+    async def _migration_done(self, what: str, timeout: float, poll: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             info = await self.execute("query-migrate")
@@ -274,10 +270,10 @@ class QemuGuest:
             if status == "completed":
                 return
             if status in ("failed", "cancelled"):
-                raise GuestError(f"loading device state {status}: {info.get('error-desc', '')}")
+                raise GuestError(f"{what} {status}: {info.get('error-desc', '')}")
             if time.monotonic() > deadline:
-                raise GuestError(f"loading device state took more than {timeout}s (status {status})")
-            await asyncio.sleep(0.002)
+                raise GuestError(f"{what} took more than {timeout}s (status {status})")
+            await asyncio.sleep(poll)
 
     async def announce(self) -> None:
         await self.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})

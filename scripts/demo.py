@@ -44,7 +44,7 @@ def main() -> int:
         values = [int(pair.get("inc")) for _ in range(5)]
         print(f"   replies: {values}")
         t = time.time()
-        wait_until(lambda: (r := pair.replica_record()).get("taken_at", 0) > t, 30,
+        wait_until(lambda: pair.replica_record().get("taken_at", 0) > t, 30,
                    "a checkpoint after the last reply")
         time.sleep(2)  # let a couple of seconds of checkpoints flow for the figures
 
