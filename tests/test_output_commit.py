@@ -3,11 +3,12 @@ client incrementing the guest's RAM-only counter as fast as it can while the pri
 is killed at random moments. No reply the client ever saw may be taken back."""
 import json
 import random
+import shutil
 import time
 
 import pytest
 
-from remus.common.localpair import Pair, wait_until
+from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
 from remus.common.netns import Lan
 
 pytestmark = pytest.mark.integration
@@ -17,7 +18,7 @@ INTERVAL_MS = 200
 
 @pytest.fixture(scope="module")
 def lan():
-    with Lan() as lan:
+    with Lan(second_link=True) as lan:
         yield lan
 
 
@@ -26,9 +27,12 @@ def replies(probe) -> list[tuple[float, int]]:
     return [(r["t"], r["v"]) for r in rows if "v" in r]
 
 
-def failover_once(guest_image, lan, workdir, rng, *primary_args) -> dict:
-    """Protect, load, kill the primary host at a random moment, judge the replies."""
-    pair = Pair(guest_image, workdir, lan=lan, interval_ms=INTERVAL_MS)
+def failover_once(guest_image, lan, workdir, rng, *primary_args, ha: bool = False) -> dict:
+    """Protect, load, kill the primary host at a random moment, judge the replies.
+    With `ha`, the failover goes through the heartbeat and fencing (fence_dummy)."""
+    extra, status = ha_config(lan, workdir) if ha else ("", None)
+    pair = Pair(guest_image, workdir, lan=lan, interval_ms=INTERVAL_MS, extra_config=extra)
+    switch = PowerSwitch(status, pair) if ha else None
     try:
         pair.start_backup()
         pair.start_primary("--stats", str(workdir / "epochs.jsonl"), *primary_args)
@@ -39,6 +43,9 @@ def failover_once(guest_image, lan, workdir, rng, *primary_args) -> dict:
         time.sleep(rng.uniform(0, 2 * INTERVAL_MS / 1000))  # the random kill moment
         killed_at = time.time()
         pair.primary.kill9()
+        if switch is not None:
+            switch.start()
+            pair.backup.wait_for(r"WARNING fenced ", 60)
         pair.backup.wait_for(r"activated epoch=", 60)
         wait_until(lambda: sum(t > killed_at for t, _ in replies(probe)) >= 3, 60,
                    "replies from the activated guest")
@@ -52,6 +59,8 @@ def failover_once(guest_image, lan, workdir, rng, *primary_args) -> dict:
         return {"values": values, "taken_back": taken_back, "offset_ms": offset_ms,
                 "in_flight": offset_ms > INTERVAL_MS}
     finally:
+        if switch is not None:
+            switch.done.set()
         pair.cleanup()
 
 
@@ -79,3 +88,15 @@ def test_without_buffering_the_same_test_catches_a_violation(guest_image, lan, t
         if failover_once(guest_image, lan, workdir, rng, "--no-net")["taken_back"]:
             return
     pytest.fail("--no-net never showed a reply taken back: the guarantee test cannot fail")
+
+
+@pytest.mark.skipif(not (shutil.which("fence_dummy") or shutil.which("/usr/sbin/fence_dummy")),
+                    reason="fence_dummy (Debian fence-agents) is not installed")
+def test_no_reply_is_taken_back_when_heartbeat_and_fencing_decide(guest_image, lan, tmp_path):
+    """The production path: failover on heartbeat loss, after fencing."""
+    rng = random.Random(11)
+    for i in range(5):
+        workdir = tmp_path / f"run{i}"
+        workdir.mkdir()
+        run = failover_once(guest_image, lan, workdir, rng, ha=True)
+        assert not run["taken_back"], f"run {i}: replies taken back: {run['taken_back']}"
