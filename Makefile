@@ -9,7 +9,10 @@ export REMUS_CACHE
 VBIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps venv guest test unit demo bench clean
+PREFIX ?= /opt/remus
+UNITDIR ?= /etc/systemd/system
+
+.PHONY: all deps venv guest test unit demo bench install clean
 
 all: test
 
@@ -41,6 +44,17 @@ bench: guest
 	$(VBIN)/python bench/net_bench.py
 	$(VBIN)/python bench/disk_bench.py
 	$(VBIN)/python bench/failover_bench.py
+
+# The daemons in their own virtualenv, their commands on PATH, the systemd units.
+install: deps
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install -q .
+	for cmd in remus-primary remus-backup remusctl; do ln -sf $(PREFIX)/bin/$$cmd /usr/local/bin/$$cmd; done
+	install -D -m 0644 systemd/remus-primary@.service $(UNITDIR)/remus-primary@.service
+	install -D -m 0644 systemd/remus-backup@.service $(UNITDIR)/remus-backup@.service
+	install -D -m 0644 README.md /usr/local/share/doc/remus/README.md
+	install -d -m 0750 /etc/remus
+	-systemctl daemon-reload
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from remus.backup.failover import FAILOVER, STALE, FailoverJudge, Verdict
 from remus.backup.replica import Replica, ReplicaError
-from remus.common import log
+from remus.common import log, sdnotify
 from remus.common.capture import PAGE_SIZE
 from remus.common.config import Config, ConfigError, load
 from remus.common.fencing import Fencer, fence_with_retry
@@ -237,6 +237,8 @@ async def run(args: argparse.Namespace) -> int:
         tasks.append(asyncio.create_task(follow_heartbeat(hb, backup)))
     stopped = asyncio.create_task(stop.wait())
     tasks.append(stopped)
+    sdnotify.notify("READY=1", f"STATUS=standing by on {cfg.backup.address}")
+    tasks.append(asyncio.create_task(sdnotify.keep_alive(lambda: True)))
     try:
         if args.activate_now:
             verdict = Verdict(FAILOVER, "operator asked (--activate-now)")
@@ -248,6 +250,7 @@ async def run(args: argparse.Namespace) -> int:
             _log.info("backup-stop", reason="signal", replica_state=replica.state.state)
             return 0
         decided_at = time.monotonic()
+        sdnotify.notify("STATUS=primary lost: fencing and activating")
         detect_ms = (decided_at - (judge.lost_at or decided_at)) * 1000
         _log.warning("primary-lost", reason=verdict.reason, last_epoch=replica.state.epoch,
                      detect_ms=detect_ms)
@@ -269,6 +272,7 @@ async def run(args: argparse.Namespace) -> int:
             return 1
         _log.warning("failover-complete", detect_ms=detect_ms, fence_ms=fenced_ms,
                      generation=generation)
+        sdnotify.notify(f"STATUS=active: running the VM at generation {generation}")
         if hb is not None:
             hb.update("active", replica.state.session, generation, replica.state.epoch)
         exited = asyncio.create_task(guest.wait())

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from remus.common import log
+from remus.common import log, sdnotify
 from remus.common.capture import RamView, make_capture
 from remus.common.config import ConfigError, load
 from remus.common.heartbeat import HeartbeatError, LinkDown, PeerLost
@@ -121,6 +121,7 @@ async def run(args: argparse.Namespace) -> int:
             resume_requested.clear()
             await replicator.operator_resume()
     resumer = asyncio.create_task(resume_on_request(), name="resume")
+    systemd = asyncio.create_task(report_to_systemd(replicator, guest), name="systemd")
     try:
         done, _ = await asyncio.wait({rep, exited, stopped, superseded},
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -154,7 +155,7 @@ async def run(args: argparse.Namespace) -> int:
         return EXIT_GUEST_FAILED
     finally:
         guest.kill()
-        for task in (rep, exited, stopped, superseded, resumer):
+        for task in (rep, exited, stopped, superseded, resumer, systemd):
             await _cancel(task)
         if hb is not None:
             await hb.stop()
@@ -170,6 +171,27 @@ async def run(args: argparse.Namespace) -> int:
         if disk is not None:
             await disk.close()
         ram_file.unlink(missing_ok=True)
+
+
+async def report_to_systemd(replicator: Replicator, guest: QemuGuest) -> None:
+    """READY=1 once the guest runs protected or degraded; STATUS= on every change;
+    WATCHDOG=1 while the loop turns and QEMU lives."""
+    watchdog = asyncio.create_task(
+        sdnotify.keep_alive(lambda: guest.proc is not None and guest.proc.returncode is None))
+    shown, ready = "", False
+    try:
+        while True:
+            state = replicator.state
+            if not ready and state in ("protecting", "degraded", "paused"):
+                sdnotify.notify("READY=1")
+                ready = True
+            text = f"{state}, epoch {replicator.committed_epoch}" if state == "protecting" else state
+            if text != shown:
+                sdnotify.notify(f"STATUS={text}")
+                shown = text
+            await asyncio.sleep(1.0)
+    finally:
+        watchdog.cancel()
 
 
 def read_generation(state_dir: Path) -> int:
