@@ -16,7 +16,8 @@ from remus.common.capture import PAGE_SIZE
 from remus.common.config import Config, ConfigError, load
 from remus.common.fencing import Fencer, fence_with_retry
 from remus.common.heartbeat import HeartbeatError, LinkDown, LinkUp, PeerBack, PeerBeat, PeerLost
-from remus.common.peering import grace_s, heartbeat_for
+from remus.common.control import ControlServer
+from remus.common.peering import grace_s, heartbeat_for, heartbeat_status
 from remus.common.protocol import BackupProtocol, CheckpointStaged, PeerBye, Send, SessionOpened
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest, tap_fd_args
 from remus.common.tap import TapError, attach, open_tap
@@ -49,6 +50,9 @@ class Backup:
         self.current: Connection | None = None
         self.changed = asyncio.Event()  # something the judge should look at
         self.peer_generation = 0        # the highest generation the peer's beats carried
+        self.phase = "waiting"          # waiting | fencing | active (else derived from the replica)
+        self.last_failover: dict | None = None
+        self.last_fencing: str | None = None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "%s:%d" % writer.get_extra_info("peername")[:2]
@@ -237,6 +241,21 @@ async def run(args: argparse.Namespace) -> int:
         tasks.append(asyncio.create_task(follow_heartbeat(hb, backup)))
     stopped = asyncio.create_task(stop.wait())
     tasks.append(stopped)
+    def status() -> dict:
+        r = replica.state
+        phase = backup.phase
+        if phase == "waiting":
+            phase = ("stale" if judge.stale else "standby" if judge.resumable
+                     else "syncing" if backup.current else "waiting")
+        return {"role": "backup", "guest": cfg.guest.name, "state": phase,
+                "generation": r.generation, "session": r.session,
+                "last_committed_epoch": r.epoch, "replica": r.as_dict(),
+                "heartbeat": heartbeat_status(hb),
+                "fencing": {"configured": cfg.fencing.configured,
+                            "levels": len(cfg.fencing.levels), "last_failure": backup.last_fencing},
+                "last_failover": backup.last_failover}
+    control = ControlServer(Path(cfg.backup.state_dir), status)
+    await control.start()
     sdnotify.notify("READY=1", f"STATUS=standing by on {cfg.backup.address}")
     tasks.append(asyncio.create_task(sdnotify.keep_alive(lambda: True)))
     try:
@@ -256,7 +275,8 @@ async def run(args: argparse.Namespace) -> int:
                      detect_ms=detect_ms)
         fenced_ms = 0.0
         if fencer is not None and not args.activate_now:
-            result = await fence_primary(cfg, fencer, stop)
+            backup.phase = "fencing"
+            result = await fence_primary(cfg, fencer, stop, backup)
             if result is None:
                 return 0  # stopped while fencing
             fenced_ms = result.seconds * 1000
@@ -272,6 +292,10 @@ async def run(args: argparse.Namespace) -> int:
             return 1
         _log.warning("failover-complete", detect_ms=detect_ms, fence_ms=fenced_ms,
                      generation=generation)
+        backup.phase = "active"
+        backup.last_failover = {"at": time.time(), "reason": verdict.reason, "detect_ms": detect_ms,
+                                "fence_ms": fenced_ms, "epoch": replica.state.epoch,
+                                "generation": generation}
         sdnotify.notify(f"STATUS=active: running the VM at generation {generation}")
         if hb is not None:
             hb.update("active", replica.state.session, generation, replica.state.epoch)
@@ -288,6 +312,7 @@ async def run(args: argparse.Namespace) -> int:
             task.cancel()
         if hb is not None:
             await hb.stop()
+        await control.close()
         replica.close()
 
 
@@ -333,11 +358,12 @@ async def wait_for_failover(backup: Backup, hb, stop: asyncio.Event) -> Verdict 
     return None
 
 
-async def fence_primary(cfg: Config, fencer: Fencer, stop: asyncio.Event):
+async def fence_primary(cfg: Config, fencer: Fencer, stop: asyncio.Event, backup: Backup):
     """Fence until a level succeeds (or, explicitly unsafe, give up after one round)."""
     _log.warning("fencing", detail="making sure the primary is off before resuming the VM")
 
     def failed(result) -> None:
+        backup.last_fencing = result.summary()
         _log.error("fencing-failed", detail=result.summary(), action="staying passive; retrying",
                    hint="check the fence devices (remusctl fence-test); the VM is down until "
                         "fencing succeeds or an operator intervenes")

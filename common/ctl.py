@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from remus.common import fencing
     fencing.add_fence_test_parser(sub)
+
+    from remus.common import status_cli
+    status_cli.add_parsers(sub)
     return parser
 
 

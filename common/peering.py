@@ -23,6 +23,15 @@ def heartbeat_for(cfg: Config, role: str) -> Heartbeat | None:
         interval_ms=hb.interval_ms, miss=hb.miss))
 
 
+def heartbeat_status(hb: Heartbeat | None) -> dict | None:
+    """Per link: up, last beat age, missed beats, round trip; and the peer's last beat."""
+    if hb is None:
+        return None
+    view = hb.view()
+    return {"peer_alive": view.peer_alive, "running": view.running, "links": view.links,
+            "peer": view.last_beat}
+
+
 def grace_s(cfg: Config) -> float:
     """How long the heartbeat needs to call a dead peer lost, with a margin for a busy host."""
     hb = cfg.heartbeat

@@ -58,6 +58,7 @@ class EpochLog:
             "dirty_pages_p50": percentile([s.dirty_pages for s in incr], 0.5),
             "wire_bytes_p50": percentile([s.wire_bytes for s in incr], 0.5),
             "ack_p50_ms": percentile([s.ack_ms for s in incr], 0.5),
+            "bytes_per_s": sum(s.wire_bytes for s in incr[1:]) / span if span > 0 else 0.0,
         }
 
     def close(self) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 from remus.common import log, sdnotify
 from remus.common.capture import RamView, make_capture
 from remus.common.config import ConfigError, load
+from remus.common.control import ControlServer
 from remus.common.heartbeat import HeartbeatError, LinkDown, PeerLost
-from remus.common.peering import heartbeat_for
+from remus.common.peering import heartbeat_for, heartbeat_status
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest
 from remus.common.stats import EpochLog
 from remus.primary.diskrep import DiskReplicator
@@ -122,6 +123,20 @@ async def run(args: argparse.Namespace) -> int:
             await replicator.operator_resume()
     resumer = asyncio.create_task(resume_on_request(), name="resume")
     systemd = asyncio.create_task(report_to_systemd(replicator, guest), name="systemd")
+
+    def status() -> dict:
+        s = epochs.summary()
+        return {"role": "primary", "guest": cfg.guest.name, "state": replicator.state,
+                "generation": generation, "session": replicator.session,
+                "last_committed_epoch": replicator.committed_epoch,
+                "interval_ms": cfg.replication.interval_ms, "capture": capture.name,
+                "checkpoints_per_s": s["checkpoints_per_s"], "pause_p50_ms": s["pause_p50_ms"],
+                "pause_p99_ms": s["pause_p99_ms"], "bytes_per_s": s["bytes_per_s"],
+                "ack_p50_ms": s["ack_p50_ms"],
+                "held_output": getattr(netbuf, "stats", None),
+                "heartbeat": heartbeat_status(hb), **guest.usage()}
+    control = ControlServer(state_dir, status)
+    await control.start()
     try:
         done, _ = await asyncio.wait({rep, exited, stopped, superseded},
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -170,6 +185,7 @@ async def run(args: argparse.Namespace) -> int:
             await netbuf.close()
         if disk is not None:
             await disk.close()
+        await control.close()
         ram_file.unlink(missing_ok=True)
 
 

@@ -151,3 +151,35 @@ def test_on_backup_loss_pause_keeps_the_guest_stopped_until_the_backup_returns(m
     pair.primary.signal(signal.SIGUSR1)
     pair.primary.wait_for(r"operator-resume detail=\"guest resumed", 30, start=mark)
     assert int(wait_until(lambda: pair.try_get("inc"), 30, "the guest resumed by the operator")) == value + 2
+
+
+def test_status_reports_both_daemons_consistently(make_pair):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pair = make_pair(interval_ms=100)
+    pair.start_backup()
+    pair.start_primary()
+    pair.primary.wait_for(r"protecting epoch=1", 60)
+    ctl = [str(Path(sys.executable).parent / "remusctl"), "status", "--config", str(pair.config)]
+
+    def status():
+        r = subprocess.run(ctl + ["--json"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return json.loads(r.stdout)
+
+    first = wait_until(lambda: (s := status())["primary"]["last_committed_epoch"] >= 5 and s, 30,
+                       "five committed epochs")
+    p, b = first["primary"], first["backup"]
+    assert p["state"] == "protecting" and b["state"] == "standby"
+    assert p["session"] == b["session"] and p["generation"] == b["generation"] == 1
+    assert abs(p["last_committed_epoch"] - b["last_committed_epoch"]) <= 1
+    assert p["checkpoints_per_s"] > 0 and p["pause_p50_ms"] > 0 and p["bytes_per_s"] > 0
+    assert p["heartbeat"] is None and b["fencing"]["configured"] is False
+    later = wait_until(lambda: (s := status())["primary"]["last_committed_epoch"]
+                       > p["last_committed_epoch"] and s, 30, "the epoch to advance")
+    assert later["backup"]["last_committed_epoch"] >= b["last_committed_epoch"]
+    text = subprocess.run(ctl, capture_output=True, text=True, timeout=30).stdout
+    assert "PROTECTING" in text and "STANDBY" in text

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from remus.common.control import query
 from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
 from remus.common.netns import Lan
 
@@ -71,6 +72,9 @@ def test_one_of_two_links_lost_is_no_failover(guest_image, lan, tmp_path):
     try:
         lan.cut("primary", "hb")
         pair.backup.wait_for(r"link-down", 30)
+        links = query(pair.workdir / "backup")["heartbeat"]["links"]
+        down = [link for link in links if not link["up"]]
+        assert len(links) == 2 and len(down) == 1 and down[0]["missed"] >= 5
         epoch = pair.replica_record()["epoch"]
         wait_until(lambda: pair.replica_record()["epoch"] >= epoch + 10, 30, "checkpoints to go on")
         log = pair.backup.log()

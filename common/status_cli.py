@@ -1,0 +1,110 @@
+"""`remusctl status` and `remusctl watch`: what each daemon on this host says of itself."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from remus.common.config import ConfigError, load
+from remus.common.control import SOCKET_NAME, query
+
+
+def add_parsers(sub) -> None:
+    for name, helptext in (("status", "show the state of the daemons of a guest on this host"),
+                           ("watch", "the same view, refreshed every second")):
+        p = sub.add_parser(name, help=helptext, description=helptext + ". Reads each daemon's "
+                           "control socket (in its state directory; root only).")
+        p.add_argument("--config", "-c", required=True, metavar="FILE", help="the guest's config")
+        p.add_argument("--role", choices=("primary", "backup"),
+                       help="only this daemon (default: every one running on this host)")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        else:
+            p.add_argument("--interval", type=float, default=1.0, metavar="S")
+        p.set_defaults(func=run_status if name == "status" else run_watch)
+
+
+def collect(cfg, role: str | None) -> dict:
+    out = {}
+    for name in (role,) if role else ("primary", "backup"):
+        state_dir = Path(getattr(cfg, name).state_dir)
+        if role is None and not (state_dir / SOCKET_NAME).exists():
+            continue
+        try:
+            out[name] = query(state_dir)
+        except (OSError, ValueError, RuntimeError) as exc:
+            out[name] = {"role": name, "error": f"no answer on {state_dir / SOCKET_NAME}: {exc}"}
+    return out
+
+
+def render(statuses: dict) -> str:
+    if not statuses:
+        return "no Remus daemon for this guest runs on this host"
+    lines = []
+    for name, s in statuses.items():
+        if "error" in s:
+            lines.append(f"{name}: {s['error']}")
+            continue
+        lines.append(f"{name} {s['guest']}: {s['state'].upper()}  generation {s['generation']}  "
+                     f"last committed epoch {s['last_committed_epoch']}")
+        if name == "primary":
+            lines.append(f"  checkpoints {s['checkpoints_per_s']:.1f}/s  pause p50 {s['pause_p50_ms']:.1f} ms "
+                         f"p99 {s['pause_p99_ms']:.1f} ms  {s['bytes_per_s'] / 1024:.0f} KiB/s  "
+                         f"ack p50 {s['ack_p50_ms']:.1f} ms")
+            held = s.get("held_output")
+            if held:
+                lines.append(f"  held output {held['held_frames']} frames, {held['held_bytes']} bytes; "
+                             f"dropped {held['dropped_frames']}")
+        else:
+            f = s["fencing"]
+            lines.append(f"  replica {s['replica']['state']}  fencing "
+                         f"{'%d level(s)' % f['levels'] if f['configured'] else 'NOT CONFIGURED'}"
+                         + (f"  LAST FAILURE: {f['last_failure']}" if f.get("last_failure") else ""))
+            if s.get("last_failover"):
+                lf = s["last_failover"]
+                lines.append(f"  last failover: epoch {lf['epoch']}, detection {lf['detect_ms']:.0f} ms, "
+                             f"fencing {lf['fence_ms']:.0f} ms ({lf['reason']})")
+        hb = s.get("heartbeat")
+        if hb:
+            for link in hb["links"]:
+                age = link.get("last_beat_age_ms")
+                rtt = link.get("rtt_ms")
+                lines.append(f"  link {link['link']}: {'up' if link['up'] else 'DOWN'}  last beat "
+                             f"{'never' if age is None else f'{age:.0f} ms ago'}  missed {link['missed']}"
+                             + ("" if rtt is None else f"  rtt {rtt:.1f} ms"))
+        else:
+            lines.append("  heartbeat: not configured")
+    return "\n".join(lines)
+
+
+def _load(args):
+    try:
+        return load(args.config)
+    except ConfigError as exc:
+        print(f"remusctl: config error: {exc}", file=sys.stderr)
+        return None
+
+
+def run_status(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if cfg is None:
+        return 2
+    statuses = collect(cfg, args.role)
+    print(json.dumps(statuses, indent=2, default=str) if args.json else render(statuses))
+    return 0 if statuses and not any("error" in s for s in statuses.values()) else 1
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if cfg is None:
+        return 2
+    try:
+        while True:
+            text = render(collect(cfg, args.role))
+            sys.stdout.write("\033[H\033[2J" + time.strftime("%H:%M:%S  ") + "remusctl watch\n\n" + text + "\n")
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
