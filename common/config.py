@@ -157,6 +157,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "address": Key(str, None, lambda v: (_host_port(v, port_required=False), v)[1],
                        "HOST[:PORT] the primary sends the checkpoint stream from"),
         "state_dir": Key(str, "/var/lib/remus/primary", None, "primary state directory"),
+        "drill_target": Key(bool, False, None, "allow `remusctl drill` on this pair without --yes"),
         "on_backup_loss": Key(str, "continue", _choice("continue", "pause"),
                               "continue: release held output and run unprotected (as Remus); "
                               "pause: keep the guest stopped until the backup returns or an "

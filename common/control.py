@@ -20,9 +20,12 @@ MAX_REQUEST = 256
 
 
 class ControlServer:
-    def __init__(self, state_dir: Path, status: Callable[[], dict]):
+    def __init__(self, state_dir: Path, status: Callable[[], dict],
+                 commands: dict[str, Callable[[str], dict]] | None = None):
+        """`commands`: extra requests, `NAME ARG` -> reply dict (e.g. drills)."""
         self.path = state_dir / SOCKET_NAME
         self._status = status
+        self._commands = commands or {}
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -37,10 +40,16 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
-            if line.strip() == b"status" and len(line) <= MAX_REQUEST:
+            name, _, arg = line.decode(errors="replace").strip().partition(" ")
+            if len(line) > MAX_REQUEST:
+                reply = {"ok": False, "error": "request too long"}
+            elif name == "status":
                 reply = {"ok": True, "status": self._status()}
+            elif name in self._commands:
+                reply = self._commands[name](arg)
             else:
-                reply = {"ok": False, "error": "unknown request (expected: status)"}
+                known = ", ".join(["status", *self._commands])
+                reply = {"ok": False, "error": f"unknown request {name!r} (known: {known})"}
             writer.write(json.dumps(reply, default=str).encode() + b"\n")
             await writer.drain()
         except (asyncio.TimeoutError, ConnectionError):
@@ -58,11 +67,15 @@ class ControlServer:
 
 def query(state_dir: Path, timeout: float = 5.0) -> dict:
     """Ask the daemon whose state directory this is for its status."""
+    return request(state_dir, "status", timeout)["status"]
+
+
+def request(state_dir: Path, line: str, timeout: float = 5.0) -> dict:
     path = state_dir / SOCKET_NAME
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
-        s.sendall(b"status\n")
+        s.sendall(line.encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = s.recv(65536)
@@ -72,4 +85,4 @@ def query(state_dir: Path, timeout: float = 5.0) -> dict:
     reply = json.loads(data)
     if not reply.get("ok"):
         raise RuntimeError(reply.get("error", "control request failed"))
-    return reply["status"]
+    return reply

@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     from remus.common import fencing
     fencing.add_fence_test_parser(sub)
 
-    from remus.common import status_cli
+    from remus.common import drill, status_cli
     status_cli.add_parsers(sub)
+    drill.add_parser(sub)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ from remus.common.stats import EpochLog
 from remus.primary.diskrep import DiskReplicator
 from remus.primary.hooks import Hooks
 from remus.primary.netbuf import UserspaceNetBuffer
-from remus.primary.replicator import Replicator
+from remus.primary.replicator import DRILL_POINTS, Replicator
 
 _log = log.get("remus.primary")
 
@@ -127,6 +128,7 @@ async def run(args: argparse.Namespace) -> int:
     def status() -> dict:
         s = epochs.summary()
         return {"role": "primary", "guest": cfg.guest.name, "state": replicator.state,
+                "pid": os.getpid(), "qemu_pid": guest.pid,
                 "generation": generation, "session": replicator.session,
                 "last_committed_epoch": replicator.committed_epoch,
                 "interval_ms": cfg.replication.interval_ms, "capture": capture.name,
@@ -135,7 +137,15 @@ async def run(args: argparse.Namespace) -> int:
                 "ack_p50_ms": s["ack_p50_ms"],
                 "held_output": getattr(netbuf, "stats", None),
                 "heartbeat": heartbeat_status(hb), **guest.usage()}
-    control = ControlServer(state_dir, status)
+    def drill(phase: str) -> dict:
+        point = DRILL_POINTS.get(phase, phase)
+        if point not in DRILL_POINTS.values():
+            return {"ok": False, "error": f"unknown drill phase {phase!r} "
+                                          f"(one of {', '.join(DRILL_POINTS.values())})"}
+        replicator.die_at = point
+        _log.warning("drill-armed", point=point, detail="this primary dies there at the next checkpoint")
+        return {"ok": True, "armed": point}
+    control = ControlServer(state_dir, status, {"drill": drill})
     await control.start()
     try:
         done, _ = await asyncio.wait({rep, exited, stopped, superseded},

@@ -9,6 +9,7 @@ trying to reconnect; every new session starts with a full sync.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,9 @@ _log = log.get("remus.primary")
 
 READ_CHUNK = 1 << 16
 BATCH_PAGES = 1024  # pages per frame: 4 MiB before compression
+DRILL_EXIT = 137     # as if killed
+DRILL_POINTS = {"s": "postsuspend-before", "s2": "postsuspend-after", "r": "preresume-before",
+                "r2": "preresume-after", "c": "commit-before", "c2": "commit-after"}
 CONNECT_TIMEOUT = 5.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 SUMMARY_EVERY_S = 10.0
@@ -50,6 +54,7 @@ class Replicator:
         self.epochs = epochs
         self.state = "connecting"
         self.paused_for_backup = False  # on_backup_loss = pause, and the backup is gone
+        self.die_at: str | None = None  # a drill: die at this point of the next checkpoint
         self.ever_protected = False     # a backup has held a checkpoint of this guest
         self.session = ""
         self.committed_epoch = 0
@@ -86,6 +91,14 @@ class Replicator:
             self.state = "paused" if self.paused_for_backup else "degraded"
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def drill_point(self, point: str) -> None:
+        """The original Remus drill commands (s s2 r r2 c c2): the whole primary host
+        dies here, with no goodbye and nothing released."""
+        if self.die_at == point:
+            _log.error("drill-die", point=point, epoch=self.committed_epoch)
+            self.guest.kill()
+            os._exit(DRILL_EXIT)
 
     async def _pause_for_backup(self) -> None:
         await self.guest.stop()
@@ -218,7 +231,9 @@ class Replicator:
         await self.guest.stop()
         resumed = False
         try:
+            self.drill_point("postsuspend-before")
             await self.hooks.postsuspend(epoch)
+            self.drill_point("postsuspend-after")
             # Stopped and drained: every guest write of this epoch has reached us.
             disk = self.disk.seal() if self.disk is not None else (None, b"", False)
             timings: dict = {}
@@ -229,7 +244,9 @@ class Replicator:
             device_state = await self.guest.save_device_state()
             timings["device_ms"] = (time.monotonic() - tc) * 1000
             captured = await capture_job
+            self.drill_point("preresume-before")
             await self.hooks.preresume(epoch)
+            self.drill_point("preresume-after")
             await self.guest.cont()
             resumed = True
             if self.paused_for_backup:
@@ -282,7 +299,9 @@ class Replicator:
                               f"{self.cfg.replication.ack_timeout_ms} ms") from None
         self.committed_epoch = epoch
         self.ever_protected = True
+        self.drill_point("commit-before")
         await self.hooks.commit(epoch)
+        self.drill_point("commit-after")
         stats = EpochStats(
             epoch=epoch, full=full, taken_at=taken_at, pause_ms=timings["pause_ms"],
             capture_ms=timings.get("capture_ms", 0.0), device_ms=timings["device_ms"],

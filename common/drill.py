@@ -1,0 +1,142 @@
+"""`remusctl drill`: rehearse a failover and report what a client saw.
+
+Runs the client probe against the guest, makes the primary die at a chosen
+point of its checkpoint cycle (the original Remus drill commands s s2 r r2
+c c2) or kills it outright, waits for the backup to take over, and reports
+detection, fencing and activation times, the downtime the client saw, the
+replies lost (must be 0) and a timeline. Both daemons' control sockets must
+be on this host (a lab pair, or namespaces as in the tests and the demo).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from remus.common.config import ConfigError, load
+from remus.common.control import query, request
+from remus.primary.replicator import DRILL_POINTS
+
+PHASES = {**{v: v for v in DRILL_POINTS.values()}, **DRILL_POINTS}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("drill", help="rehearse a failover and report what a client saw",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", required=True, metavar="FILE")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--die-at", choices=sorted(PHASES), metavar="PHASE",
+                     help="the primary dies at this point of the next checkpoint: "
+                          + ", ".join(f"{v} ({k})" for k, v in DRILL_POINTS.items()))
+    how.add_argument("--kill", action="store_true", help="kill -9 the primary daemon and its QEMU")
+    p.add_argument("--probe-url", required=True, metavar="URL",
+                   help="a URL of the guest whose body is an increasing counter (demo: /cgi-bin/inc)")
+    p.add_argument("--probe-netns", metavar="NS", help="run the probe in this network namespace")
+    p.add_argument("--yes", action="store_true",
+                   help="run even if the config does not mark the pair as a drill target")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _replies(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            rows.append(json.loads(line))
+    return [r for r in rows if "v" in r]
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise TimeoutError(f"gave up after {timeout:.0f}s waiting for {what}")
+
+
+def _try_status(state_dir: Path) -> dict:
+    try:
+        return query(state_dir)
+    except (OSError, ValueError, RuntimeError):
+        return {}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        print(f"remusctl: config error: {exc}", file=sys.stderr)
+        return 2
+    if not (cfg.primary.drill_target or args.yes):
+        print("remusctl drill: refusing: this pair is not marked as a drill target "
+              "([primary] drill_target = true) and --yes was not given", file=sys.stderr)
+        return 2
+    primary_dir, backup_dir = Path(cfg.primary.state_dir), Path(cfg.backup.state_dir)
+    try:
+        primary = query(primary_dir)
+        backup = query(backup_dir)
+    except (OSError, RuntimeError) as exc:
+        print(f"remusctl drill: both daemons must answer on this host: {exc}", file=sys.stderr)
+        return 2
+    if primary["state"] != "protecting" or backup["state"] != "standby":
+        print(f"remusctl drill: the pair is not ready (primary {primary['state']}, backup "
+              f"{backup['state']}); a drill needs protecting/standby", file=sys.stderr)
+        return 1
+    out = Path(f"/tmp/remus-drill-{os.getpid()}.jsonl")
+    prefix = ["ip", "netns", "exec", args.probe_netns] if args.probe_netns else []
+    with open(out, "w") as sink:
+        probe = subprocess.Popen([*prefix, sys.executable, "-m", "remus.common.probe", args.probe_url],
+                                 stdout=sink, stderr=subprocess.DEVNULL)
+    timeline = []
+    try:
+        _wait(lambda: len(_replies(out)) >= 3, 60, "the probe's first replies")
+        injected = time.time()
+        if args.kill:
+            timeline.append(("inject", injected, "kill -9 primary daemon and QEMU"))
+            for pid in (primary.get("qemu_pid"), primary.get("pid")):
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+        else:
+            point = PHASES[args.die_at]
+            request(primary_dir, f"drill {point}")
+            timeline.append(("inject", injected, f"primary armed to die at {point}"))
+        after = _wait(lambda: (s := _try_status(backup_dir)).get("state") == "active" and s, 120,
+                      "the backup to activate")
+        _wait(lambda: any(r["t"] > injected for r in _replies(out)), 60, "a reply from the activated guest")
+        time.sleep(0.5)  # a few more replies, to see none is taken back
+    finally:
+        probe.send_signal(signal.SIGTERM)
+        probe.wait(10)
+    replies = _replies(out)
+    out.unlink(missing_ok=True)
+    values = [r["v"] for r in replies]
+    lost = [v for i, v in enumerate(values) if i and v <= max(values[:i])]
+    before = [r for r in replies if r["t"] <= injected]
+    first_after = next(r for r in replies if r["t"] > injected)
+    failover = after.get("last_failover") or {}
+    if failover:
+        timeline.append(("activated", failover["at"], f"backup active at generation {failover['generation']}"))
+    timeline.append(("first-reply", first_after["t"], f"client got {first_after['v']}"))
+    report = {
+        "drill": "kill" if args.kill else PHASES[args.die_at],
+        "detection_ms": failover.get("detect_ms"), "fencing_ms": failover.get("fence_ms"),
+        "downtime_ms": (first_after["t"] - (before[-1]["t"] if before else injected)) * 1000,
+        "replies": len(values), "replies_lost": len(lost),
+        "timeline": [{"event": e, "ms": round((t - injected) * 1000), "detail": d} for e, t, d in timeline],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"drill {report['drill']}: replies lost {report['replies_lost']} of {report['replies']}; "
+              f"downtime seen by the client {report['downtime_ms']:.0f} ms")
+        print(f"  detection {report['detection_ms'] or 0:.0f} ms, fencing {report['fencing_ms'] or 0:.0f} ms")
+        for item in report["timeline"]:
+            print(f"  {item['ms']:+7d} ms  {item['event']:12s} {item['detail']}")
+    return 0 if not lost else 1

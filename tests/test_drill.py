@@ -1,0 +1,59 @@
+"""Failover drills, first-class: every phase of the checkpoint cycle, and a plain kill,
+through heartbeat and fencing, with zero replies lost."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
+from remus.common.netns import Lan
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not (shutil.which("fence_dummy") or shutil.which("/usr/sbin/fence_dummy")),
+                                 reason="fence_dummy (Debian fence-agents) is not installed")]
+REMUSCTL = str(Path(sys.executable).parent / "remusctl")
+
+
+@pytest.fixture(scope="module")
+def lan():
+    with Lan(second_link=True) as lan:
+        yield lan
+
+
+@pytest.mark.parametrize("how", ["s", "s2", "r", "r2", "c", "c2", "kill"])
+def test_drill_reports_zero_lost_replies(guest_image, lan, tmp_path, how):
+    extra, status = ha_config(lan, tmp_path)
+    pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra)
+    switch = PowerSwitch(status, pair)
+    switch.start()
+    try:
+        pair.start_backup()
+        pair.start_primary()
+        pair.primary.wait_for(r"protecting epoch=1", 60)
+        wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
+        inject = ["--kill"] if how == "kill" else ["--die-at", how]
+        r = subprocess.run([REMUSCTL, "drill", "--config", str(pair.config), *inject, "--json", "--yes",
+                            "--probe-url", pair.url("inc"), "--probe-netns", lan.ns["client"]],
+                           capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stdout + r.stderr
+        report = json.loads(r.stdout)
+        assert report["replies_lost"] == 0 and report["replies"] >= 4
+        assert report["detection_ms"] > 0 and report["fencing_ms"] > 0 and report["downtime_ms"] > 0
+        assert [e["event"] for e in report["timeline"]] == ["inject", "activated", "first-reply"]
+        if how != "kill":
+            assert "drill-die" in pair.primary.log()
+    finally:
+        switch.done.set()
+        pair.cleanup()
+
+
+def test_drill_refuses_a_pair_not_marked_as_a_target(tmp_path):
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[guest]\nname = "g"\nkernel = "k"\n[primary]\naddress = "127.0.0.1"\n'
+                   '[backup]\naddress = "127.0.0.1:1"\n')
+    r = subprocess.run([REMUSCTL, "drill", "--config", str(cfg), "--kill", "--probe-url", "http://x/"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "drill target" in r.stderr
