@@ -17,6 +17,7 @@ from remus.common.config import Config, ConfigError, load
 from remus.common.fencing import Fencer, fence_with_retry
 from remus.common.heartbeat import HeartbeatError, LinkDown, LinkUp, PeerBack, PeerBeat, PeerLost
 from remus.common.control import ControlServer
+from remus.common.metrics import Metrics
 from remus.common.peering import grace_s, heartbeat_for, heartbeat_status
 from remus.common.protocol import BackupProtocol, CheckpointStaged, PeerBye, Send, SessionOpened
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest, tap_fd_args
@@ -255,6 +256,10 @@ async def run(args: argparse.Namespace) -> int:
                             "levels": len(cfg.fencing.levels), "last_failure": backup.last_fencing},
                 "last_failover": backup.last_failover}
     control = ControlServer(Path(cfg.backup.state_dir), status)
+    metrics = Metrics(status) if cfg.metrics.backup else None
+    if metrics is not None:
+        metrics.serve(cfg.metrics.backup)
+        _log.info("metrics", address=cfg.metrics.backup)
     await control.start()
     sdnotify.notify("READY=1", f"STATUS=standing by on {cfg.backup.address}")
     tasks.append(asyncio.create_task(sdnotify.keep_alive(lambda: True)))
@@ -276,7 +281,7 @@ async def run(args: argparse.Namespace) -> int:
         fenced_ms = 0.0
         if fencer is not None and not args.activate_now:
             backup.phase = "fencing"
-            result = await fence_primary(cfg, fencer, stop, backup)
+            result = await fence_primary(cfg, fencer, stop, backup, metrics)
             if result is None:
                 return 0  # stopped while fencing
             fenced_ms = result.seconds * 1000
@@ -293,6 +298,8 @@ async def run(args: argparse.Namespace) -> int:
         _log.warning("failover-complete", detect_ms=detect_ms, fence_ms=fenced_ms,
                      generation=generation)
         backup.phase = "active"
+        if metrics is not None:
+            metrics.failovers.inc()
         backup.last_failover = {"at": time.time(), "reason": verdict.reason, "detect_ms": detect_ms,
                                 "fence_ms": fenced_ms, "epoch": replica.state.epoch,
                                 "generation": generation}
@@ -358,12 +365,15 @@ async def wait_for_failover(backup: Backup, hb, stop: asyncio.Event) -> Verdict 
     return None
 
 
-async def fence_primary(cfg: Config, fencer: Fencer, stop: asyncio.Event, backup: Backup):
+async def fence_primary(cfg: Config, fencer: Fencer, stop: asyncio.Event, backup: Backup,
+                        metrics=None):
     """Fence until a level succeeds (or, explicitly unsafe, give up after one round)."""
     _log.warning("fencing", detail="making sure the primary is off before resuming the VM")
 
     def failed(result) -> None:
         backup.last_fencing = result.summary()
+        if metrics is not None:
+            metrics.fencing.labels("failure").inc()
         _log.error("fencing-failed", detail=result.summary(), action="staying passive; retrying",
                    hint="check the fence devices (remusctl fence-test); the VM is down until "
                         "fencing succeeds or an operator intervenes")
@@ -378,6 +388,8 @@ async def fence_primary(cfg: Config, fencer: Fencer, stop: asyncio.Event, backup
     if not result.ok:
         return None
     _log.warning("fenced", seconds=result.seconds, level=result.level)
+    if metrics is not None:
+        metrics.fencing.labels("success").inc()
     return result
 
 

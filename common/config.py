@@ -153,6 +153,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         "CURVE keys: primary.key, backup.key and this node's *.key_secret "
                         "(remusctl keys generate)"),
     },
+    "metrics": {
+        "primary": Key(str, "", lambda v: (_host_port(v, port_required=True), v)[1] if v else v,
+                       "HOST:PORT of the primary's Prometheus endpoint (empty: off)"),
+        "backup": Key(str, "", lambda v: (_host_port(v, port_required=True), v)[1] if v else v,
+                      "HOST:PORT of the backup's Prometheus endpoint (empty: off)"),
+    },
     "primary": {
         "address": Key(str, None, lambda v: (_host_port(v, port_required=False), v)[1],
                        "HOST[:PORT] the primary sends the checkpoint stream from"),
@@ -191,6 +197,7 @@ class Config:
     primary: Section
     backup: Section
     heartbeat: Section
+    metrics: Section
     raw: dict = field(repr=False)
     fencing: Any = None  # remus.common.fencing.FencingPlan
 
@@ -227,7 +234,7 @@ class Config:
                 continue
             values[key] = _check_value("replication", key, SCHEMA["replication"][key], value)
         return Config(self.path, self.guest, self.network, Section(values),
-                      self.primary, self.backup, self.heartbeat, self.raw, self.fencing)
+                      self.primary, self.backup, self.heartbeat, self.metrics, self.raw, self.fencing)
 
 
 def _check_value(section: str, key: str, spec: Key, value: Any) -> Any:

@@ -39,10 +39,13 @@ class EpochLog:
 
     def __init__(self, path: Path | None = None, window: int = 1000):
         self.recent: deque[EpochStats] = deque(maxlen=window)
+        self.listeners: list = []  # called with each EpochStats (metrics)
         self._out: IO[str] | None = open(path, "a", buffering=1) if path else None
 
     def add(self, stats: EpochStats) -> None:
         self.recent.append(stats)
+        for listener in self.listeners:
+            listener(stats)
         if self._out is not None:
             self._out.write(json.dumps(asdict(stats)) + "\n")
 

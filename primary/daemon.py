@@ -14,6 +14,7 @@ from remus.common import log, sdnotify
 from remus.common.capture import RamView, make_capture
 from remus.common.config import ConfigError, load
 from remus.common.control import ControlServer
+from remus.common.metrics import Metrics
 from remus.common.heartbeat import HeartbeatError, LinkDown, PeerLost
 from remus.common.peering import heartbeat_for, heartbeat_status
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest
@@ -146,6 +147,11 @@ async def run(args: argparse.Namespace) -> int:
         _log.warning("drill-armed", point=point, detail="this primary dies there at the next checkpoint")
         return {"ok": True, "armed": point}
     control = ControlServer(state_dir, status, {"drill": drill})
+    if cfg.metrics.primary:
+        metrics = Metrics(status)
+        epochs.listeners.append(metrics.observe_epoch)
+        metrics.serve(cfg.metrics.primary)
+        _log.info("metrics", address=cfg.metrics.primary)
     await control.start()
     try:
         done, _ = await asyncio.wait({rep, exited, stopped, superseded},

@@ -183,3 +183,39 @@ def test_status_reports_both_daemons_consistently(make_pair):
     assert later["backup"]["last_committed_epoch"] >= b["last_committed_epoch"]
     text = subprocess.run(ctl, capture_output=True, text=True, timeout=30).stdout
     assert "PROTECTING" in text and "STANDBY" in text
+
+
+def test_metrics_endpoints_are_scraped_and_parsed(make_pair):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from remus.common.localpair import free_port
+
+    pair = make_pair(interval_ms=100)
+    ports = free_port(), free_port()
+    pair.config.write_text(pair.config.read_text() + f'\n[metrics]\nprimary = "127.0.0.1:{ports[0]}"\n'
+                                                      f'backup = "127.0.0.1:{ports[1]}"\n')
+    pair.start_backup()
+    pair.start_primary()
+    pair.primary.wait_for(r"protecting epoch=1", 60)
+
+    def scrape(port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+
+    def primary_after(n):
+        m = scrape(ports[0])
+        return m if m.get("remus_checkpoints_total") and m["remus_checkpoints_total"].value >= n else None
+
+    m = wait_until(lambda: primary_after(5), 30, "five checkpoints in the metrics")
+    assert m["remus_pause_seconds_count"].value >= 4
+    assert m["remus_ack_latency_seconds_count"].value >= 4
+    assert m["remus_checkpoint_bytes_total"].value > 0
+    assert m["remus_state"].labels == {"role": "primary", "state": "protecting"}
+    later = wait_until(lambda: primary_after(m["remus_checkpoints_total"].value + 3), 30, "more checkpoints")
+    assert later["remus_last_committed_epoch"].value > m["remus_last_committed_epoch"].value
+    b = scrape(ports[1])
+    assert b["remus_state"].labels == {"role": "backup", "state": "standby"}
+    assert b["remus_failovers_total"].value == 0

@@ -1,0 +1,78 @@
+"""Prometheus metrics for one daemon: the status figures, plus histograms and counters.
+
+Gauges are read from the daemon's status at scrape time, so they can never
+disagree with `remusctl status`; histograms and counters are fed as events
+happen. Off unless `[metrics]` names an address for this role.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from remus.common.config import _host_port
+
+PAUSE_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
+ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+class _StatusCollector:
+    def __init__(self, status: Callable[[], dict]):
+        self._status = status
+
+    def collect(self):
+        s = self._status()
+        role = s["role"]
+        state = GaugeMetricFamily("remus_state", "1 for the daemon's current state", labels=["role", "state"])
+        state.add_metric([role, s["state"]], 1)
+        yield state
+        for name, key, text in (("remus_generation", "generation", "generation holding the guest"),
+                                ("remus_last_committed_epoch", "last_committed_epoch",
+                                 "last checkpoint the backup committed")):
+            g = GaugeMetricFamily(name, text, labels=["role"])
+            g.add_metric([role], s[key])
+            yield g
+        held = s.get("held_output")
+        if held:
+            for key in ("held_frames", "held_bytes", "dropped_frames"):
+                g = GaugeMetricFamily(f"remus_output_{key}", f"guest output {key.replace('_', ' ')}")
+                g.add_metric([], held[key])
+                yield g
+        hb = s.get("heartbeat")
+        if hb:
+            up = GaugeMetricFamily("remus_heartbeat_link_up", "1 if the peer beats on the link",
+                                   labels=["role", "link"])
+            missed = GaugeMetricFamily("remus_heartbeat_missed_beats", "beats missed on the link now",
+                                       labels=["role", "link"])
+            for link in hb["links"]:
+                up.add_metric([role, link["link"]], 1 if link["up"] else 0)
+                missed.add_metric([role, link["link"]], link["missed"])
+            yield up
+            yield missed
+
+
+class Metrics:
+    def __init__(self, status: Callable[[], dict]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.pause = Histogram("remus_pause_seconds", "guest paused per checkpoint",
+                               buckets=PAUSE_BUCKETS, registry=r)
+        self.ack = Histogram("remus_ack_latency_seconds", "checkpoint sent -> acknowledged",
+                             buckets=ACK_BUCKETS, registry=r)
+        self.checkpoints = Counter("remus_checkpoints", "checkpoints committed", registry=r)
+        self.bytes = Counter("remus_checkpoint_bytes", "checkpoint bytes on the wire", registry=r)
+        self.failovers = Counter("remus_failovers", "activations of the backup", registry=r)
+        self.fencing = Counter("remus_fencing_attempts", "fencing rounds", ["result"], registry=r)
+        r.register(_StatusCollector(status))
+
+    def observe_epoch(self, stats) -> None:
+        self.checkpoints.inc()
+        self.bytes.inc(stats.wire_bytes)
+        if not stats.full:
+            self.pause.observe(stats.pause_ms / 1000)
+            self.ack.observe(stats.ack_ms / 1000)
+
+    def serve(self, address: str) -> None:
+        host, port = _host_port(address, port_required=True)
+        start_http_server(port, addr=host, registry=self.registry)
