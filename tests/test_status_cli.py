@@ -1,0 +1,27 @@
+from remus.common.status_cli import render
+
+PRIMARY = {"role": "primary", "guest": "demo", "state": "protecting", "generation": 2,
+           "last_committed_epoch": 41, "checkpoints_per_s": 4.9, "pause_p50_ms": 22.3,
+           "pause_p99_ms": 26.4, "bytes_per_s": 680000, "ack_p50_ms": 7.5,
+           "held_output": {"held_frames": 3, "held_bytes": 1800, "dropped_frames": 0},
+           "heartbeat": {"peer_alive": True, "running": True, "peer": None, "links": [
+               {"link": "a->b", "up": True, "last_beat_age_ms": 40.0, "missed": 0, "rtt_ms": 0.4},
+               {"link": "c->d", "up": False, "last_beat_age_ms": None, "missed": 7, "rtt_ms": None}]}}
+BACKUP = {"role": "backup", "guest": "demo", "state": "fencing", "generation": 2,
+          "last_committed_epoch": 41, "replica": {"state": "committed"}, "heartbeat": None,
+          "fencing": {"configured": True, "levels": 2, "last_failure": "level 1 device 1: timeout"},
+          "last_failover": None}
+
+
+def test_render_shows_what_an_operator_needs():
+    text = render({"primary": PRIMARY, "backup": BACKUP})
+    assert "primary demo: PROTECTING  generation 2  last committed epoch 41" in text
+    assert "pause p50 22.3 ms" in text and "held output 3 frames" in text
+    assert "link a->b: up" in text and "link c->d: DOWN  last beat never  missed 7" in text
+    assert "backup demo: FENCING" in text and "LAST FAILURE: level 1 device 1: timeout" in text
+    assert "heartbeat: not configured" in text
+
+
+def test_render_reports_unreachable_daemons_and_none():
+    assert "no answer" in render({"backup": {"role": "backup", "error": "no answer on x: refused"}})
+    assert "no Remus daemon" in render({})
