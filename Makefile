@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh Debian machine:
-#   make demo   - build the demo guest, protect it, kill the primary, watch the backup take over
+#   make demo   - namespaces as hosts, the guest protected, a client, a failover drill, the report
 #   make test   - the test suite (real QEMU guests, daemons as separate processes)
 PYTHON ?= python3
 VENV ?= .venv
