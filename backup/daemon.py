@@ -248,7 +248,7 @@ async def run(args: argparse.Namespace) -> int:
         if phase == "waiting":
             phase = ("stale" if judge.stale else "standby" if judge.resumable
                      else "syncing" if backup.current else "waiting")
-        return {"role": "backup", "guest": cfg.guest.name, "state": phase,
+        return {"role": "backup", "guest": cfg.guest.name, "state": phase, "pid": os.getpid(),
                 "generation": r.generation, "session": r.session,
                 "last_committed_epoch": r.epoch, "replica": r.as_dict(),
                 "heartbeat": heartbeat_status(hb),

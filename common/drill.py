@@ -34,6 +34,12 @@ def add_parser(sub) -> None:
                      help="the primary dies at this point of the next checkpoint: "
                           + ", ".join(f"{v} ({k})" for k, v in DRILL_POINTS.items()))
     how.add_argument("--kill", action="store_true", help="kill -9 the primary daemon and its QEMU")
+    how.add_argument("--partition", action="store_true",
+                     help="the primary falls silent on every heartbeat link and its stream is cut, "
+                          "as in a network partition; the backup must fence it before taking over")
+    how.add_argument("--backup-crash", action="store_true",
+                     help="kill -9 the backup daemon; the primary must carry on (or pause) and no "
+                          "reply may be lost")
     p.add_argument("--probe-url", required=True, metavar="URL",
                    help="a URL of the guest whose body is an increasing counter (demo: /cgi-bin/inc)")
     p.add_argument("--probe-netns", metavar="NS", help="run the probe in this network namespace")
@@ -103,13 +109,28 @@ def run(args: argparse.Namespace) -> int:
             for pid in (primary.get("qemu_pid"), primary.get("pid")):
                 if pid:
                     os.kill(pid, signal.SIGKILL)
+        elif args.partition:
+            request(primary_dir, "partition")
+            timeline.append(("inject", injected, "primary cut off: heartbeat muted, stream cut"))
+        elif args.backup_crash:
+            os.kill(backup["pid"], signal.SIGKILL)
+            timeline.append(("inject", injected, "kill -9 backup daemon"))
         else:
             point = PHASES[args.die_at]
             request(primary_dir, f"drill {point}")
             timeline.append(("inject", injected, f"primary armed to die at {point}"))
-        after = _wait(lambda: (s := _try_status(backup_dir)).get("state") == "active" and s, 120,
-                      "the backup to activate")
-        _wait(lambda: any(r["t"] > injected for r in _replies(out)), 60, "a reply from the activated guest")
+        if args.backup_crash:
+            after = _wait(lambda: (s := _try_status(primary_dir)).get("state") in ("degraded", "paused")
+                          and s, 60, "the primary to notice the backup's loss")
+            timeline.append((f"primary-{after['state']}", time.time(), "primary runs without a backup"))
+            if after["state"] == "degraded":  # with on_backup_loss = pause no reply comes
+                _wait(lambda: sum(r["t"] > injected for r in _replies(out)) >= 3, 60,
+                      "replies from the unprotected primary")
+        else:
+            after = _wait(lambda: (s := _try_status(backup_dir)).get("state") == "active" and s, 120,
+                          "the backup to activate")
+            _wait(lambda: any(r["t"] > injected for r in _replies(out)), 60,
+                  "a reply from the activated guest")
         time.sleep(0.5)  # a few more replies, to see none is taken back
     finally:
         probe.send_signal(signal.SIGTERM)
@@ -119,15 +140,18 @@ def run(args: argparse.Namespace) -> int:
     values = [r["v"] for r in replies]
     lost = [v for i, v in enumerate(values) if i and v <= max(values[:i])]
     before = [r for r in replies if r["t"] <= injected]
-    first_after = next(r for r in replies if r["t"] > injected)
+    first_after = next((r for r in replies if r["t"] > injected), None)
     failover = after.get("last_failover") or {}
     if failover:
         timeline.append(("activated", failover["at"], f"backup active at generation {failover['generation']}"))
-    timeline.append(("first-reply", first_after["t"], f"client got {first_after['v']}"))
+    if first_after is not None:
+        timeline.append(("first-reply", first_after["t"], f"client got {first_after['v']}"))
+    end = first_after["t"] if first_after else time.time()
     report = {
-        "drill": "kill" if args.kill else PHASES[args.die_at],
+        "drill": ("kill" if args.kill else "partition" if args.partition
+                  else "backup-crash" if args.backup_crash else PHASES[args.die_at]),
         "detection_ms": failover.get("detect_ms"), "fencing_ms": failover.get("fence_ms"),
-        "downtime_ms": (first_after["t"] - (before[-1]["t"] if before else injected)) * 1000,
+        "downtime_ms": (end - (before[-1]["t"] if before else injected)) * 1000,
         "replies": len(values), "replies_lost": len(lost),
         "timeline": [{"event": e, "ms": round((t - injected) * 1000), "detail": d} for e, t, d in timeline],
     }

@@ -146,7 +146,15 @@ async def run(args: argparse.Namespace) -> int:
         replicator.die_at = point
         _log.warning("drill-armed", point=point, detail="this primary dies there at the next checkpoint")
         return {"ok": True, "armed": point}
-    control = ControlServer(state_dir, status, {"drill": drill})
+    def partition(_arg: str) -> dict:
+        if hb is None:
+            return {"ok": False, "error": "a partition drill needs [heartbeat] links"}
+        for index in range(len(cfg.heartbeat.links)):
+            hb.mute_link(index)
+        asyncio.get_running_loop().create_task(replicator.partition())
+        _log.warning("drill-partition", detail="heartbeat muted and checkpoint stream cut")
+        return {"ok": True}
+    control = ControlServer(state_dir, status, {"drill": drill, "partition": partition})
     if cfg.metrics.primary:
         metrics = Metrics(status)
         epochs.listeners.append(metrics.observe_epoch)

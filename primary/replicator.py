@@ -55,6 +55,7 @@ class Replicator:
         self.state = "connecting"
         self.paused_for_backup = False  # on_backup_loss = pause, and the backup is gone
         self.die_at: str | None = None  # a drill: die at this point of the next checkpoint
+        self.partitioned = False        # a drill: the stream is cut and stays cut
         self.ever_protected = False     # a backup has held a checkpoint of this guest
         self.session = ""
         self.committed_epoch = 0
@@ -68,6 +69,8 @@ class Replicator:
     async def run(self) -> None:
         backoff = BACKOFF_MIN
         while True:
+            while self.partitioned:
+                await asyncio.sleep(1.0)
             try:
                 await self._session()
             except BackupRefused as exc:
@@ -91,6 +94,13 @@ class Replicator:
             self.state = "paused" if self.paused_for_backup else "degraded"
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def partition(self) -> None:
+        """A drill: cut the checkpoint stream, as a network partition would."""
+        self.partitioned = True
+        writer = self._writer
+        if writer is not None:
+            writer.transport.abort()  # no bye: the backup must not think we left on purpose
 
     def drill_point(self, point: str) -> None:
         """The original Remus drill commands (s s2 r r2 c c2): the whole primary host

@@ -23,10 +23,13 @@ def lan():
         yield lan
 
 
-@pytest.mark.parametrize("how", ["s", "s2", "r", "r2", "c", "c2", "kill"])
+@pytest.mark.parametrize("how", ["s", "s2", "r", "r2", "c", "c2", "kill", "partition", "backup-crash"])
 def test_drill_reports_zero_lost_replies(guest_image, lan, tmp_path, how):
     extra, status = ha_config(lan, tmp_path)
     pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra)
+    if how == "partition":  # a primary cut off must not answer clients the backup never sees
+        pair.config.write_text(pair.config.read_text().replace(
+            'state_dir = "', 'on_backup_loss = "pause"\nstate_dir = "', 1))
     switch = PowerSwitch(status, pair)
     switch.start()
     try:
@@ -34,16 +37,23 @@ def test_drill_reports_zero_lost_replies(guest_image, lan, tmp_path, how):
         pair.start_primary()
         pair.primary.wait_for(r"protecting epoch=1", 60)
         wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
-        inject = ["--kill"] if how == "kill" else ["--die-at", how]
+        inject = [f"--{how}"] if how in ("kill", "partition", "backup-crash") else ["--die-at", how]
         r = subprocess.run([REMUSCTL, "drill", "--config", str(pair.config), *inject, "--json", "--yes",
                             "--probe-url", pair.url("inc"), "--probe-netns", lan.ns["client"]],
                            capture_output=True, text=True, timeout=400)
         assert r.returncode == 0, r.stdout + r.stderr
         report = json.loads(r.stdout)
         assert report["replies_lost"] == 0 and report["replies"] >= 4
+        events = [e["event"] for e in report["timeline"]]
+        if how == "backup-crash":
+            assert events[:2] == ["inject", "primary-degraded"] and report["detection_ms"] is None
+            assert "WARNING activating" not in pair.primary.log()
+            return
         assert report["detection_ms"] > 0 and report["fencing_ms"] > 0 and report["downtime_ms"] > 0
-        assert [e["event"] for e in report["timeline"]] == ["inject", "activated", "first-reply"]
-        if how != "kill":
+        assert events == ["inject", "activated", "first-reply"]
+        if how == "partition":
+            assert "guest-paused" in pair.primary.log() and switch.cut_at is not None
+        elif how != "kill":
             assert "drill-die" in pair.primary.log()
     finally:
         switch.done.set()
