@@ -37,7 +37,6 @@ class Connection:
     def __init__(self, peer: str):
         self.peer = peer
         self.session: str | None = None
-        self.committed = 0          # checkpoints committed in this session
         self.superseded = False
         self.task: asyncio.Task | None = None
 
@@ -119,7 +118,6 @@ class Backup:
                                                cp.taken_at, cp.indices, cp.pages, cp.device_state,
                                                cp.disk_extents, cp.disk_data, cp.disk_synced)
                     writer.write(proto.ack(cp.epoch))
-                    conn.committed += 1
                     if conn is self.current:
                         self.judge.committed()
                     _log.debug("committed", epoch=cp.epoch, pages=len(cp.indices),

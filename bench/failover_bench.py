@@ -24,6 +24,7 @@ from pathlib import Path
 from remus.common.guest_image import build
 from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
 from remus.common.netns import Lan
+from remus.common.probe import read_replies
 from remus.common.stats import percentile
 
 RESULTS = Path(__file__).parent / "results"
@@ -70,8 +71,7 @@ def one_run(image, lan: Lan, workdir: Path) -> dict:
 
 
 def replies(probe) -> list[tuple[float, int]]:
-    rows = [json.loads(line) for line in probe.log().splitlines() if line.startswith("{")]
-    return [(r["t"], r["v"]) for r in rows if "v" in r]
+    return read_replies(probe.log())
 
 
 def main() -> int:

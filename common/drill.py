@@ -15,11 +15,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from remus.common.config import ConfigError, load
 from remus.common.control import query, request
+from remus.common.probe import read_replies, taken_back
+from remus.common.waiting import wait_until
 from remus.primary.replicator import DRILL_POINTS
 
 PHASES = {**{v: v for v in DRILL_POINTS.values()}, **DRILL_POINTS}
@@ -49,22 +52,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _replies(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.startswith("{"):
-            rows.append(json.loads(line))
-    return [r for r in rows if "v" in r]
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise TimeoutError(f"gave up after {timeout:.0f}s waiting for {what}")
+def _replies(path: Path) -> list[tuple[float, int]]:
+    return read_replies(path.read_text())
 
 
 def _try_status(state_dir: Path) -> dict:
@@ -95,14 +84,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"remusctl drill: the pair is not ready (primary {primary['state']}, backup "
               f"{backup['state']}); a drill needs protecting/standby", file=sys.stderr)
         return 1
-    out = Path(f"/tmp/remus-drill-{os.getpid()}.jsonl")
+    fd, name = tempfile.mkstemp(prefix="remus-drill-", suffix=".jsonl")
+    os.close(fd)
+    out = Path(name)
+    try:
+        return _drill(args, primary, backup, primary_dir, backup_dir, out)
+    except TimeoutError as exc:
+        print(f"remusctl drill: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def _drill(args, primary: dict, backup: dict, primary_dir: Path, backup_dir: Path, out: Path) -> int:
     prefix = ["ip", "netns", "exec", args.probe_netns] if args.probe_netns else []
     with open(out, "w") as sink:
         probe = subprocess.Popen([*prefix, sys.executable, "-m", "remus.common.probe", args.probe_url],
                                  stdout=sink, stderr=subprocess.DEVNULL)
     timeline = []
     try:
-        _wait(lambda: len(_replies(out)) >= 3, 60, "the probe's first replies")
+        wait_until(lambda: len(_replies(out)) >= 3, 60, "the probe's first replies")
         injected = time.time()
         if args.kill:
             timeline.append(("inject", injected, "kill -9 primary daemon and QEMU"))
@@ -120,38 +121,37 @@ def run(args: argparse.Namespace) -> int:
             request(primary_dir, f"drill {point}")
             timeline.append(("inject", injected, f"primary armed to die at {point}"))
         if args.backup_crash:
-            after = _wait(lambda: (s := _try_status(primary_dir)).get("state") in ("degraded", "paused")
+            after = wait_until(lambda: (s := _try_status(primary_dir)).get("state") in ("degraded", "paused")
                           and s, 60, "the primary to notice the backup's loss")
             timeline.append((f"primary-{after['state']}", time.time(), "primary runs without a backup"))
             if after["state"] == "degraded":  # with on_backup_loss = pause no reply comes
-                _wait(lambda: sum(r["t"] > injected for r in _replies(out)) >= 3, 60,
+                wait_until(lambda: sum(t > injected for t, _ in _replies(out)) >= 3, 60,
                       "replies from the unprotected primary")
         else:
-            after = _wait(lambda: (s := _try_status(backup_dir)).get("state") == "active" and s, 120,
+            after = wait_until(lambda: (s := _try_status(backup_dir)).get("state") == "active" and s, 120,
                           "the backup to activate")
-            _wait(lambda: any(r["t"] > injected for r in _replies(out)), 60,
+            wait_until(lambda: any(t > injected for t, _ in _replies(out)), 60,
                   "a reply from the activated guest")
         time.sleep(0.5)  # a few more replies, to see none is taken back
     finally:
         probe.send_signal(signal.SIGTERM)
         probe.wait(10)
     replies = _replies(out)
-    out.unlink(missing_ok=True)
-    values = [r["v"] for r in replies]
-    lost = [v for i, v in enumerate(values) if i and v <= max(values[:i])]
-    before = [r for r in replies if r["t"] <= injected]
-    first_after = next((r for r in replies if r["t"] > injected), None)
+    values = [v for _, v in replies]
+    lost = taken_back(values)
+    before = [t for t, _ in replies if t <= injected]
+    first_after = next(((t, v) for t, v in replies if t > injected), None)
     failover = after.get("last_failover") or {}
     if failover:
         timeline.append(("activated", failover["at"], f"backup active at generation {failover['generation']}"))
     if first_after is not None:
-        timeline.append(("first-reply", first_after["t"], f"client got {first_after['v']}"))
-    end = first_after["t"] if first_after else time.time()
+        timeline.append(("first-reply", first_after[0], f"client got {first_after[1]}"))
+    end = first_after[0] if first_after else time.time()
     report = {
         "drill": ("kill" if args.kill else "partition" if args.partition
                   else "backup-crash" if args.backup_crash else PHASES[args.die_at]),
         "detection_ms": failover.get("detect_ms"), "fencing_ms": failover.get("fence_ms"),
-        "downtime_ms": (end - (before[-1]["t"] if before else injected)) * 1000,
+        "downtime_ms": (end - (before[-1] if before else injected)) * 1000,
         "replies": len(values), "replies_lost": len(lost),
         "timeline": [{"event": e, "ms": round((t - injected) * 1000), "detail": d} for e, t, d in timeline],
     }

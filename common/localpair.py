@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 
 from remus.common.netns import Lan
+from remus.common.waiting import wait_until  # noqa: F401 - re-exported for tests
 
 BIN = Path(sys.executable).parent
 
@@ -27,17 +28,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Daemon:

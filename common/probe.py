@@ -16,6 +16,22 @@ import urllib.error
 import urllib.request
 
 
+def read_replies(text: str) -> list[tuple[float, int]]:
+    """(time seen, counter value) for every reply in a probe's output."""
+    rows = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return [(r["t"], r["v"]) for r in rows if "v" in r]
+
+
+def taken_back(values: list[int]) -> list[int]:
+    """Replies not above every earlier one: state a failover took back from the client."""
+    out, highest = [], None
+    for v in values:
+        if highest is not None and v <= highest:
+            out.append(v)
+        highest = v if highest is None else max(highest, v)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("url")

@@ -4,7 +4,6 @@ The guest writes numbered records to its disk (record N in sector N, synced)
 and reports each one; the primary host is killed at random moments. After the
 failover the replica disk must hold every record whose report the client saw,
 and the guest's RAM counter must agree with its disk."""
-import json
 import random
 import re
 import signal
@@ -14,6 +13,7 @@ import pytest
 
 from remus.common.localpair import Pair, wait_until
 from remus.common.netns import Lan
+from remus.common.probe import read_replies
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +39,7 @@ def records_on_disk(path) -> int:
 
 
 def replies(probe) -> list[int]:
-    rows = [json.loads(line) for line in probe.log().splitlines() if line.startswith("{")]
-    return [r["v"] for r in rows if "v" in r]
+    return [v for _, v in read_replies(probe.log())]
 
 
 def test_replica_disk_holds_every_reported_record(guest_image, lan, tmp_path):

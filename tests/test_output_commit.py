@@ -10,6 +10,7 @@ import pytest
 
 from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
 from remus.common.netns import Lan
+from remus.common.probe import read_replies, taken_back
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +24,7 @@ def lan():
 
 
 def replies(probe) -> list[tuple[float, int]]:
-    rows = [json.loads(line) for line in probe.log().splitlines() if line.startswith("{")]
-    return [(r["t"], r["v"]) for r in rows if "v" in r]
+    return read_replies(probe.log())
 
 
 def failover_once(guest_image, lan, workdir, rng, *primary_args, ha: bool = False) -> dict:
@@ -55,8 +55,7 @@ def failover_once(guest_image, lan, workdir, rng, *primary_args, ha: bool = Fals
         last = epochs[-1]
         # Where in the epoch the kill fell, counted from the last acknowledged pause.
         offset_ms = (killed_at - last["taken_at"]) * 1000
-        taken_back = [v for i, v in enumerate(values) if i and v <= max(values[:i])]
-        return {"values": values, "taken_back": taken_back, "offset_ms": offset_ms,
+        return {"values": values, "taken_back": taken_back(values), "offset_ms": offset_ms,
                 "in_flight": offset_ms > INTERVAL_MS}
     finally:
         if switch is not None:
