@@ -181,7 +181,7 @@ class UserspaceNetBuffer(CheckpointDevice):
             except OSError:
                 return
             if self._to_guest is not None and frame:
-                self._to_guest.write(struct.pack(">I", len(frame)) + frame)
+                self._to_guest.writelines((struct.pack(">I", len(frame)), frame))  # no copy
 
     async def postsuspend(self, epoch: int) -> None:
         # The guest is paused: everything read so far belongs to this epoch or
