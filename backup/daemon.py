@@ -10,24 +10,26 @@ import time
 from pathlib import Path
 
 from remus.backup.failover import FAILOVER, STALE, FailoverJudge, Verdict
+from remus.backup.inputlog import InputLog
 from remus.backup.replica import Replica, ReplicaError
 from remus.common import log, sdnotify
 from remus.common.capture import PAGE_SIZE
 from remus.common.config import Config, ConfigError, load
+from remus.common.node import Node
 from remus.common.fencing import Fencer, fence_with_retry
 from remus.common.heartbeat import HeartbeatError, LinkDown, LinkUp, PeerBack, PeerBeat, PeerLost
-from remus.common.control import ControlServer
-from remus.common.metrics import Metrics
-from remus.common.peering import grace_s, heartbeat_for, heartbeat_status
-from remus.common.protocol import BackupProtocol, CheckpointStaged, PeerBye, Send, SessionOpened
-from remus.common.qemu import GuestError, GuestPaths, QemuGuest, tap_fd_args
-from remus.common.tap import TapError, attach, open_tap
+from remus.common.peering import grace_s, heartbeat_status
+from remus.common.protocol import (BackupProtocol, CheckpointStaged, InputReceived, PeerBye, Send,
+                                   SessionOpened)
+from remus.common.qemu import GuestError, GuestPaths, QemuGuest
+from remus.common.tap import TapError, send_to_guest
 from remus.common.wire import ProtocolError
 
 _log = log.get("remus.backup")
 
 READ_CHUNK = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0
+INPUT_LOG_CAP = 16 << 20  # input held for replay; more is left to the clients' TCP
 EXIT_ACTIVATION_REFUSED = 4
 
 
@@ -53,6 +55,7 @@ class Backup:
         self.phase = "waiting"          # waiting | fencing | active (else derived from the replica)
         self.last_failover: dict | None = None
         self.last_fencing: str | None = None
+        self.inputs = InputLog(INPUT_LOG_CAP)  # for the current session
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "%s:%d" % writer.get_extra_info("peername")[:2]
@@ -75,7 +78,8 @@ class Backup:
                      writer: asyncio.StreamWriter) -> str | None:
         """Returns why the primary is presumed lost, or None if it is not."""
         proto = BackupProtocol(self.fingerprint, self.cfg.memory_bytes, PAGE_SIZE,
-                               self._read_previous, disk=bool(self.cfg.guest.disk))
+                               self._read_previous, disk=bool(self.cfg.guest.disk),
+                               generation=self.replica.state.generation)
         loop = asyncio.get_running_loop()
         stream_timeout = self.cfg.replication.stream_timeout_ms / 1000
         while True:
@@ -107,7 +111,10 @@ class Backup:
                            action="dropping the connection; replica untouched")
                 return None
             for event in events:
-                if isinstance(event, Send):
+                if isinstance(event, InputReceived):
+                    if conn is self.current:
+                        self.inputs.add(event.after_epoch, event.frames)
+                elif isinstance(event, Send):
                     writer.write(event.data)
                 elif isinstance(event, SessionOpened):
                     self._open_session(conn, event.session, event.disk_size)
@@ -120,6 +127,7 @@ class Backup:
                     writer.write(proto.ack(cp.epoch))
                     if conn is self.current:
                         self.judge.committed()
+                        self.inputs.committed(cp.epoch)
                     _log.debug("committed", epoch=cp.epoch, pages=len(cp.indices),
                                apply_ms=(time.monotonic() - t0) * 1000)
                     if cp.full:
@@ -146,6 +154,7 @@ class Backup:
             _log.warning("session-superseded", old=old.session, new=session)
         conn.session = session
         self.current = conn
+        self.inputs.clear()
         self.judge.session_started()
         self.replica.begin_session(session, self.fingerprint, self.cfg.memory_bytes, PAGE_SIZE,
                                    disk_size)
@@ -153,40 +162,72 @@ class Backup:
                   detail="replica is stale until the full sync commits")
 
 
-async def activate(cfg: Config, replica: Replica, reason: str, lost_at: float,
-                   generation: int) -> QemuGuest:
-    """Resume the VM from the last committed checkpoint, as holder of `generation`."""
+async def prepare_guest(cfg: Config, replica: Replica):
+    """QEMU on the replica with the device state loaded, not yet running, and its
+    network: (guest, netbuf or None).
+
+    Runs while the primary is being fenced: nothing here lets the guest execute
+    or send a frame, so it is safe before fencing has succeeded. In bridged mode
+    the NIC goes through the same output buffer as on a primary, passing frames
+    straight through until `remusctl reprotect` makes this host a primary."""
+    from remus.primary.daemon import make_netbuf
     replica.check_activatable(cfg.fingerprint())
+    run_dir = Path(cfg.backup.state_dir) / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    guest = QemuGuest(cfg, GuestPaths(run_dir=run_dir, ram_file=replica.ram_file))
+    t0 = time.monotonic()
+    netbuf = make_netbuf(cfg, run_dir, buffering=True)
+    try:
+        net_args = None
+        if netbuf is not None:
+            await netbuf.start()
+            await netbuf.attach(cfg.network.bridge)
+            net_args = netbuf.qemu_netdev_args(cfg.network.mac)
+        await guest.launch(incoming=True, net_args=net_args,
+                           disk=str(replica.disk_file) if cfg.guest.disk else None)
+        t1 = time.monotonic()
+        await guest.load_device_state(replica.device_file)
+    except BaseException:
+        guest.kill()
+        if netbuf is not None:
+            await netbuf.close()
+        raise
+    _log.info("guest-prepared", epoch=replica.state.epoch, qemu_pid=guest.pid,
+              launch_ms=(t1 - t0) * 1000, load_ms=(time.monotonic() - t1) * 1000,
+              detail="device state loaded; the guest runs only once the primary is fenced")
+    return guest, netbuf
+
+
+async def resume_guest(cfg: Config, replica: Replica, guest: QemuGuest, reason: str,
+                       lost_at: float, generation: int, replay: list[bytes] = ()) -> None:
+    """Run the prepared guest as holder of `generation`, and hand it `replay`: what the
+    lost primary's guest received after the checkpoint it resumes from."""
     s = replica.state
     _log.warning("activating", reason=reason, epoch=s.epoch, session=s.session,
                  generation=generation, checkpoint_age_s=time.time() - s.taken_at)
-    replica.mark_activated(generation)  # before QEMU touches the file: never resume it twice
-    guest = QemuGuest(cfg, GuestPaths(run_dir=Path(cfg.backup.state_dir) / "run",
-                                      ram_file=replica.ram_file))
-    t0 = time.monotonic()
-    net_args, fds = None, ()
-    if cfg.network.mode == "bridged":
-        # Same NIC device as on the primary; its backend here is a TAP on this host's bridge.
-        tap_fd = open_tap(cfg.network.tap)
-        await asyncio.to_thread(attach, cfg.network.tap, cfg.network.bridge)
-        net_args, fds = tap_fd_args(tap_fd, cfg.network.mac), (tap_fd,)
-    try:
-        await guest.launch(incoming=True, net_args=net_args, pass_fds=fds,
-                           disk=str(replica.disk_file) if cfg.guest.disk else None)
-    finally:
-        for fd in fds:
-            os.close(fd)  # QEMU holds its own copy
-    t1 = time.monotonic()
-    await guest.load_device_state(replica.device_file)
-    t2 = time.monotonic()
+    replica.mark_activated(generation)  # before the guest runs: never resume it twice
     await guest.cont()
-    t3 = time.monotonic()
+    resumed = time.monotonic()
+    replayed = 0
+    if replay and cfg.network.mode == "bridged":
+        replayed = await asyncio.to_thread(send_to_guest, cfg.network.tap, list(replay))
     if cfg.network.mode != "none":
         await guest.announce()
     _log.warning("activated", epoch=s.epoch, qemu_pid=guest.pid,
-                 detect_to_resume_ms=(t3 - lost_at) * 1000, launch_ms=(t1 - t0) * 1000,
-                 load_ms=(t2 - t1) * 1000, cont_ms=(t3 - t2) * 1000)
-    return guest
+                 detect_to_resume_ms=(resumed - lost_at) * 1000,
+                 input_replayed=replayed, input_logged=len(replay))
+
+
+async def _discard(prepared: asyncio.Task) -> None:
+    """Stop a guest prepared for an activation that is not happening."""
+    prepared.cancel()
+    try:
+        guest, netbuf = await prepared
+    except BaseException:  # noqa: BLE001 - cancelled or failed: nothing is running
+        return
+    guest.kill()
+    if netbuf is not None:
+        await netbuf.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,63 +252,70 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run(args: argparse.Namespace) -> int:
     cfg = load(args.config).with_overrides(stream_timeout_ms=args.stream_timeout)
+    node = Node(cfg, "backup")
+    await node.start("backup", Replica(Path(cfg.backup.state_dir)).state.generation)
+    try:
+        return await serve_as_backup(node, cfg, activate_now=args.activate_now)
+    finally:
+        await node.close()
+
+
+async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -> int:
+    """Keep the replica of the guest `cfg`'s primary runs; take the guest over when that
+    host is lost (fence it, then resume), and run it until it ends or the operator
+    stops us; re-protect it on request. Returns the exit code."""
     replica = Replica(Path(cfg.backup.state_dir))
     s = replica.state
+    hb = node.hb
     _log.info("backup-start", guest=cfg.guest.name, listen=cfg.backup.address,
               replica_state=s.state, replica_epoch=s.epoch, generation=s.generation,
               detail="waiting for a session; an old replica is never resumed without one")
-    hb = heartbeat_for(cfg, "backup")
     if hb is None:
         _log.warning("no-heartbeat", detail="no [heartbeat] links: the loss of the checkpoint "
                      "stream alone triggers activation, which cannot tell a dead primary from a "
                      "partition (unsafe)")
-    fencer = Fencer(cfg.fencing, log.get("remus.fencing")) if cfg.fencing.configured else None
+    plan = cfg.fence_plan
+    fencer = Fencer(plan, log.get("remus.fencing")) if plan.configured else None
     if fencer is None:
-        _log.warning("no-fencing", detail="no [fencing] levels: the backup will activate "
-                     "without making sure the primary is off (unsafe)")
+        _log.warning("no-fencing", target="backup host" if cfg.reversed_roles else "primary host",
+                     detail="no [fencing] device for the host that runs the VM: the backup "
+                            "will activate without making sure it is off (unsafe)")
     judge = FailoverJudge(hb is not None, grace_s(cfg))
     backup = Backup(cfg, replica, judge)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = node.stop
+    metrics = node.metrics
     host, port = cfg.backup_endpoint
     server = await asyncio.start_server(backup.handle, host, port, reuse_address=True)
     tasks: list[asyncio.Task] = []
     if hb is not None:
-        await hb.start()
         hb.update("backup", "", s.generation, 0)
         tasks.append(asyncio.create_task(follow_heartbeat(hb, backup)))
-    stopped = asyncio.create_task(stop.wait())
-    tasks.append(stopped)
     def status() -> dict:
         r = replica.state
         phase = backup.phase
         if phase == "waiting":
             phase = ("stale" if judge.stale else "standby" if judge.resumable
                      else "syncing" if backup.current else "waiting")
-        return {"role": "backup", "guest": cfg.guest.name, "state": phase, "pid": os.getpid(),
-                "generation": r.generation, "session": r.session,
+        return {"role": "backup", "host": node.host, "guest": cfg.guest.name, "state": phase,
+                "pid": os.getpid(), "generation": r.generation, "session": r.session,
                 "last_committed_epoch": r.epoch, "replica": r.as_dict(),
                 "heartbeat": heartbeat_status(hb),
-                "fencing": {"configured": cfg.fencing.configured,
-                            "levels": len(cfg.fencing.levels), "last_failure": backup.last_fencing},
+                "fencing": {"configured": plan.configured,
+                            "levels": len(plan.levels), "last_failure": backup.last_fencing},
                 "last_failover": backup.last_failover}
-    control = ControlServer(Path(cfg.backup.state_dir), status)
-    metrics = Metrics(status) if cfg.metrics.backup else None
-    if metrics is not None:
-        metrics.serve(cfg.metrics.backup)
-        _log.info("metrics", address=cfg.metrics.backup)
-    await control.start()
+    node.status = status
+    node.commands = {}
     sdnotify.notify("READY=1", f"STATUS=standing by on {cfg.backup.address}")
     tasks.append(asyncio.create_task(sdnotify.keep_alive(lambda: True)))
     try:
-        if args.activate_now:
+        if activate_now:
             verdict = Verdict(FAILOVER, "operator asked (--activate-now)")
             judge.lost_at = time.monotonic()
         else:
             verdict = await wait_for_failover(backup, hb, stop)
         server.close()
+        for task in tasks:
+            task.cancel()
         if verdict is None:
             _log.info("backup-stop", reason="signal", replica_state=replica.state.state)
             return 0
@@ -276,49 +324,120 @@ async def run(args: argparse.Namespace) -> int:
         detect_ms = (decided_at - (judge.lost_at or decided_at)) * 1000
         _log.warning("primary-lost", reason=verdict.reason, last_epoch=replica.state.epoch,
                      detect_ms=detect_ms)
+        try:
+            replica.check_activatable(cfg.fingerprint())
+        except ReplicaError as exc:
+            _log.error("activation-refused", reason=str(exc))
+            return EXIT_ACTIVATION_REFUSED
+        prepared = asyncio.create_task(prepare_guest(cfg, replica))
         fenced_ms = 0.0
-        if fencer is not None and not args.activate_now:
+        if fencer is not None and not activate_now:
             backup.phase = "fencing"
+            if hb is not None:
+                hb.update("fencing", replica.state.session, replica.state.generation,
+                          replica.state.epoch)
             result = await fence_primary(cfg, fencer, stop, backup, metrics)
             if result is None:
+                await _discard(prepared)
                 return 0  # stopped while fencing
             fenced_ms = result.seconds * 1000
         generation = max(replica.state.generation, backup.peer_generation) + 1
         try:
-            guest = await activate(cfg, replica, verdict.reason, decided_at, generation)
+            guest, netbuf = await prepared
         except ReplicaError as exc:
             _log.error("activation-refused", reason=str(exc))
             return EXIT_ACTIVATION_REFUSED
         except (GuestError, TapError) as exc:
             _log.error("activation-failed", reason=str(exc),
-                       detail="the replica was marked activated and will not be resumed again")
+                       detail="the guest never ran; the replica is still resumable")
             return 1
-        _log.warning("failover-complete", detect_ms=detect_ms, fence_ms=fenced_ms,
-                     generation=generation)
-        backup.phase = "active"
-        if metrics is not None:
-            metrics.failovers.inc()
-        backup.last_failover = {"at": time.time(), "reason": verdict.reason, "detect_ms": detect_ms,
-                                "fence_ms": fenced_ms, "epoch": replica.state.epoch,
-                                "generation": generation}
-        sdnotify.notify(f"STATUS=active: running the VM at generation {generation}")
-        if hb is not None:
-            hb.update("active", replica.state.session, generation, replica.state.epoch)
-        exited = asyncio.create_task(guest.wait())
-        await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if stop.is_set():
+        try:
+            replay = backup.inputs.replay(replica.state.epoch) if backup.current else []
+            try:
+                await resume_guest(cfg, replica, guest, verdict.reason, decided_at, generation,
+                                   replay)
+            except GuestError as exc:
+                _log.error("activation-failed", reason=str(exc),
+                           detail="the replica was marked activated and will not be resumed again")
+                return 1
+            _log.warning("failover-complete", detect_ms=detect_ms, fence_ms=fenced_ms,
+                         generation=generation)
+            if metrics is not None:
+                metrics.failovers.inc()
+            backup.last_failover = {"at": time.time(), "reason": verdict.reason,
+                                    "detect_ms": detect_ms, "fence_ms": fenced_ms,
+                                    "epoch": replica.state.epoch, "generation": generation}
+            return await run_active(node, cfg, replica, guest, netbuf, generation,
+                                    backup.last_failover)
+        finally:
+            guest.kill()
+            if netbuf is not None:
+                await netbuf.close()
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        replica.close()
+
+
+async def run_active(node: Node, cfg: Config, replica: Replica, guest: QemuGuest, netbuf,
+                     generation: int, last_failover: dict) -> int:
+    """Run the taken-over guest, unprotected, until it ends, the operator stops us, a
+    newer generation holds it, or `remusctl reprotect` makes this host its primary."""
+    from remus.primary.daemon import protect, watch_for_newer_holder
+    hb = node.hb
+    sdnotify.notify(f"STATUS=active: running the VM at generation {generation}, unprotected")
+    if hb is not None:
+        hb.update("active", replica.state.session, generation, replica.state.epoch)
+    reprotect = asyncio.Event()
+
+    def request_reprotect(_arg: str) -> dict:
+        if reprotect.is_set():
+            return {"ok": False, "error": "re-protection already requested"}
+        reprotect.set()
+        _log.warning("reprotect-requested", peer=cfg.reversed().backup.address,
+                     detail="this host becomes the primary; the other host its backup")
+        return {"ok": True, "backup": cfg.reversed().backup.address}
+    def status() -> dict:
+        return {"role": "active", "host": node.host, "guest": cfg.guest.name,
+                "state": "reprotecting" if reprotect.is_set() else "unprotected",
+                "pid": os.getpid(), "qemu_pid": guest.pid, "generation": generation,
+                "session": replica.state.session, "last_committed_epoch": replica.state.epoch,
+                "heartbeat": heartbeat_status(hb), "last_failover": last_failover,
+                **guest.usage()}
+    node.status = status
+    node.commands = {"reprotect": request_reprotect}
+    exited = asyncio.create_task(guest.wait())
+    stopped = asyncio.create_task(node.stop.wait())
+    asked = asyncio.create_task(reprotect.wait())
+    newer = asyncio.create_task(watch_for_newer_holder(hb, None, generation, "active"))
+    try:
+        done, _ = await asyncio.wait({exited, stopped, asked, newer},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if newer in done:
+            if netbuf is not None:
+                netbuf.silence()
+            guest.kill()
+            holder = newer.result()
+            _log.error("stood-down", my_generation=generation,
+                       holder_generation=holder.get("generation"),
+                       detail="another host holds the guest at a higher generation")
+            return EXIT_STOOD_DOWN
+        if stopped in done:
             _log.info("backup-stop", reason="signal", action="quit the activated guest")
             await guest.quit()
             return 0
+        if asked in done:
+            for task in (exited, stopped, newer):
+                task.cancel()
+            sender = cfg.reversed()
+            return await protect(node, sender, guest, netbuf, replica.ram_file,
+                                 str(replica.disk_file) if cfg.guest.disk else None, generation)
         _log.warning("guest-exit", status=exited.result(), reason=guest.shutdown_reason)
         return 0 if guest.shutdown_reason == "guest-shutdown" else 1
     finally:
-        for task in tasks:
+        for task in (exited, stopped, asked, newer):
             task.cancel()
-        if hb is not None:
-            await hb.stop()
-        await control.close()
-        replica.close()
 
 
 async def follow_heartbeat(hb, backup: Backup) -> None:

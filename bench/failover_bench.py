@@ -61,7 +61,8 @@ def one_run(image, lan: Lan, workdir: Path) -> dict:
         probe.stop()
         log = pair.backup.log()
         decided, fenced, activated = (stamp(log, e) for e in ("primary-lost", "fenced", "activated"))
-        return {"detect_ms": (decided - killed) * 1000, "fence_ms": (fenced - decided) * 1000,
+        replayed = re.search(r"activated .*input_replayed=(\d+)", log)
+        return {"input_replayed": int(replayed.group(1)) if replayed else 0,"detect_ms": (decided - killed) * 1000, "fence_ms": (fenced - decided) * 1000,
                 "activate_ms": (activated - fenced) * 1000,
                 "first_reply_ms": (first_reply - killed) * 1000,
                 "jitter": [tuple(map(float, j)) for j in jitter]}
@@ -89,7 +90,8 @@ def main() -> int:
                 runs.append(one_run(image, lan, workdir))
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
-            print(f"run {i + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in runs[-1].items() if k != "jitter"),
+            print(f"run {i + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in runs[-1].items()
+                                                if k != "jitter"),
                   flush=True)
     keys = ("detect_ms", "fence_ms", "activate_ms", "first_reply_ms")
     print("\nFailover, kill -9 of the primary host -> first reply of the activated guest")

@@ -200,6 +200,28 @@ class Config:
     metrics: Section
     raw: dict = field(repr=False)
     fencing: Any = None  # remus.common.fencing.FencingPlan
+    reversed_roles: bool = False  # see reversed()
+
+    @property
+    def fence_plan(self):
+        """How to fence the host that runs the VM while this config's backup watches it."""
+        return self.fencing.for_target("backup" if self.reversed_roles else "primary")
+
+    def reversed(self) -> "Config":
+        """The pair with its hosts' roles exchanged: after a failover the [backup] host
+        runs the VM, and re-protection makes the [primary] host its backup. The
+        checkpoint stream then goes to the [primary] host's address on the same port;
+        each host keeps its own state directory and metrics endpoint."""
+        p_host, _ = self.primary_endpoint
+        b_host, port = self.backup_endpoint
+        primary = Section({**self.primary.values, "address": f"[{b_host}]:0" if ":" in b_host else b_host,
+                           "state_dir": self.backup.state_dir})
+        backup = Section({**self.backup.values,
+                          "address": f"[{p_host}]:{port}" if ":" in p_host else f"{p_host}:{port}",
+                          "state_dir": self.primary.state_dir})
+        metrics = Section({"primary": self.metrics.backup, "backup": self.metrics.primary})
+        return Config(self.path, self.guest, self.network, self.replication, primary, backup,
+                      self.heartbeat, metrics, self.raw, self.fencing, not self.reversed_roles)
 
     @property
     def memory_bytes(self) -> int:
@@ -233,8 +255,9 @@ class Config:
             if value is None:
                 continue
             values[key] = _check_value("replication", key, SCHEMA["replication"][key], value)
-        return Config(self.path, self.guest, self.network, Section(values),
-                      self.primary, self.backup, self.heartbeat, self.metrics, self.raw, self.fencing)
+        return Config(self.path, self.guest, self.network, Section(values), self.primary,
+                      self.backup, self.heartbeat, self.metrics, self.raw, self.fencing,
+                      self.reversed_roles)
 
 
 def _check_value(section: str, key: str, spec: Key, value: Any) -> Any:

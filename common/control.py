@@ -25,7 +25,7 @@ class ControlServer:
         """`commands`: extra requests, `NAME ARG` -> reply dict (e.g. drills)."""
         self.path = state_dir / SOCKET_NAME
         self._status = status
-        self._commands = commands or {}
+        self._commands = commands if commands is not None else {}
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:

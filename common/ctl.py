@@ -27,9 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     from remus.common import fencing
     fencing.add_fence_test_parser(sub)
 
-    from remus.common import drill, status_cli
+    from remus.common import drill, reprotect_cli, status_cli
     status_cli.add_parsers(sub)
     drill.add_parser(sub)
+    reprotect_cli.add_parser(sub)
     return parser
 
 

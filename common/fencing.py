@@ -75,8 +75,11 @@ SCRUBBED = "***"
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _TOP_KEYS = ("timeout_s", "retry_min_s", "retry_max_s", "on_fence_failure", "notify", "level")
-_DEVICE_KEYS = {"agent": ("kind", "agent", "options", "secrets", "name"),
-                "command": ("kind", "command", "name")}
+_DEVICE_KEYS = {"agent": ("kind", "agent", "options", "secrets", "name", "target"),
+                "command": ("kind", "command", "name", "target")}
+# Which host a device powers off. The [backup] host needs fencing too once it runs
+# the VM and re-protection has made the [primary] host its backup.
+TARGETS = ("primary", "backup")
 FAILURE_POLICIES = ("stay-passive", "activate")
 
 
@@ -96,6 +99,7 @@ class AgentDevice:
     options: tuple[tuple[str, str], ...]   # in file order
     secrets: tuple[Secret, ...]
     kind: str = "agent"
+    target: str = "primary"
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class CommandDevice:
     name: str
     command: tuple[str, ...]               # argv[0] resolved at start
     kind: str = "command"
+    target: str = "primary"
 
 
 Device = Union[AgentDevice, CommandDevice]
@@ -125,6 +130,14 @@ class FencingPlan:
     def unsafe(self) -> bool:
         """True when the daemon may resume the VM without a confirmed fence."""
         return self.on_fence_failure == "activate"
+
+    def for_target(self, target: str) -> "FencingPlan":
+        """The levels that fence `target` ("primary" or "backup" host), each keeping
+        only that host's devices; levels with none left are dropped."""
+        levels = tuple(kept for level in self.levels
+                       if (kept := tuple(d for d in level if d.target == target)))
+        return FencingPlan(levels, self.timeout_s, self.retry_min_s, self.retry_max_s,
+                           self.on_fence_failure, self.notify)
 
     def secret_values(self) -> set[str]:
         return {s.value for level in self.levels for d in level
@@ -225,11 +238,15 @@ def _parse_device(d: Any, base_dir: Path, where: str) -> Device:
     if name is not None and (not isinstance(name, str) or not name or "\n" in name):
         raise _err(f"{where} name: expected a one-line string, got {name!r}")
 
+    target = d.get("target", "primary")
+    if target not in TARGETS:
+        raise _err(f"{where} target: must be \"primary\" or \"backup\" (the host this device "
+                   f"powers off; got {target!r})")
     if kind == "command":
         if "command" not in d:
             raise _err(f"{where} command: required for kind = \"command\" (argv; exit 0 = fenced)")
         argv = _argv(d["command"], base_dir, f"{where} command", allow_empty=False)
-        return CommandDevice(name=name or os.path.basename(argv[0]), command=argv)
+        return CommandDevice(name=name or os.path.basename(argv[0]), command=argv, target=target)
 
     if "agent" not in d:
         raise _err(f"{where} agent: required for kind = \"agent\" (a fence-agents program)")
@@ -265,7 +282,7 @@ def _parse_device(d: Any, base_dir: Path, where: str) -> Device:
             raise _err(f"{w}: {full} must hold one line (the value is sent as one key=value line)")
         secrets.append(Secret(key, full, value))
     return AgentDevice(name=name or os.path.basename(agent), agent=agent,
-                       options=tuple(options), secrets=tuple(secrets))
+                       options=tuple(options), secrets=tuple(secrets), target=target)
 
 
 def parse(table: dict | None, base_dir: Path) -> FencingPlan:

@@ -7,9 +7,10 @@ produces something to send returns the bytes. Framing is in ``wire``.
 Messages (header "t"; every other field is in the msgpack header, bulk data
 is in the frame payload)::
 
-    hello    P->B  version, fingerprint, session (32 lowercase hex), ram_size, page_size
-    welcome  B->P  version, session
-    reject   B->P  reason
+    hello    P->B  version, fingerprint, session (32 lowercase hex), ram_size, page_size,
+                   disk_size, generation (the generation at which the sender holds the guest)
+    welcome  B->P  version, session, generation (the highest this backup knows of)
+    reject   B->P  reason, generation (as in welcome; a primary below it must stand down)
     begin    P->B  epoch (>= 1), full, taken_at (unix time the guest was paused)
     pages    P->B  count, codec ("zstd"|"none"), xor, raw_len
                    payload: count uint32 LE page indices, then the encoded pages
@@ -19,6 +20,12 @@ is in the frame payload)::
     end      P->B  epoch, pages (pages in this checkpoint), checksum
     ack      B->P  epoch
     bye      P->B  reason (the primary ends the session on purpose: do not activate)
+    input    P->B  after_epoch, count; payload: count frames, each a uint32 LE length
+                   and an Ethernet frame the primary passed TO the guest after the
+                   barrier of checkpoint `after_epoch`. Not part of any checkpoint:
+                   the backup keeps those newer than its last commit and, if it
+                   activates, hands them to the resumed guest again, so that a
+                   client's request the lost primary had received is not lost with it.
 
 A checkpoint is ``begin, pages*, device, end``. The checksum in ``end`` is the
 hex blake2b (digest_size=16) over, in order:
@@ -83,10 +90,11 @@ __all__ = [
     "Send",
     "CheckpointStaged",
     "PeerBye",
+    "InputReceived",
     "checkpoint_checksum",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 CODECS = ("zstd", "none")
 # The encoder keeps the decoded size of one pages frame at or below this, so
 # that a backup with the default max_payload accepts it even if incompressible.
@@ -104,11 +112,13 @@ _LE_U32 = np.dtype("<u4")
 @dataclass(frozen=True)
 class Welcome:
     session: str
+    generation: int = 0
 
 
 @dataclass(frozen=True)
 class Rejected:
     reason: str
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,14 @@ class PeerBye:
     reason: str
 
 
+@dataclass(frozen=True, eq=False)
+class InputReceived:
+    """Frames the primary handed to the guest after the barrier of `after_epoch`."""
+
+    after_epoch: int
+    frames: list[bytes]
+
+
 # --------------------------------------------------------------------------
 # Message schemas
 
@@ -166,9 +184,10 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
         ("ram_size", "int"),
         ("page_size", "int"),
         ("disk_size", "int"),
+        ("generation", "int"),
     ),
-    "welcome": (("version", "int"), ("session", "str")),
-    "reject": (("reason", "str"),),
+    "welcome": (("version", "int"), ("session", "str"), ("generation", "int")),
+    "reject": (("reason", "str"), ("generation", "int")),
     "begin": (("epoch", "int"), ("full", "bool"), ("taken_at", "float"), ("disk_synced", "bool")),
     "pages": (("count", "int"), ("codec", "str"), ("xor", "bool"), ("raw_len", "int")),
     "disk": (("count", "int"), ("codec", "str"), ("raw_len", "int")),
@@ -176,9 +195,14 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
     "end": (("epoch", "int"), ("pages", "int"), ("checksum", "str")),
     "ack": (("epoch", "int"),),
     "bye": (("reason", "str"),),
+    "input": (("after_epoch", "int"), ("count", "int")),
 }
-_WITH_PAYLOAD = frozenset({"pages", "disk", "device"})
-_FROM_PRIMARY = frozenset({"hello", "begin", "pages", "disk", "device", "end", "bye"})
+_WITH_PAYLOAD = frozenset({"pages", "disk", "device", "input"})
+_FROM_PRIMARY = frozenset({"hello", "begin", "pages", "disk", "device", "end", "bye", "input"})
+# Input frames: Ethernet header at least, one jumbo frame with offloads at most.
+MIN_INPUT_FRAME, MAX_INPUT_FRAME = 14, 65536 + 64
+MAX_INPUT_COUNT = 4096
+_INPUT_LEN = struct.Struct("<I")
 # A disk frame's payload starts with `count` of these, then the encoded data.
 DISK_EXTENT = np.dtype([("offset", "<u8"), ("length", "<u4")])
 DISK_SECTOR = 512
@@ -348,7 +372,8 @@ class CheckpointEncoder:
         self.level = level
         self._cctx = zstandard.ZstdCompressor(level=level) if compression == "zstd" else None
 
-    def hello(self, fingerprint: str, session: str, ram_size: int, disk_size: int = 0) -> bytes:
+    def hello(self, fingerprint: str, session: str, ram_size: int, disk_size: int = 0,
+              generation: int = 1) -> bytes:
         if not isinstance(fingerprint, str):
             raise TypeError("fingerprint must be a str")
         if not isinstance(session, str) or not _SESSION_RE.fullmatch(session):
@@ -365,8 +390,22 @@ class CheckpointEncoder:
                 "ram_size": ram_size,
                 "page_size": self.page_size,
                 "disk_size": _check_int("disk_size", disk_size, 0, MAX_DISK_SIZE),
+                "generation": _check_int("generation", generation, 1, _MAX_EPOCH),
             }
         )
+
+    def input(self, after_epoch: int, frames: list[bytes]) -> bytes:
+        """Frames passed to the guest after the barrier of `after_epoch` (0: before the first)."""
+        _check_int("after_epoch", after_epoch, 0, _MAX_EPOCH)
+        if not 1 <= len(frames) <= MAX_INPUT_COUNT:
+            raise ValueError(f"an input message carries 1..{MAX_INPUT_COUNT} frames, not {len(frames)}")
+        parts = []
+        for f in frames:
+            if not MIN_INPUT_FRAME <= len(f) <= MAX_INPUT_FRAME:
+                raise ValueError(f"input frame of {len(f)} bytes is not an Ethernet frame")
+            parts += (_INPUT_LEN.pack(len(f)), f)
+        return encode_frame_parts({"t": "input", "after_epoch": after_epoch, "count": len(frames)},
+                                  *parts)
 
     def bye(self, reason: str) -> bytes:
         if not isinstance(reason, str):
@@ -580,12 +619,12 @@ class PrimaryProtocol:
                     f"{self.session!r}"
                 )
             self.state = "ready"
-            return Welcome(f["session"])
+            return Welcome(f["session"], f["generation"])
         if t == "reject":
             if self.state != "await-welcome":
                 raise ProtocolError("reject from the backup after it welcomed the session")
             self.state = "rejected"
-            return Rejected(f["reason"])
+            return Rejected(f["reason"], f["generation"])
         # ack
         epoch = f["epoch"]
         if self.state != "ready":
@@ -658,10 +697,14 @@ class BackupProtocol:
         read_previous: Callable[[np.ndarray], np.ndarray],
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         disk: bool = False,
+        generation: int = 0,
     ) -> None:
         if not isinstance(fingerprint, str):
             raise TypeError("fingerprint must be a str")
         self.fingerprint = fingerprint
+        # The highest generation known to have held the guest: a primary below it is stale.
+        self.generation = _check_int("generation", generation, 0, _MAX_EPOCH)
+        self._last_input_epoch = 0
         self.disk = disk  # whether the guest has a replicated disk
         self.disk_size = 0
         self.page_size = _check_int("page_size", page_size, 1)
@@ -699,7 +742,8 @@ class BackupProtocol:
         except ProtocolError as exc:
             self._fail(str(exc))
             if handshake and exc.reply is None:
-                exc.reply = encode_frame({"t": "reject", "reason": str(exc)})
+                exc.reply = encode_frame({"t": "reject", "reason": str(exc),
+                                          "generation": self.generation})
             raise
         except BaseException as exc:
             self._fail(f"{type(exc).__name__}: {exc}")
@@ -773,6 +817,9 @@ class BackupProtocol:
             self.state = "bye"
             events.append(PeerBye(f["reason"]))
             return
+        if t == "input":
+            events.append(self._input(f, frame.payload))
+            return
         if state == "idle":
             if t != "begin":
                 raise ProtocolError(f"{t!r} message outside a checkpoint (expected begin)")
@@ -819,14 +866,44 @@ class BackupProtocol:
                 f"backup {'expects one' if self.disk else 'expects none'}")
         if not 0 <= disk_size <= MAX_DISK_SIZE or disk_size % DISK_SECTOR:
             raise ProtocolError(f"disk_size {disk_size} is not a whole number of sectors up to 1 PiB")
+        if f["generation"] < max(self.generation, 1):
+            raise ProtocolError(
+                f"stale primary: it holds the guest at generation {f['generation']}, but "
+                f"generation {self.generation} has held it since (a failover happened); "
+                f"the old copy must not be protected")
         self.disk_size = disk_size
         session = f["session"]
         if not _SESSION_RE.fullmatch(session):
             raise ProtocolError(f"session must be 32 lowercase hex digits, got {session!r:.80}")
         self.session = session
         self.state = "idle"
-        welcome = encode_frame({"t": "welcome", "version": PROTOCOL_VERSION, "session": session})
+        welcome = encode_frame({"t": "welcome", "version": PROTOCOL_VERSION, "session": session,
+                                "generation": self.generation})
         return [SessionOpened(session, self.ram_size, self.page_size, disk_size), Send(welcome)]
+
+    def _input(self, f: dict, payload: bytes) -> InputReceived:
+        after, count = f["after_epoch"], f["count"]
+        newest = max(self._last_staged or 0, self._open.epoch if self._open else 0)
+        if not self._last_input_epoch <= after <= newest + 1:
+            raise ProtocolError(
+                f"input after epoch {after}: expected {self._last_input_epoch}..{newest + 1} "
+                f"(input comes in order, at most one barrier ahead of the checkpoints)")
+        if not 1 <= count <= MAX_INPUT_COUNT:
+            raise ProtocolError(f"input: count {count} is out of range (1..{MAX_INPUT_COUNT})")
+        frames, view, pos = [], memoryview(payload), 0
+        for _ in range(count):
+            if pos + 4 > len(view):
+                raise ProtocolError(f"input: payload ends inside frame {len(frames) + 1} of {count}")
+            (n,) = _INPUT_LEN.unpack_from(view, pos)
+            pos += 4
+            if not MIN_INPUT_FRAME <= n <= MAX_INPUT_FRAME or pos + n > len(view):
+                raise ProtocolError(f"input: frame {len(frames) + 1} of {count} has a bad length {n}")
+            frames.append(bytes(view[pos:pos + n]))
+            pos += n
+        if pos != len(view):
+            raise ProtocolError(f"input: {len(view) - pos} bytes after the last of {count} frames")
+        self._last_input_epoch = after
+        return InputReceived(after, frames)
 
     def _begin(self, f: dict) -> None:
         epoch = f["epoch"]

@@ -47,9 +47,14 @@ def render(statuses: dict) -> str:
         if "error" in s:
             lines.append(f"{name}: {s['error']}")
             continue
-        lines.append(f"{name} {s['guest']}: {s['state'].upper()}  generation {s['generation']}  "
+        role = s.get("role", name)
+        title = name if role == name else f"{name} host, now {role}"
+        lines.append(f"{title} {s['guest']}: {s['state'].upper()}  generation {s['generation']}  "
                      f"last committed epoch {s['last_committed_epoch']}")
-        if name == "primary":
+        if role == "active":
+            lines.append("  runs the guest UNPROTECTED since a failover: `remusctl reprotect` "
+                         "once the other host is back")
+        elif role == "primary":
             lines.append(f"  checkpoints {s['checkpoints_per_s']:.1f}/s  pause p50 {s['pause_p50_ms']:.1f} ms "
                          f"p99 {s['pause_p99_ms']:.1f} ms  {s['bytes_per_s'] / 1024:.0f} KiB/s  "
                          f"ack p50 {s['ack_p50_ms']:.1f} ms")
@@ -57,7 +62,7 @@ def render(statuses: dict) -> str:
             if held:
                 lines.append(f"  held output {held['held_frames']} frames, {held['held_bytes']} bytes; "
                              f"dropped {held['dropped_frames']}")
-        else:
+        elif "fencing" in s:
             f = s["fencing"]
             lines.append(f"  replica {s['replica']['state']}  fencing "
                          f"{'%d level(s)' % f['levels'] if f['configured'] else 'NOT CONFIGURED'}"

@@ -47,3 +47,19 @@ def attach(name: str, bridge: str) -> None:
             ipr.link("set", index=tap[0], master=br[0], state="up")
         except Exception as exc:  # pyroute2 raises NetlinkError; keep the message
             raise TapError(f"cannot attach {name} to bridge {bridge}: {exc}") from None
+
+
+def send_to_guest(name: str, frames: list[bytes]) -> int:
+    """Hand `frames` to whatever reads TAP `name` (the guest's NIC): a frame sent on a
+    TAP interface is what its fd reads. Returns how many went out."""
+    import socket
+    sent = 0
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((name, 0))
+        for frame in frames:
+            try:
+                s.send(frame)
+                sent += 1
+            except OSError:
+                pass  # a full queue drops it, as the wire would; TCP resends
+    return sent

@@ -13,21 +13,21 @@ from pathlib import Path
 from remus.common import log, sdnotify
 from remus.common.capture import RamView, make_capture
 from remus.common.config import ConfigError, load
-from remus.common.control import ControlServer
-from remus.common.metrics import Metrics
 from remus.common.heartbeat import HeartbeatError, LinkDown, PeerLost
-from remus.common.peering import heartbeat_for, heartbeat_status
+from remus.common.node import Node
+from remus.common.peering import grace_s, heartbeat_status
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest
 from remus.common.stats import EpochLog
 from remus.primary.diskrep import DiskReplicator
 from remus.primary.hooks import Hooks
 from remus.primary.netbuf import UserspaceNetBuffer
-from remus.primary.replicator import DRILL_POINTS, Replicator
+from remus.primary.replicator import DRILL_POINTS, Replicator, Superseded
 
 _log = log.get("remus.primary")
 
 EXIT_GUEST_FAILED = 3
 EXIT_STOOD_DOWN = 5
+EXIT_UNDECIDED = 6
 JITTER_REPORT_S = 10.0
 
 
@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "replies that a failover takes back; for benchmarks and drills)")
     p.add_argument("--stats", type=Path, metavar="FILE",
                    help="append one JSON line of figures per checkpoint to FILE")
+    p.add_argument("--force-start", action="store_true",
+                   help="start the guest even though the backup host is silent and this host "
+                        "was running the guest when it went down (only once you know the "
+                        "backup host does not run it)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -73,45 +77,103 @@ def make_netbuf(cfg, run_dir: Path, buffering: bool):
 async def run(args: argparse.Namespace) -> int:
     cfg = load(args.config).with_overrides(interval_ms=args.interval, capture=args.capture)
     state_dir = Path(cfg.primary.state_dir)
+    generation = read_generation(state_dir)
+    node = Node(cfg, "primary")
+    await node.start("primary", generation)
+    try:
+        holder = await holder_of_the_guest(node, state_dir, force=args.force_start)
+        if isinstance(holder, int):
+            return holder
+        if holder is not None:
+            # Restart safety: the peer runs the VM (a failover happened while this host
+            # was down). Booting here would make a second copy; serve as its backup.
+            from remus.backup.daemon import serve_as_backup
+            _log.warning("peer-holds-the-guest", peer_role=holder.get("role"),
+                         peer_generation=holder.get("generation"),
+                         action="not starting the guest here; standing by as the backup "
+                                "of the host that runs it (remusctl reprotect there)")
+            return await serve_as_backup(node, cfg.reversed())
+        return await boot_and_protect(node, cfg, generation, args)
+    finally:
+        await node.close()
+
+
+async def holder_of_the_guest(node: Node, state_dir: Path, force: bool) -> dict | int | None:
+    """Who runs the VM now, as far as this host can tell at start: the peer's beat if it
+    holds (or is taking over) the guest, None if this host should boot it, or an exit
+    code if that cannot be decided safely."""
+    if node.hb is None:
+        return None  # no heartbeat: nothing to ask; the operator is the guard
+    beat = await node.peer_beat(grace_s(node.cfg) * 2)
+    if beat is not None and beat.get("role") in ("active", "fencing", "primary"):
+        return beat
+    if beat is None and was_running(state_dir) and not force:
+        _log.error("peer-unknown", detail="the peer is silent on every heartbeat link and this "
+                   "host was running the guest when it stopped: the peer may have taken it "
+                   "over. Not starting a second copy.",
+                   hint="check the backup host; if it does not run the guest, start with "
+                        "--force-start")
+        return EXIT_UNDECIDED
+    return None
+
+
+async def boot_and_protect(node: Node, cfg, generation: int, args) -> int:
+    state_dir = Path(cfg.primary.state_dir)
     ram_file = Path(cfg.guest.ram_dir) / f"remus-{cfg.guest.name}-primary.ram"
     ram_file.unlink(missing_ok=True)  # never start from an old RAM image
     guest = QemuGuest(cfg, GuestPaths(run_dir=state_dir / "run", ram_file=ram_file))
     (state_dir / "run").mkdir(parents=True, exist_ok=True)
-    epochs = EpochLog(args.stats)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    resume_requested = asyncio.Event()
-    loop.add_signal_handler(signal.SIGUSR1, resume_requested.set)
-
-    generation = read_generation(state_dir)
-    hb = heartbeat_for(cfg, "primary")
-    if hb is not None:
-        await hb.start()
-        hb.update("primary", "", generation, 0)
     netbuf = make_netbuf(cfg, state_dir / "run", buffering=not args.no_net)
     net_args = None
-    if netbuf is not None:
-        await netbuf.start()
-        await netbuf.attach(cfg.network.bridge)
-        net_args = netbuf.qemu_netdev_args(cfg.network.mac)
-    if args.no_net:
-        _log.warning("output-buffering-disabled", detail="--no-net: guest output leaves at once; "
-                     "a failover can take back replies that clients saw (unsafe)")
-    disk_path = cfg.guest.disk or None
-    await guest.launch(net_args=net_args, disk=disk_path)
+    try:
+        if netbuf is not None:
+            await netbuf.start()
+            await netbuf.attach(cfg.network.bridge)
+            net_args = netbuf.qemu_netdev_args(cfg.network.mac)
+        if args.no_net:
+            _log.warning("output-buffering-disabled", detail="--no-net: guest output leaves at "
+                         "once; a failover can take back replies that clients saw (unsafe)")
+        await guest.launch(net_args=net_args, disk=cfg.guest.disk or None)
+        write_running(state_dir, generation, True)
+        code = await protect(node, cfg, guest, netbuf, ram_file, cfg.guest.disk or None,
+                             generation, stats=args.stats)
+        if code in (0, EXIT_STOOD_DOWN):
+            write_running(state_dir, generation, False)
+        return code
+    finally:
+        guest.kill()
+        if netbuf is not None:
+            await netbuf.close()
+        ram_file.unlink(missing_ok=True)
+
+
+async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
+                  disk_path: str | None, generation: int, stats: Path | None = None) -> int:
+    """Checkpoint the running `guest` to `cfg`'s backup until the guest ends, the
+    operator stops us, or a newer generation holds the guest. Returns the exit code.
+
+    Used by a freshly started primary and by a host that re-protects the guest it
+    took over. The caller owns `guest` and `netbuf`."""
+    hb = node.hb
+    loop = asyncio.get_running_loop()
+    run_dir = Path(cfg.primary.state_dir) / "run"
+    epochs = EpochLog(stats)
+    stop = node.stop
+    resume_requested = asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR1, resume_requested.set)
     disk = None
     if disk_path:
-        disk = DiskReplicator(guest, Path(disk_path), state_dir / "run")
+        disk = DiskReplicator(guest, Path(disk_path), run_dir)
         await disk.start()
     ram = RamView(ram_file, cfg.memory_bytes)
     capture = make_capture(cfg.replication.capture, ram, guest.pid, cfg.replication.compare_threads)
     _log.info("primary-start", guest=cfg.guest.name, memory_mib=cfg.guest.memory_mib,
               interval_ms=cfg.replication.interval_ms, capture=capture.name,
-              backup=cfg.backup.address, qemu_pid=guest.pid)
+              backup=cfg.backup.address, qemu_pid=guest.pid, generation=generation)
     hooks = Hooks([netbuf] if netbuf else [])
-    replicator = Replicator(cfg, guest, capture, hooks, epochs, disk)
+    replicator = Replicator(cfg, guest, capture, hooks, epochs, disk, generation)
+    if isinstance(netbuf, UserspaceNetBuffer):
+        netbuf.inbound_listener = replicator.forward_input
     rep = asyncio.create_task(replicator.run(), name="replicator")
     exited = asyncio.create_task(guest.wait(), name="qemu")
     stopped = asyncio.create_task(stop.wait(), name="signal")
@@ -128,8 +190,8 @@ async def run(args: argparse.Namespace) -> int:
 
     def status() -> dict:
         s = epochs.summary()
-        return {"role": "primary", "guest": cfg.guest.name, "state": replicator.state,
-                "pid": os.getpid(), "qemu_pid": guest.pid,
+        return {"role": "primary", "host": node.host, "guest": cfg.guest.name,
+                "state": replicator.state, "pid": os.getpid(), "qemu_pid": guest.pid,
                 "generation": generation, "session": replicator.session,
                 "last_committed_epoch": replicator.committed_epoch,
                 "interval_ms": cfg.replication.interval_ms, "capture": capture.name,
@@ -137,6 +199,8 @@ async def run(args: argparse.Namespace) -> int:
                 "pause_p99_ms": s["pause_p99_ms"], "bytes_per_s": s["bytes_per_s"],
                 "ack_p50_ms": s["ack_p50_ms"],
                 "held_output": getattr(netbuf, "stats", None),
+                "input_copied": {"forwarded": replicator.input_forwarded,
+                                 "skipped": replicator.input_skipped},
                 "heartbeat": heartbeat_status(hb), **guest.usage()}
     def drill(phase: str) -> dict:
         point = DRILL_POINTS.get(phase, phase)
@@ -154,20 +218,23 @@ async def run(args: argparse.Namespace) -> int:
         asyncio.get_running_loop().create_task(replicator.partition())
         _log.warning("drill-partition", detail="heartbeat muted and checkpoint stream cut")
         return {"ok": True}
-    control = ControlServer(state_dir, status, {"drill": drill, "partition": partition})
-    if cfg.metrics.primary:
-        metrics = Metrics(status)
-        epochs.listeners.append(metrics.observe_epoch)
-        metrics.serve(cfg.metrics.primary)
-        _log.info("metrics", address=cfg.metrics.primary)
-    await control.start()
+    node.status = status
+    node.commands = {"drill": drill, "partition": partition}
+    if node.metrics is not None:
+        epochs.listeners.append(node.metrics.observe_epoch)
     try:
         done, _ = await asyncio.wait({rep, exited, stopped, superseded},
                                      return_when=asyncio.FIRST_COMPLETED)
+        holder = None
         if rep in done:
-            rep.result()  # re-raise: the loop only ends on a bug
+            exc = rep.exception()
+            if not isinstance(exc, Superseded):
+                rep.result()  # re-raise: the loop only ends on a bug or a stale generation
+            holder = {"node": "backup (said in the handshake)", "generation": exc.generation,
+                      "reason": str(exc)}
         if superseded in done:
             holder = superseded.result()
+        if holder is not None:
             # Split-brain guard: never let this copy's output out again.
             hooks.silence()
             guest.kill()
@@ -194,23 +261,18 @@ async def run(args: argparse.Namespace) -> int:
         return EXIT_GUEST_FAILED
     finally:
         guest.kill()
+        loop.remove_signal_handler(signal.SIGUSR1)
         for task in (rep, exited, stopped, superseded, resumer, systemd):
             await _cancel(task)
-        if hb is not None:
-            await hb.stop()
         # Worker threads read guest RAM through raw pointers: let them finish
         # before the mapping goes away.
         replicator.close()
-        await loop.shutdown_default_executor()
+        await loop.shutdown_default_executor()  # protect() is always the last phase
         capture.close()
         ram.close()
         epochs.close()
-        if netbuf is not None:
-            await netbuf.close()
         if disk is not None:
             await disk.close()
-        await control.close()
-        ram_file.unlink(missing_ok=True)
 
 
 async def report_to_systemd(replicator: Replicator, guest: QemuGuest) -> None:
@@ -235,16 +297,44 @@ async def report_to_systemd(replicator: Replicator, guest: QemuGuest) -> None:
 
 
 def read_generation(state_dir: Path) -> int:
-    """The generation this primary holds the guest at (1 until re-protection raises it)."""
+    """The generation this host holds the guest at: 1 until a failover to this host (as
+    the backup of a re-protected guest, its replica is in the same directory) raised it."""
+    generation = int(_read_record(state_dir).get("generation", 1))
     try:
-        return int(json.loads((state_dir / "primary.json").read_text())["generation"])
+        replica = json.loads((state_dir / "replica.json").read_text())
+        generation = max(generation, int(replica.get("generation", 1)))
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    return generation
+
+
+def was_running(state_dir: Path) -> bool:
+    """Whether this host was running the guest when its daemon last stopped, uncleanly."""
+    return bool(_read_record(state_dir).get("running", False))
+
+
+def write_running(state_dir: Path, generation: int, running: bool) -> None:
+    path = state_dir / "primary.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"generation": generation, "running": running}))
+    os.replace(tmp, path)
+
+
+def _read_record(state_dir: Path) -> dict:
+    path = state_dir / "primary.json"
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
     except FileNotFoundError:
-        return 1
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise GuestError(f"{state_dir / 'primary.json'} unreadable: {exc}") from None
+        return {}
+    except (OSError, ValueError) as exc:
+        raise GuestError(f"{path} unreadable: {exc}") from None
 
 
-async def watch_for_newer_holder(hb, replicator: Replicator, generation: int) -> dict:
+async def watch_for_newer_holder(hb, replicator: Replicator | None, generation: int,
+                                 role: str = "primary") -> dict:
     """Keep our beats current; return the beat of a peer holding a newer generation."""
     if hb is None:
         await asyncio.Event().wait()  # no heartbeat: nothing to learn from
@@ -252,7 +342,8 @@ async def watch_for_newer_holder(hb, replicator: Replicator, generation: int) ->
     async def publish() -> None:
         last_report = time.monotonic()
         while True:
-            hb.update("primary", replicator.session, generation, replicator.committed_epoch)
+            if replicator is not None:
+                hb.update(role, replicator.session, generation, replicator.committed_epoch)
             if time.monotonic() - last_report >= JITTER_REPORT_S:
                 last_report = time.monotonic()
                 j = hb.jitter()

@@ -14,6 +14,7 @@ import struct
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 from remus.common import log
 from remus.common.tap import attach, open_tap
@@ -97,6 +98,9 @@ class UserspaceNetBuffer(CheckpointDevice):
         self._last_warning = 0.0
         self.tap_write_drops = 0
         self.silenced = False
+        # Told of every batch of frames handed to the guest (the replicator copies
+        # them to the backup for replay after a failover).
+        self.inbound_listener: Callable[[list[bytes]], None] | None = None
 
     def qemu_netdev_args(self, mac: str) -> list[str]:
         return ["-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={self.socket_path}",
@@ -173,15 +177,17 @@ class UserspaceNetBuffer(CheckpointDevice):
 
     def _from_wire(self) -> None:
         # Traffic towards the guest is never held.
+        batch: list[bytes] = []
         for _ in range(64):
             try:
                 frame = os.read(self._tap_fd, MAX_FRAME)
-            except BlockingIOError:
-                return
-            except OSError:
-                return
+            except OSError:  # BlockingIOError included: nothing more to read
+                break
             if self._to_guest is not None and frame:
                 self._to_guest.writelines((struct.pack(">I", len(frame)), frame))  # no copy
+                batch.append(frame)
+        if batch and self.inbound_listener is not None:
+            self.inbound_listener(batch)
 
     async def postsuspend(self, epoch: int) -> None:
         # The guest is paused: everything read so far belongs to this epoch or

@@ -33,6 +33,7 @@ DRILL_POINTS = {"s": "postsuspend-before", "s2": "postsuspend-after", "r": "prer
 CONNECT_TIMEOUT = 5.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 SUMMARY_EVERY_S = 10.0
+INPUT_BACKLOG_MAX = 4 << 20  # beyond this much unsent stream, input is not copied to the backup
 
 
 class SessionLost(Exception):
@@ -43,10 +44,19 @@ class BackupRefused(SessionLost):
     """The backup answered, but refused the session (wrong version, other guest)."""
 
 
+class Superseded(Exception):
+    """The backup knows of a newer generation holding the guest: this copy is stale."""
+
+    def __init__(self, reason: str, generation: int):
+        super().__init__(reason)
+        self.generation = generation
+
+
 class Replicator:
     def __init__(self, cfg: Config, guest: QemuGuest, capture, hooks: Hooks, epochs: EpochLog,
-                 disk=None):
+                 disk=None, generation: int = 1):
         self.cfg = cfg
+        self.generation = generation
         self.disk = disk  # DiskReplicator, or None for a disk-less guest
         self.guest = guest
         self.capture = capture
@@ -59,6 +69,8 @@ class Replicator:
         self.ever_protected = False     # a backup has held a checkpoint of this guest
         self.session = ""
         self.committed_epoch = 0
+        self.barrier_epoch = 0          # the last checkpoint barrier of this session
+        self.input_forwarded = self.input_skipped = 0
         self._writer: asyncio.StreamWriter | None = None
         self._encoder: CheckpointEncoder | None = None
         self._acks: dict[int, asyncio.Future] = {}
@@ -73,6 +85,8 @@ class Replicator:
                 await asyncio.sleep(1.0)
             try:
                 await self._session()
+            except Superseded:
+                raise
             except BackupRefused as exc:
                 _log.error("backup-refused", reason=str(exc))
                 backoff = BACKOFF_MAX
@@ -101,6 +115,18 @@ class Replicator:
         writer = self._writer
         if writer is not None:
             writer.transport.abort()  # no bye: the backup must not think we left on purpose
+
+    def forward_input(self, frames: list[bytes]) -> None:
+        """Copy frames just handed to the guest to the backup, which replays them if it
+        resumes the guest from a checkpoint taken before they arrived. Best effort:
+        skipped while no session protects the guest or the stream is backed up."""
+        writer, encoder = self._writer, self._encoder
+        if (writer is None or encoder is None or self.state not in ("syncing", "protecting")
+                or writer.transport.get_write_buffer_size() > INPUT_BACKLOG_MAX):
+            self.input_skipped += len(frames)
+            return
+        writer.write(encoder.input(self.barrier_epoch, frames))
+        self.input_forwarded += len(frames)
 
     def drill_point(self, point: str) -> None:
         """The original Remus drill commands (s s2 r r2 c c2): the whole primary host
@@ -167,15 +193,16 @@ class Replicator:
         self._writer = writer
         session = secrets.token_hex(16)
         self.session = session
+        self.barrier_epoch = 0
         rep = self.cfg.replication
         proto = PrimaryProtocol(session)
         self._encoder = CheckpointEncoder(PAGE_SIZE, rep.compression, rep.zstd_level)
         writer.write(self._encoder.hello(self.cfg.fingerprint(), session, self.cfg.memory_bytes,
-                                         self.disk.size if self.disk else 0))
+                                         self.disk.size if self.disk else 0, self.generation))
         await writer.drain()
-        welcome = await asyncio.wait_for(self._handshake(reader, proto), CONNECT_TIMEOUT)
+        backup_generation = await asyncio.wait_for(self._handshake(reader, proto), CONNECT_TIMEOUT)
         _log.info("session-start", session=session, backup="%s:%d" % self.cfg.backup_endpoint,
-                  version=welcome)
+                  generation=self.generation, backup_generation=backup_generation)
         reader_task = asyncio.create_task(self._read_acks(reader, proto))
         try:
             if self.disk is not None:
@@ -187,15 +214,18 @@ class Replicator:
                 await self.disk.session_end()
 
     async def _handshake(self, reader: asyncio.StreamReader, proto: PrimaryProtocol) -> int:
+        """The backup's generation once it welcomes the session."""
         while True:
             data = await reader.read(READ_CHUNK)
             if not data:
                 raise SessionLost("backup closed the connection during the handshake")
             for event in proto.receive(data):
                 if isinstance(event, Rejected):
+                    if event.generation > self.generation:
+                        raise Superseded(event.reason, event.generation)
                     raise BackupRefused(event.reason)
                 if isinstance(event, Welcome):
-                    return getattr(event, "version", 1)
+                    return event.generation
 
     async def _read_acks(self, reader: asyncio.StreamReader, proto: PrimaryProtocol) -> None:
         error: Exception
@@ -239,6 +269,7 @@ class Replicator:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         await self.guest.stop()
+        self.barrier_epoch = epoch  # input handed to the guest from now on is not in `epoch`
         resumed = False
         try:
             self.drill_point("postsuspend-before")

@@ -80,3 +80,19 @@ def test_fingerprint_ignores_addresses_but_not_shape(tmp_path):
     c = load(write(tmp_path, BASE + "[network]\nmode='user'\n")).fingerprint()
     assert a == b
     assert a != c
+
+
+def test_reversed_swaps_the_hosts_and_keeps_each_hosts_directory(tmp_path):
+    from remus.common.config import parse
+    cfg = parse({"guest": {"name": "g", "kernel": "/k"},
+                 "primary": {"address": "10.0.0.1", "state_dir": "/a"},
+                 "backup": {"address": "10.0.0.2:7788", "state_dir": "/b"},
+                 "metrics": {"primary": "10.0.0.1:9100", "backup": "10.0.0.2:9100"}},
+                tmp_path / "g.toml")
+    r = cfg.reversed()
+    assert r.backup_endpoint == ("10.0.0.1", 7788) and r.primary_endpoint == ("10.0.0.2", 0)
+    assert (r.primary.state_dir, r.backup.state_dir) == ("/b", "/a")
+    assert (r.metrics.primary, r.metrics.backup) == ("10.0.0.2:9100", "10.0.0.1:9100")
+    assert r.reversed_roles and not r.reversed().reversed_roles
+    assert r.reversed().backup_endpoint == cfg.backup_endpoint
+    assert r.fingerprint() == cfg.fingerprint()

@@ -421,3 +421,16 @@ def test_remusctl_fence_test_config_errors(tmp_path, capsys):
     cfg = _config_file(tmp_path, "")
     assert ctl.main(["fence-test", "--config", str(cfg)]) == 1
     assert "fencing is not configured" in capsys.readouterr().err
+
+
+def test_devices_are_chosen_by_the_host_they_power_off(tmp_path):
+    plan = fencing.parse({"level": [
+        {"device": [{"kind": "command", "command": ["true"], "name": "a-ipmi"},
+                    {"kind": "command", "command": ["true"], "name": "b-ipmi", "target": "backup"}]},
+        {"device": [{"kind": "command", "command": ["true"], "name": "b-pdu", "target": "backup"}]},
+    ]}, tmp_path)
+    assert [[d.name for d in lv] for lv in plan.for_target("primary").levels] == [["a-ipmi"]]
+    assert [[d.name for d in lv] for lv in plan.for_target("backup").levels] == [["b-ipmi"], ["b-pdu"]]
+    with pytest.raises(ConfigError, match="target: must be"):
+        fencing.parse({"level": [{"device": [{"kind": "command", "command": ["true"],
+                                              "target": "both"}]}]}, tmp_path)

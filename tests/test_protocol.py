@@ -17,6 +17,7 @@ from remus.common.protocol import (
     BackupProtocol,
     CheckpointEncoder,
     CheckpointStaged,
+    InputReceived,
     PeerBye,
     PrimaryProtocol,
     Rejected,
@@ -168,7 +169,7 @@ def opened() -> Daemon:
 
 def hello_frame(**changes) -> bytes:
     h = {"t": "hello", "version": PROTOCOL_VERSION, "fingerprint": FP, "session": SESSION,
-         "ram_size": RAM, "page_size": PS, "disk_size": 0}
+         "ram_size": RAM, "page_size": PS, "disk_size": 0, "generation": 1}
     h.update(changes)
     return frame(h)
 
@@ -183,16 +184,17 @@ def test_handshake_roundtrip():
     assert d.proto.state == "idle"
     assert d.events[0] == SessionOpened(SESSION, RAM, PS)
     assert isinstance(d.events[1], Send)
-    assert header_of(d.events[1].data) == {"t": "welcome", "version": 1, "session": SESSION}
+    assert header_of(d.events[1].data) == {"t": "welcome", "version": PROTOCOL_VERSION,
+                                             "session": SESSION, "generation": 0}
     primary = PrimaryProtocol(SESSION)
-    assert primary.receive(d.events[1].data) == [Welcome(SESSION)]
+    assert primary.receive(d.events[1].data) == [Welcome(SESSION, 0)]
     assert primary.state == "ready"
 
 
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"version": 2}, "peer speaks protocol version 2, this backup speaks 1"),
+        ({"version": 7}, f"peer speaks protocol version 7, this backup speaks {PROTOCOL_VERSION}"),
         ({"fingerprint": "other"}, "fingerprint mismatch"),
         ({"ram_size": RAM * 2}, "ram_size mismatch"),
         ({"page_size": PS * 2}, "page_size mismatch"),
@@ -214,7 +216,7 @@ def test_hello_rejected_with_reply(changes, message):
     assert h["t"] == "reject" and message.split(",")[0] in h["reason"]
     assert d.proto.state == "failed"
     # the primary sees the reject
-    assert PrimaryProtocol(SESSION).receive(reply) == [Rejected(h["reason"])]
+    assert PrimaryProtocol(SESSION).receive(reply) == [Rejected(h["reason"], 0)]
 
 
 def test_hello_missing_field():
@@ -367,7 +369,7 @@ def test_ack_order_and_misuse():
 
 
 def welcome(session=SESSION, version=PROTOCOL_VERSION) -> bytes:
-    return frame({"t": "welcome", "version": version, "session": session})
+    return frame({"t": "welcome", "version": version, "session": session, "generation": 1})
 
 
 def ack(epoch) -> bytes:
@@ -382,7 +384,7 @@ def test_primary_acks_in_order():
     events = []
     for i in range(len(data)):
         events += p.receive(data[i : i + 1])
-    assert events == [Welcome(SESSION), Acked(1), Acked(2)]
+    assert events == [Welcome(SESSION, 1), Acked(1), Acked(2)]
     assert p.outstanding == ()
     p.close()
 
@@ -395,14 +397,15 @@ def test_primary_acks_in_order():
         ([1, 2], welcome() + ack(2), "oldest unacknowledged checkpoint sent is epoch 1"),
         ([1], welcome() + ack(1) + ack(1), "no checkpoint is awaiting"),
         ([], welcome(session="f" * 32), "welcome is for session"),
-        ([], welcome(version=7), "peer speaks protocol version 7, this primary speaks 1"),
+        ([], welcome(version=7), f"peer speaks protocol version 7, this primary speaks {PROTOCOL_VERSION}"),
         ([], welcome() + welcome(), "second welcome"),
         ([], frame({"t": "bogus"}), "unknown message type 'bogus'"),
         ([], frame({"t": "begin", "epoch": 1, "full": True, "taken_at": 0.0, "disk_synced": False}), "never sent by a backup"),
-        ([], frame({"t": "reject", "reason": "x"}) + welcome(), "after the backup rejected"),
-        ([], welcome() + frame({"t": "reject", "reason": "x"}), "after it welcomed"),
+        ([], frame({"t": "reject", "reason": "x", "generation": 1}) + welcome(), "after the backup rejected"),
+        ([], welcome() + frame({"t": "reject", "reason": "x", "generation": 1}), "after it welcomed"),
         ([], welcome() + frame({"t": "ack", "epoch": "1"}), "'epoch' must be a int"),
-        ([], frame({"t": "welcome", "version": 1, "session": SESSION}, b"x"), "must not carry a payload"),
+        ([], frame({"t": "welcome", "version": PROTOCOL_VERSION,
+                                             "session": SESSION, "generation": 0}, b"x"), "must not carry a payload"),
     ],
 )
 def test_primary_errors(setup, data, message):
@@ -418,7 +421,8 @@ def test_primary_errors(setup, data, message):
 
 def test_primary_rejected_event():
     p = PrimaryProtocol(SESSION)
-    assert p.receive(frame({"t": "reject", "reason": "configs differ"})) == [Rejected("configs differ")]
+    reject = frame({"t": "reject", "reason": "configs differ", "generation": 3})
+    assert p.receive(reject) == [Rejected("configs differ", 3)]
     assert p.state == "rejected"
 
 
@@ -701,7 +705,8 @@ def test_xor_flag_flip_caught():
     [
         (frame({"t": "nope"}), "unknown message type 'nope'"),
         (frame({"t": "ack", "epoch": 1}), "never sent by a primary"),
-        (frame({"t": "welcome", "version": 1, "session": SESSION}), "never sent by a primary"),
+        (frame({"t": "welcome", "version": PROTOCOL_VERSION,
+                                             "session": SESSION, "generation": 0}), "never sent by a primary"),
         (frame({"t": "begin", "epoch": 2, "full": 1, "taken_at": 1.0, "disk_synced": False}), "'full' must be a bool"),
         (frame({"t": "begin", "epoch": True, "full": False, "taken_at": 1.0, "disk_synced": False}), "'epoch' must be a int"),
         (frame({"t": "begin", "epoch": 2.0, "full": False, "taken_at": 1.0, "disk_synced": False}), "'epoch' must be a int"),
@@ -930,3 +935,68 @@ def test_full_checkpoint_128mib_is_fast():
         proto.ack(epoch)
     print(f"128 MiB full checkpoint encode+decode: {best:.3f} s")
     assert best < 1.5, best
+
+
+# --------------------------------------------------------------------------
+# Input frames and generations
+
+
+ETH = [bytes([i]) * 60 for i in range(1, 4)]
+
+
+def test_input_roundtrip_between_and_inside_checkpoints():
+    frames, _ = make_stream(n_ckpt=2)
+    enc = CheckpointEncoder(PS)
+    d = Daemon()
+    d.feed(frames[0])  # hello
+    d.feed(enc.input(0, ETH[:1]))
+    d.feed(frames[1])  # begin of epoch 1
+    d.feed(enc.input(1, ETH[1:]))  # after the barrier of 1, before its end
+    for f in frames[2:]:
+        d.feed(f)
+    inputs = [e for e in d.events if isinstance(e, InputReceived)]
+    assert [(e.after_epoch, e.frames) for e in inputs] == [(0, ETH[:1]), (1, ETH[1:])]
+    assert len(d.staged) == 2  # input never disturbs the checkpoints around it
+
+
+@pytest.mark.parametrize("after, payload, message", [
+    (5, struct.pack("<I", 60) + b"x" * 60, "input after epoch 5: expected 0..1"),
+    (0, struct.pack("<I", 60) + b"x" * 59, "bad length 60"),
+    (0, b"\x05\x00\x00\x00" + b"x" * 5, "bad length 5"),
+    (0, struct.pack("<I", 60) + b"x" * 60 + b"tail", "4 bytes after the last"),
+])
+def test_bad_input_is_refused(after, payload, message):
+    d = opened()
+    with pytest.raises(ProtocolError, match=message):
+        d.feed(frame({"t": "input", "after_epoch": after, "count": 1}, payload))
+
+
+def test_input_epochs_never_go_back():
+    d = opened()
+    enc = CheckpointEncoder(PS)
+    frames, _ = make_stream(n_ckpt=1)
+    for f in frames[1:]:
+        d.feed(f)
+    d.feed(enc.input(2, ETH[:1]))
+    with pytest.raises(ProtocolError, match="expected 2..2"):
+        d.feed(enc.input(1, ETH[:1]))
+
+
+def test_input_encoder_validation():
+    enc = CheckpointEncoder(PS)
+    with pytest.raises(ValueError):
+        enc.input(0, [])
+    with pytest.raises(ValueError):
+        enc.input(0, [b"short"])
+
+
+def test_stale_generation_is_rejected_with_the_known_generation():
+    d = Daemon()
+    d.proto.generation = 3  # a failover to generation 3 happened
+    with pytest.raises(ProtocolError, match="stale primary: .* generation 2") as info:
+        d.feed(CheckpointEncoder(PS).hello(FP, SESSION, RAM, generation=2))
+    assert PrimaryProtocol(SESSION).receive(info.value.reply)[0].generation == 3
+    d = Daemon()
+    d.proto.generation = 3
+    d.feed(CheckpointEncoder(PS).hello(FP, SESSION, RAM, generation=3))
+    assert PrimaryProtocol(SESSION).receive(d.events[1].data) == [Welcome(SESSION, 3)]
