@@ -39,6 +39,7 @@ class Connection:
     def __init__(self, peer: str):
         self.peer = peer
         self.session: str | None = None
+        self.resumable = False  # its first consistent checkpoint is committed
         self.superseded = False
         self.task: asyncio.Task | None = None
 
@@ -123,16 +124,22 @@ class Backup:
                     t0 = time.monotonic()
                     await loop.run_in_executor(None, self.replica.commit, cp.epoch, cp.full,
                                                cp.taken_at, cp.indices, cp.pages, cp.device_state,
-                                               cp.disk_extents, cp.disk_data, cp.disk_synced)
+                                               cp.disk_extents, cp.disk_data, cp.disk_synced,
+                                               cp.precopy)
                     writer.write(proto.ack(cp.epoch))
-                    if conn is self.current:
+                    if conn is self.current and not cp.precopy:
                         self.judge.committed()
                         self.inputs.committed(cp.epoch)
                     _log.debug("committed", epoch=cp.epoch, pages=len(cp.indices),
                                apply_ms=(time.monotonic() - t0) * 1000)
-                    if cp.full:
+                    if cp.precopy:
+                        _log.info("precopy-round", session=conn.session, epoch=cp.epoch,
+                                  pages=len(cp.indices), detail="applied; not resumable yet")
+                    elif self.replica.state.state == "committed" and not conn.resumable:
+                        conn.resumable = True
                         _log.info("standby", session=conn.session, epoch=cp.epoch,
-                                  detail="full checkpoint committed; the replica is resumable")
+                                  detail="first consistent checkpoint committed; the replica "
+                                         "is resumable")
                 elif isinstance(event, PeerBye):
                     _log.info("primary-bye", session=conn.session, reason=event.reason,
                               action="not activating; waiting for a new session")

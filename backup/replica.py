@@ -21,7 +21,7 @@ from remus.common.capture import PAGE_SIZE
 FORMAT = 1
 
 EMPTY = "empty"          # nothing received yet
-SYNCING = "syncing"      # a session started; its first full checkpoint is not committed
+SYNCING = "syncing"      # a session started; its first consistent checkpoint is not committed
 APPLYING = "applying"    # a commit was in progress: RAM and device state may disagree
 COMMITTED = "committed"  # RAM file + device state = checkpoint `epoch`
 ACTIVATED = "activated"  # handed to a running QEMU: no longer a replica
@@ -44,6 +44,7 @@ class ReplicaState:
     disk_size: int = 0
     disk_synced: bool = False  # the disk's initial copy had completed at `epoch`
     generation: int = 1        # rises at every activation; a lower one never holds the guest
+    ram_complete: bool = False  # every page was written in this session (a full round)
 
     def as_dict(self) -> dict:
         return {"format": FORMAT, **self.__dict__}
@@ -94,7 +95,7 @@ class Replica:
         """A new session supersedes whatever the replica held: it is stale from now on."""
         self._set(state=SYNCING, session=session, fingerprint=fingerprint, epoch=0,
                   taken_at=0.0, committed_at=0.0, ram_size=ram_size, page_size=page_size,
-                  disk_size=disk_size, disk_synced=False)
+                  disk_size=disk_size, disk_synced=False, ram_complete=False)
         self._open_ram(ram_size)
         if disk_size:
             # The session's mirror copies the whole disk again; start from zeros.
@@ -119,18 +120,24 @@ class Replica:
 
     def commit(self, epoch: int, full: bool, taken_at: float, indices: np.ndarray,
                pages: np.ndarray, device_state: bytes, disk_extents=None, disk_data: bytes = b"",
-               disk_synced: bool = False) -> None:
-        """Apply a verified checkpoint. Only whole checkpoints come here."""
+               disk_synced: bool = False, precopy: bool = False) -> None:
+        """Apply a verified checkpoint. Only whole checkpoints come here. A pre-copy round
+        (pages only, taken while the guest ran) leaves the replica syncing."""
         assert self.pages is not None, "no session open"
         if self.state.state not in (SYNCING, COMMITTED):
             raise ReplicaError(f"cannot commit into a replica in state {self.state.state}")
-        if self.state.state == SYNCING and not full:
+        if not full and not self.state.ram_complete:
             raise ReplicaError("the first checkpoint of a session must be full")
+        if precopy:
+            if self.state.state != SYNCING:
+                raise ReplicaError("a pre-copy round after the replica became resumable")
+            self._apply_pages(full, indices, pages)
+            if disk_extents is not None and len(disk_extents):
+                self._write_disk(disk_extents, disk_data)
+            self._set(epoch=epoch, ram_complete=self.state.ram_complete or full)
+            return
         self._set(state=APPLYING, epoch=epoch)
-        if full and len(indices) == self.pages.shape[0]:
-            self.pages[:] = pages
-        else:
-            self.pages[indices] = pages
+        self._apply_pages(full, indices, pages)
         if disk_extents is not None and len(disk_extents):
             self._write_disk(disk_extents, disk_data)
         tmp = self.device_file.with_suffix(".tmp")
@@ -138,7 +145,13 @@ class Replica:
             f.write(device_state)
         os.replace(tmp, self.device_file)
         self._set(state=COMMITTED, taken_at=taken_at, committed_at=time.time(),
-                  disk_synced=self.state.disk_synced or disk_synced)
+                  disk_synced=self.state.disk_synced or disk_synced, ram_complete=True)
+
+    def _apply_pages(self, full: bool, indices: np.ndarray, pages: np.ndarray) -> None:
+        if full and len(indices) == self.pages.shape[0]:
+            self.pages[:] = pages
+        else:
+            self.pages[indices] = pages
 
     def _write_disk(self, extents, data: bytes) -> None:
         view = memoryview(data)

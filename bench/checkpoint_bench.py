@@ -60,7 +60,7 @@ def run_remus(image, scenarios: list[int], seconds: float, interval: int) -> lis
     try:
         pair.start_backup()
         pair.start_primary("--stats", str(stats))
-        pair.primary.wait_for(r"protecting epoch=1", 60)
+        pair.primary.wait_for(r"protecting epoch=\d+", 60)
         wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
         for rate in scenarios:
             set_dirty_rate(pair.http_port, rate)

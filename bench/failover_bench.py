@@ -45,7 +45,7 @@ def one_run(image, lan: Lan, workdir: Path) -> dict:
     try:
         pair.start_backup()
         pair.start_primary()
-        pair.primary.wait_for(r"protecting epoch=1", 60)
+        pair.primary.wait_for(r"protecting epoch=\d+", 60)
         wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
         probe = pair.start_probe()
         wait_until(lambda: len(replies(probe)) >= 3, 30, "the client's first replies")

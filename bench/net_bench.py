@@ -70,7 +70,7 @@ def protected(image, lan: Lan, interval: int, *primary_args: str) -> tuple[Pair,
     pair = Pair(image, workdir, lan=lan, interval_ms=interval)
     pair.start_backup()
     pair.start_primary(*primary_args)
-    pair.primary.wait_for(r"protecting epoch=1", 60)
+    pair.primary.wait_for(r"protecting epoch=\d+", 60)
     wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
     return pair, workdir
 

@@ -142,6 +142,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               "primary: give up on a backup that does not acknowledge in time"),
         "compare_threads": Key(int, 2, _range(1, 64),
                                "threads for the compare scan inside the pause"),
+        "precopy_rounds": Key(int, 5, _range(0, 1000),
+                              "at a session's start, copy RAM (and disk) while the guest runs, "
+                              "in at most this many rounds before the first checkpoint, so its "
+                              "pause and output hold stay short; 0: the first checkpoint copies "
+                              "all RAM inside its pause"),
     },
     "heartbeat": {
         "links": Key(list, [], _links,

@@ -182,7 +182,7 @@ state_dir = "{workdir / 'backup'}"
         """Backup and primary up, initial sync committed, guest service answering."""
         self.start_backup()
         self.start_primary()
-        self.primary.wait_for(r"protecting epoch=1", 60)
+        self.primary.wait_for(r"protecting epoch=\d+", 60)
         wait_until(lambda: self.try_get("get"), boot_timeout, "the guest's counter service")
 
     def replica_record(self) -> dict:
@@ -228,7 +228,9 @@ HB_PORT = 7790
 
 def ha_config(lan: Lan, workdir: Path, fence_type: str = "file", device: str | None = None) -> tuple[str, Path]:
     """[heartbeat] on both wires and [fencing] with fence_dummy, plus the keys and the
-    dummy's status file ("on"). Returns (config text, status file)."""
+    dummy's status file ("on"). Returns (config text, status file of the primary host).
+    The backup host has its own device and status file, workdir/"power-backup", for
+    failovers after re-protection."""
     import zmq.auth
     keys = workdir / "keys"
     keys.mkdir()
@@ -236,6 +238,8 @@ def ha_config(lan: Lan, workdir: Path, fence_type: str = "file", device: str | N
         zmq.auth.create_certificates(str(keys), node)
     status = workdir / "power"
     status.write_text("on")
+    backup_status = workdir / "power-backup"
+    backup_status.write_text("on")
     device = device or (f'kind = "agent"\nagent = "fence_dummy"\n'
                         f'options = {{ type = "{fence_type}", status_file = "{status}", power_timeout = "1" }}')
     text = f"""
@@ -250,17 +254,23 @@ retry_max_s = 2
 [[fencing.level]]
 [[fencing.level.device]]
 {device}
+[[fencing.level.device]]
+kind = "agent"
+agent = "fence_dummy"
+target = "backup"
+options = {{ type = "file", status_file = "{backup_status}", power_timeout = "1" }}
 """
     return text, status
 
 
 class PowerSwitch(threading.Thread):
-    """A test power switch: cuts the primary host (kills its daemon and QEMU) once
-    fence_dummy's status file says off."""
+    """A test power switch: cuts a host (kills its daemon and QEMU; `host` is "primary"
+    or "backup", the daemon of that Pair attribute) once fence_dummy's status file says
+    off."""
 
-    def __init__(self, status_file: Path, pair: Pair):
+    def __init__(self, status_file: Path, pair: Pair, host: str = "primary"):
         super().__init__(daemon=True)
-        self.status_file, self.pair = status_file, pair
+        self.status_file, self.pair, self.host = status_file, pair, host
         self.done = threading.Event()
         self.cut_at: float | None = None
 
@@ -268,6 +278,6 @@ class PowerSwitch(threading.Thread):
         while not self.done.is_set():
             if self.status_file.read_text() == "off":
                 self.cut_at = time.time()
-                self.pair.primary.kill9()
+                getattr(self.pair, self.host).kill9()
                 return
             time.sleep(0.005)

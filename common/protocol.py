@@ -11,7 +11,8 @@ is in the frame payload)::
                    disk_size, generation (the generation at which the sender holds the guest)
     welcome  B->P  version, session, generation (the highest this backup knows of)
     reject   B->P  reason, generation (as in welcome; a primary below it must stand down)
-    begin    P->B  epoch (>= 1), full, taken_at (unix time the guest was paused)
+    begin    P->B  epoch (>= 1), full, taken_at (unix time the guest was paused, or
+                   the copy started for pre-copy), disk_synced, precopy
     pages    P->B  count, codec ("zstd"|"none"), xor, raw_len
                    payload: count uint32 LE page indices, then the encoded pages
                    (raw_len = count * page_size decoded bytes; with xor they are
@@ -27,10 +28,15 @@ is in the frame payload)::
                    activates, hands them to the resumed guest again, so that a
                    client's request the lost primary had received is not lost with it.
 
-A checkpoint is ``begin, pages*, device, end``. The checksum in ``end`` is the
+A checkpoint is ``begin, pages*, disk*, device, end``. A pre-copy round
+(``precopy``: taken while the guest runs, so not a consistent state) has no
+device frame; its disk frames carry the writes so far, in order. The backup
+applies it but stays not resumable. Pre-copy rounds come first in a session, the first of them full;
+the first checkpoint after them may then be incremental. The checksum in ``end`` is the
 hex blake2b (digest_size=16) over, in order:
 
-    1. the 17-byte preamble ``struct.pack("<QBd", epoch, full, taken_at)``,
+    1. the 17-byte preamble ``struct.pack("<QBd", epoch, flags, taken_at)``
+       with flags = full | precopy << 1,
     2. for each pages frame, its index bytes (uint32 LE) then the NEW page
        contents (after undoing xor),
     3. the raw (decoded) device state.
@@ -152,6 +158,7 @@ class StagedCheckpoint:
     disk_synced: bool = False
     disk_extents: np.ndarray = field(default_factory=lambda: np.empty(0, DISK_EXTENT))  # sorted, disjoint
     disk_data: bytes = b""  # the extents' bytes, in order
+    precopy: bool = False  # a pre-copy round: pages only, not a resumable state
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,7 +195,8 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
     ),
     "welcome": (("version", "int"), ("session", "str"), ("generation", "int")),
     "reject": (("reason", "str"), ("generation", "int")),
-    "begin": (("epoch", "int"), ("full", "bool"), ("taken_at", "float"), ("disk_synced", "bool")),
+    "begin": (("epoch", "int"), ("full", "bool"), ("taken_at", "float"), ("disk_synced", "bool"),
+              ("precopy", "bool")),
     "pages": (("count", "int"), ("codec", "str"), ("xor", "bool"), ("raw_len", "int")),
     "disk": (("count", "int"), ("codec", "str"), ("raw_len", "int")),
     "device": (("codec", "str"), ("raw_len", "int")),
@@ -287,9 +295,9 @@ class _Hasher:
 
     __slots__ = ("_h", "_queue", "_lock", "_task")
 
-    def __init__(self, epoch: int, full: bool, taken_at: float) -> None:
+    def __init__(self, epoch: int, full: bool, taken_at: float, precopy: bool = False) -> None:
         self._h = hashlib.blake2b(digest_size=16)
-        self._h.update(_PREAMBLE.pack(epoch, 1 if full else 0, taken_at))
+        self._h.update(_PREAMBLE.pack(epoch, (1 if full else 0) | (2 if precopy else 0), taken_at))
         self._queue: deque = deque()
         self._lock = threading.Lock()
         self._task: Future | None = None
@@ -323,8 +331,8 @@ class _Hasher:
         return self._h.hexdigest()
 
 
-def _new_hasher(epoch: int, full: bool, taken_at: float) -> _Hasher:
-    return _Hasher(epoch, full, taken_at)
+def _new_hasher(epoch: int, full: bool, taken_at: float, precopy: bool = False) -> _Hasher:
+    return _Hasher(epoch, full, taken_at, precopy)
 
 
 def checkpoint_checksum(
@@ -335,6 +343,7 @@ def checkpoint_checksum(
     pages: np.ndarray,
     device_state: bytes,
     batches: list[int] | None = None,
+    precopy: bool = False,
 ) -> str:
     """The end-frame checksum of a checkpoint (see the module docstring).
 
@@ -342,7 +351,7 @@ def checkpoint_checksum(
     result depends on how the pages were split into frames: ``batches`` is
     the list of per-frame page counts (default: one frame for all pages).
     """
-    h = _new_hasher(epoch, full, float(taken_at))
+    h = _new_hasher(epoch, full, float(taken_at), precopy)
     idx = np.ascontiguousarray(indices, dtype=_LE_U32)
     pg = np.ascontiguousarray(pages, dtype=np.uint8)
     if batches is None:
@@ -432,9 +441,11 @@ class CheckpointEncoder:
         disk_extents: np.ndarray | None = None,
         disk_data: bytes = b"",
         disk_synced: bool = False,
+        precopy: bool = False,
     ) -> Iterator[bytes]:
         """Validate the arguments now, then return an iterator over the encoded
         frames: begin, pages (batches of at most ``batch_pages`` pages), device, end.
+        A ``precopy`` round has no device state (``device_state`` empty).
 
         ``previous_pages`` (same shape as ``new_pages``) turns on xor encoding;
         it must be None for a full checkpoint. Pages whose zstd output would not
@@ -477,7 +488,10 @@ class CheckpointEncoder:
                     f"previous_pages must be uint8 of shape ({n}, {ps}), got {prev.dtype} {prev.shape}"
                 )
         device = bytes(device_state)
-        if not device:
+        if precopy:
+            if device or disk_synced:
+                raise ValueError("a pre-copy round carries no device state and no synced disk")
+        elif not device:
             raise ValueError("device_state must not be empty")
         batch = max(1, min(batch_pages, MAX_FRAME_RAW // ps))
         extents = np.empty(0, DISK_EXTENT) if disk_extents is None else np.asarray(disk_extents, DISK_EXTENT)
@@ -486,7 +500,7 @@ class CheckpointEncoder:
         if len(extents) and (extents["length"] == 0).any() or bool((extents["length"] > MAX_FRAME_RAW).any()):
             raise ValueError(f"disk extents must be 1..{MAX_FRAME_RAW} bytes long")
         return self._frames(epoch, full, taken_at, idx, pages, prev, device, batch,
-                            extents, bytes(disk_data), bool(disk_synced))
+                            extents, bytes(disk_data), bool(disk_synced), bool(precopy))
 
     def _frames(
         self,
@@ -501,12 +515,13 @@ class CheckpointEncoder:
         extents: np.ndarray,
         disk_data: bytes,
         disk_synced: bool,
+        precopy: bool = False,
     ) -> Iterator[bytes]:
         ps = self.page_size
         n = len(idx)
-        h = _new_hasher(epoch, full, taken_at)
+        h = _new_hasher(epoch, full, taken_at, precopy)
         yield encode_frame({"t": "begin", "epoch": epoch, "full": full, "taken_at": taken_at,
-                            "disk_synced": disk_synced})
+                            "disk_synced": disk_synced, "precopy": precopy})
         scratch = np.empty((min(batch, n), ps), dtype=np.uint8) if prev is not None else None
         for start in range(0, n, batch):
             stop = min(start + batch, n)
@@ -532,9 +547,10 @@ class CheckpointEncoder:
                 encoded,
             )
         yield from self._disk_frames(h, extents, disk_data)
-        codec, encoded = self._encode(device)
-        h.update(device)
-        yield encode_frame_parts({"t": "device", "codec": codec, "raw_len": len(device)}, encoded)
+        if not precopy:
+            codec, encoded = self._encode(device)
+            h.update(device)
+            yield encode_frame_parts({"t": "device", "codec": codec, "raw_len": len(device)}, encoded)
         yield encode_frame({"t": "end", "epoch": epoch, "pages": n, "checksum": h.hexdigest()})
 
 
@@ -655,20 +671,21 @@ class PrimaryProtocol:
 class _Open:
     """A checkpoint between begin and end."""
 
-    __slots__ = ("epoch", "full", "taken_at", "hasher", "received", "last_index",
+    __slots__ = ("epoch", "full", "taken_at", "hasher", "received", "last_index", "precopy",
                  "full_pages", "idx_parts", "page_parts", "device", "disk_synced",
                  "disk_tables", "disk_chunks", "disk_end")
 
     def __init__(self, epoch: int, full: bool, taken_at: float, npages: int, page_size: int,
-                 disk_synced: bool = False):
+                 disk_synced: bool = False, precopy: bool = False):
         self.disk_synced = disk_synced
+        self.precopy = precopy
         self.disk_tables: list[np.ndarray] = []
         self.disk_chunks: list[bytes] = []
         self.disk_end = 0  # disk extents must come sorted and disjoint
         self.epoch = epoch
         self.full = full
         self.taken_at = taken_at
-        self.hasher = _new_hasher(epoch, full, taken_at)
+        self.hasher = _new_hasher(epoch, full, taken_at, precopy)
         self.received = 0
         self.last_index = -1
         # Lazily committed by the OS: costs nothing until written.
@@ -705,6 +722,7 @@ class BackupProtocol:
         # The highest generation known to have held the guest: a primary below it is stale.
         self.generation = _check_int("generation", generation, 0, _MAX_EPOCH)
         self._last_input_epoch = 0
+        self._consistent_staged = False  # a non-pre-copy checkpoint was staged
         self.disk = disk  # whether the guest has a replicated disk
         self.disk_size = 0
         self.page_size = _check_int("page_size", page_size, 1)
@@ -920,8 +938,12 @@ class BackupProtocol:
             )
         if f["disk_synced"] and not self.disk:
             raise ProtocolError(f"begin: epoch {epoch} claims a synced disk in a session without one")
+        if f["precopy"] and self._consistent_staged:
+            raise ProtocolError(f"begin: pre-copy round {epoch} after the first consistent checkpoint")
+        if f["precopy"] and f["disk_synced"]:
+            raise ProtocolError(f"begin: pre-copy round {epoch} claims a synced disk")
         self._open = _Open(epoch, f["full"], f["taken_at"], self.npages, self.page_size,
-                           f["disk_synced"])
+                           f["disk_synced"], f["precopy"])
         self.state = "in-checkpoint"
 
     def _decode(self, what: str, codec: str, data: memoryview, raw_len: int) -> bytes | memoryview:
@@ -1080,6 +1102,8 @@ class BackupProtocol:
     def _device(self, cp: _Open, f: dict, payload: bytes) -> None:
         codec, raw_len = f["codec"], f["raw_len"]
         what = f"device frame in checkpoint {cp.epoch}"
+        if cp.precopy:
+            raise ProtocolError(f"{what}: a pre-copy round carries no device state")
         if cp.device is not None:
             raise ProtocolError(f"{what}: second device frame")
         if not 1 <= raw_len <= self.max_payload:
@@ -1093,7 +1117,7 @@ class BackupProtocol:
         what = f"end of checkpoint {cp.epoch}"
         if f["epoch"] != cp.epoch:
             raise ProtocolError(f"{what}: end frame is for epoch {f['epoch']}")
-        if cp.device is None:
+        if cp.device is None and not cp.precopy:
             raise ProtocolError(f"{what}: no device frame")
         if f["pages"] != cp.received:
             raise ProtocolError(f"{what}: end says {f['pages']} pages, {cp.received} were received")
@@ -1118,8 +1142,9 @@ class BackupProtocol:
             indices = np.empty(0, dtype=np.uint32)
             pages = np.empty((0, self.page_size), dtype=np.uint8)
         extents = np.concatenate(cp.disk_tables) if cp.disk_tables else np.empty(0, DISK_EXTENT)
-        staged = StagedCheckpoint(cp.epoch, cp.full, cp.taken_at, indices, pages, cp.device,
-                                  cp.disk_synced, extents, b"".join(cp.disk_chunks))
+        staged = StagedCheckpoint(cp.epoch, cp.full, cp.taken_at, indices, pages, cp.device or b"",
+                                  cp.disk_synced, extents, b"".join(cp.disk_chunks), cp.precopy)
+        self._consistent_staged = self._consistent_staged or not cp.precopy
         self._open = None
         self._last_staged = cp.epoch
         self._unacked.append(staged)

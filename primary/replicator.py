@@ -33,6 +33,7 @@ DRILL_POINTS = {"s": "postsuspend-before", "s2": "postsuspend-after", "r": "prer
 CONNECT_TIMEOUT = 5.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 SUMMARY_EVERY_S = 10.0
+PRECOPY_DONE_PAGES = 2048  # a pre-copy round this small (8 MiB) ends pre-copy
 INPUT_BACKLOG_MAX = 4 << 20  # beyond this much unsent stream, input is not copied to the backup
 
 
@@ -248,7 +249,10 @@ class Replicator:
 
     async def _replicate(self, proto: PrimaryProtocol) -> None:
         interval = self.cfg.replication.interval_ms / 1000
-        epoch = 0
+        self.state = "syncing"
+        sync_started = time.monotonic()
+        epoch = await self._precopy(proto) if self.cfg.replication.precopy_rounds else 0
+        first = epoch + 1
         next_pause = time.monotonic()
         while True:
             delay = next_pause - time.monotonic()
@@ -256,14 +260,86 @@ class Replicator:
                 await asyncio.sleep(delay)
             next_pause = time.monotonic() + interval
             epoch += 1
-            full = epoch == 1
-            self.state = "syncing" if full else "protecting"
-            await self._checkpoint(proto, epoch, full)
-            if full:
+            await self._checkpoint(proto, epoch, full=epoch == 1)
+            if epoch == first:
                 self.state = "protecting"
+                st = self.epochs.recent[-1]
+                # The output of the whole sync waited for this ack.
                 _log.info("protecting", epoch=epoch, interval_ms=self.cfg.replication.interval_ms,
-                          capture=self.capture.name)
+                          capture=self.capture.name, first_pause_ms=round(st.pause_ms, 1),
+                          first_hold_ms=round(st.pause_ms + st.send_ms + st.ack_ms, 1),
+                          sync_s=round(time.monotonic() - sync_started, 3))
             self._maybe_summary()
+
+    async def _precopy(self, proto: PrimaryProtocol) -> int:
+        """Copy the guest's RAM to the backup while it runs: a full round, then rounds of
+        what changed meanwhile, until little changes (and the disk's initial copy is
+        done), so that the first checkpoint's pause and output hold stay short.
+        Returns the last epoch used."""
+        rep = self.cfg.replication
+        interval = rep.interval_ms / 1000
+        t0 = time.monotonic()
+        epoch, pages = 1, await self._precopy_round(proto, 1, full=True)
+        rounds_left = rep.precopy_rounds - 1
+        small = max(PRECOPY_DONE_PAGES, self.capture.ram.npages // 100)
+        while True:
+            disk_pending = self.disk is not None and not self.disk.ready
+            if (pages <= small or rounds_left <= 0) and not disk_pending:
+                break
+            await asyncio.sleep(interval)  # let the guest dirty a bounded amount
+            epoch += 1
+            pages = await self._precopy_round(proto, epoch, full=False)
+            rounds_left -= 1
+        _log.info("precopy-done", rounds=epoch, last_round_pages=pages,
+                  seconds=round(time.monotonic() - t0, 3))
+        return epoch
+
+    async def _precopy_round(self, proto: PrimaryProtocol, epoch: int, full: bool) -> int:
+        loop = asyncio.get_running_loop()
+        started = time.time()
+        captured = await loop.run_in_executor(
+            self._encode_pool, self.capture.full if full else self.capture.capture)
+        await loop.run_in_executor(self._encode_pool, self.capture.after_resume, captured)
+        disk_extents, disk_data = (None, b"")
+        if self.disk is not None:
+            disk_extents, disk_data, _ = self.disk.seal()  # writes so far, in order
+        frames = self._encoder.checkpoint(epoch, full, started, captured.indices,
+                                          captured.new_pages, captured.previous_pages, b"",
+                                          batch_pages=BATCH_PAGES, disk_extents=disk_extents,
+                                          disk_data=disk_data, precopy=True)
+        wire = await self._send(proto, epoch, frames, len(captured.indices) if full else 0)
+        await self._await_ack(epoch)
+        _log.info("precopy-round", epoch=epoch, pages=len(captured.indices), wire_bytes=wire,
+                  disk_bytes=len(disk_data))
+        return len(captured.indices)
+
+    async def _send(self, proto: PrimaryProtocol, epoch: int, frames, progress_of: int) -> int:
+        """Queue the frames of checkpoint `epoch`; returns the bytes sent."""
+        loop = asyncio.get_running_loop()
+        assert self._writer is not None
+        ack = loop.create_future()
+        ack.add_done_callback(lambda f: f.cancelled() or f.exception())  # may end unawaited
+        self._acks[epoch] = ack
+        proto.sent(epoch)
+        wire = frames_sent = shown = 0
+        while True:
+            frame = await loop.run_in_executor(self._encode_pool, next, frames, None)
+            if frame is None:
+                return wire
+            self._writer.write(frame)
+            wire += len(frame)
+            frames_sent += 1
+            await self._writer.drain()
+            if progress_of:
+                shown = self._sync_progress(min(progress_of, (frames_sent - 1) * BATCH_PAGES),
+                                            progress_of, shown)
+
+    async def _await_ack(self, epoch: int) -> float:
+        try:
+            return await asyncio.wait_for(self._acks[epoch], self.cfg.replication.ack_timeout_ms / 1000)
+        except asyncio.TimeoutError:
+            raise SessionLost(f"backup did not acknowledge epoch {epoch} within "
+                              f"{self.cfg.replication.ack_timeout_ms} ms") from None
 
     async def _pause_and_capture(self, epoch: int, full: bool) -> tuple[Captured, bytes, tuple, dict]:
         loop = asyncio.get_running_loop()
@@ -315,29 +391,10 @@ class Replicator:
                                           captured.previous_pages, device_state,
                                           batch_pages=BATCH_PAGES, disk_extents=disk_extents,
                                           disk_data=disk_data, disk_synced=disk_synced)
-        ack = loop.create_future()
-        ack.add_done_callback(lambda f: f.cancelled() or f.exception())  # may end unawaited
-        self._acks[epoch] = ack
-        proto.sent(epoch)
-        wire = frames_sent = 0
         total = len(captured.indices)
-        shown = 0
-        while True:
-            frame = await loop.run_in_executor(self._encode_pool, next, frames, None)
-            if frame is None:
-                break
-            self._writer.write(frame)
-            wire += len(frame)
-            frames_sent += 1
-            await self._writer.drain()
-            if full:
-                shown = self._sync_progress(min(total, (frames_sent - 1) * BATCH_PAGES), total, shown)
+        wire = await self._send(proto, epoch, frames, total if full else 0)
         sent_at = time.monotonic()
-        try:
-            acked_at = await asyncio.wait_for(ack, self.cfg.replication.ack_timeout_ms / 1000)
-        except asyncio.TimeoutError:
-            raise SessionLost(f"backup did not acknowledge epoch {epoch} within "
-                              f"{self.cfg.replication.ack_timeout_ms} ms") from None
+        acked_at = await self._await_ack(epoch)
         self.committed_epoch = epoch
         self.ever_protected = True
         self.drill_point("commit-before")

@@ -47,7 +47,7 @@ def main() -> int:
             print(f"   heartbeat on two wires, fencing with fence_dummy; config {pair.config}")
             pair.start_backup()
             pair.start_primary()
-            pair.primary.wait_for(r"protecting epoch=1", 60)
+            pair.primary.wait_for(r"protecting epoch=\d+", 60)
             print("   initial full sync committed; the guest is booting under protection")
             wait_until(lambda: pair.try_get("get"), 120, "the guest's counter service")
             switch.start()

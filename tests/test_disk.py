@@ -51,7 +51,7 @@ def test_replica_disk_holds_every_reported_record(guest_image, lan, tmp_path):
         try:
             pair.start_backup()
             pair.start_primary()
-            pair.primary.wait_for(r"protecting epoch=1", 60)
+            pair.primary.wait_for(r"protecting epoch=\d+", 60)
             pair.primary.wait_for(r"disk-synced", 60)
             wait_until(lambda: pair.replica_record().get("disk_synced"), 30,
                        "a committed checkpoint with the disk in sync")

@@ -35,7 +35,7 @@ def test_drill_reports_zero_lost_replies(guest_image, lan, tmp_path, how):
     try:
         pair.start_backup()
         pair.start_primary()
-        pair.primary.wait_for(r"protecting epoch=1", 60)
+        pair.primary.wait_for(r"protecting epoch=\d+", 60)
         wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
         inject = [f"--{how}"] if how in ("kill", "partition", "backup-crash") else ["--die-at", how]
         r = subprocess.run([REMUSCTL, "drill", "--config", str(pair.config), *inject, "--json", "--yes",

@@ -55,7 +55,7 @@ def test_primary_stopping_on_purpose_is_not_taken_over(make_pair):
     pair = make_pair(stream_timeout_ms=300)
     pair.start_backup()
     pair.start_primary()
-    pair.primary.wait_for(r"protecting epoch=1", 60)
+    pair.primary.wait_for(r"protecting epoch=\d+", 60)
     pair.primary.signal(signal.SIGTERM)
     pair.backup.wait_for(r"primary-bye", 15)
     assert pair.primary.proc.wait(15) == 0
@@ -69,7 +69,7 @@ def test_bad_peers_are_refused_and_the_replica_is_untouched(make_pair):
     pair = make_pair(interval_ms=100)
     pair.start_backup()
     pair.start_primary()
-    pair.primary.wait_for(r"protecting epoch=1", 60)
+    pair.primary.wait_for(r"protecting epoch=\d+", 60)
     before = committed_after(pair, 0)
 
     # Garbage on the checkpoint port.
@@ -116,7 +116,7 @@ def test_torn_replica_is_refused(make_pair):
     pair = make_pair()
     pair.start_backup()
     pair.start_primary()
-    pair.primary.wait_for(r"protecting epoch=1", 60)
+    pair.primary.wait_for(r"protecting epoch=\d+", 60)
     committed_after(pair, 0)
     pair.primary.signal(signal.SIGTERM)
     pair.backup.wait_for(r"primary-bye", 15)
@@ -142,7 +142,7 @@ def test_on_backup_loss_pause_keeps_the_guest_stopped_until_the_backup_returns(m
     mark = len(pair.primary.log())
     pair.start_backup()  # the backup returns: a new session resumes the guest
     pair.primary.wait_for(r"guest-resumed", 60, start=mark)
-    pair.primary.wait_for(r"protecting epoch=1", 60, start=mark)
+    pair.primary.wait_for(r"protecting epoch=\d+", 60, start=mark)
     assert int(wait_until(lambda: pair.try_get("inc"), 30, "the resumed guest")) == value + 1
     # An operator can also resume it without a backup.
     mark = len(pair.primary.log())
@@ -162,7 +162,7 @@ def test_status_reports_both_daemons_consistently(make_pair):
     pair = make_pair(interval_ms=100)
     pair.start_backup()
     pair.start_primary()
-    pair.primary.wait_for(r"protecting epoch=1", 60)
+    pair.primary.wait_for(r"protecting epoch=\d+", 60)
     ctl = [str(Path(sys.executable).parent / "remusctl"), "status", "--config", str(pair.config)]
 
     def status():
@@ -198,7 +198,7 @@ def test_metrics_endpoints_are_scraped_and_parsed(make_pair):
                                                       f'backup = "127.0.0.1:{ports[1]}"\n')
     pair.start_backup()
     pair.start_primary()
-    pair.primary.wait_for(r"protecting epoch=1", 60)
+    pair.primary.wait_for(r"protecting epoch=\d+", 60)
 
     def scrape(port):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:

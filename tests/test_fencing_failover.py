@@ -25,7 +25,7 @@ def protected_pair(guest_image, lan, workdir, fence_type="file", device=None, **
     pair = Pair(guest_image, workdir, lan=lan, extra_config=extra, **replication)
     pair.start_backup()
     pair.start_primary()
-    pair.primary.wait_for(r"protecting epoch=1", 60)
+    pair.primary.wait_for(r"protecting epoch=\d+", 60)
     wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
     return pair, status
 

@@ -36,7 +36,7 @@ def failover_once(guest_image, lan, workdir, rng, *primary_args, ha: bool = Fals
     try:
         pair.start_backup()
         pair.start_primary("--stats", str(workdir / "epochs.jsonl"), *primary_args)
-        pair.primary.wait_for(r"protecting epoch=1", 60)
+        pair.primary.wait_for(r"protecting epoch=\d+", 60)
         wait_until(lambda: pair.try_get("get"), 120, "the guest's counter service")
         probe = pair.start_probe()
         wait_until(lambda: len(replies(probe)) >= 3, 30, "the client's first replies")

@@ -400,7 +400,7 @@ def test_primary_acks_in_order():
         ([], welcome(version=7), f"peer speaks protocol version 7, this primary speaks {PROTOCOL_VERSION}"),
         ([], welcome() + welcome(), "second welcome"),
         ([], frame({"t": "bogus"}), "unknown message type 'bogus'"),
-        ([], frame({"t": "begin", "epoch": 1, "full": True, "taken_at": 0.0, "disk_synced": False}), "never sent by a backup"),
+        ([], frame({"t": "begin", "epoch": 1, "full": True, "taken_at": 0.0, "disk_synced": False, "precopy": False}), "never sent by a backup"),
         ([], frame({"t": "reject", "reason": "x", "generation": 1}) + welcome(), "after the backup rejected"),
         ([], welcome() + frame({"t": "reject", "reason": "x", "generation": 1}), "after it welcomed"),
         ([], welcome() + frame({"t": "ack", "epoch": "1"}), "'epoch' must be a int"),
@@ -707,14 +707,14 @@ def test_xor_flag_flip_caught():
         (frame({"t": "ack", "epoch": 1}), "never sent by a primary"),
         (frame({"t": "welcome", "version": PROTOCOL_VERSION,
                                              "session": SESSION, "generation": 0}), "never sent by a primary"),
-        (frame({"t": "begin", "epoch": 2, "full": 1, "taken_at": 1.0, "disk_synced": False}), "'full' must be a bool"),
-        (frame({"t": "begin", "epoch": True, "full": False, "taken_at": 1.0, "disk_synced": False}), "'epoch' must be a int"),
-        (frame({"t": "begin", "epoch": 2.0, "full": False, "taken_at": 1.0, "disk_synced": False}), "'epoch' must be a int"),
-        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": "now", "disk_synced": False}), "'taken_at' must be a finite float"),
-        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": float("inf"), "disk_synced": False}), "finite float"),
+        (frame({"t": "begin", "epoch": 2, "full": 1, "taken_at": 1.0, "disk_synced": False, "precopy": False}), "'full' must be a bool"),
+        (frame({"t": "begin", "epoch": True, "full": False, "taken_at": 1.0, "disk_synced": False, "precopy": False}), "'epoch' must be a int"),
+        (frame({"t": "begin", "epoch": 2.0, "full": False, "taken_at": 1.0, "disk_synced": False, "precopy": False}), "'epoch' must be a int"),
+        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": "now", "disk_synced": False, "precopy": False}), "'taken_at' must be a finite float"),
+        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": float("inf"), "disk_synced": False, "precopy": False}), "finite float"),
         (frame({"t": "begin", "epoch": 2, "full": False}), "missing the field 'taken_at'"),
-        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": 1.0, "disk_synced": False, "x": 0}), r"unknown field\(s\) \['x'\]"),
-        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": 1.0, "disk_synced": False}, b"p"), "must not carry a payload"),
+        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": 1.0, "disk_synced": False, "precopy": False, "x": 0}), r"unknown field\(s\) \['x'\]"),
+        (frame({"t": "begin", "epoch": 2, "full": False, "taken_at": 1.0, "disk_synced": False, "precopy": False}, b"p"), "must not carry a payload"),
         (frame({"t": "bye", "reason": 5}), "'reason' must be a str"),
         (frame({"t": "pages", "count": 1, "codec": "none", "xor": False, "raw_len": PS}, b"\0" * (PS + 4)),
          "'pages' message outside a checkpoint"),
@@ -1000,3 +1000,69 @@ def test_stale_generation_is_rejected_with_the_known_generation():
     d.proto.generation = 3
     d.feed(CheckpointEncoder(PS).hello(FP, SESSION, RAM, generation=3))
     assert PrimaryProtocol(SESSION).receive(d.events[1].data) == [Welcome(SESSION, 3)]
+
+
+# --------------------------------------------------------------------------
+# Pre-copy rounds
+
+
+def _pages(rng, n):
+    return rng.integers(0, 256, (n, PS), dtype=np.uint8)
+
+
+def test_precopy_rounds_then_an_incremental_first_checkpoint():
+    rng = np.random.default_rng(5)
+    enc = CheckpointEncoder(PS)
+    d = opened()
+    ram = _pages(rng, NPAGES)
+    frames = list(enc.checkpoint(1, True, 1.0, np.arange(NPAGES, dtype=np.uint32), ram, None, b"",
+                                 precopy=True))
+    idx = np.array([3, 7], dtype=np.uint32)
+    new = _pages(rng, 2)
+    frames += enc.checkpoint(2, False, 2.0, idx, new, ram[idx], b"", precopy=True)
+    ram[idx] = new
+    idx2 = np.array([7], dtype=np.uint32)
+    new2 = _pages(rng, 1)
+    frames += enc.checkpoint(3, False, 3.0, idx2, new2, ram[idx2], b"device")
+    ram[idx2] = new2
+    for f in frames:
+        d.feed(f)
+    assert [(s.epoch, s.precopy, s.device_state) for s in d.staged] == \
+        [(1, True, b""), (2, True, b""), (3, False, b"device")]
+    assert np.array_equal(d.replica, ram)
+
+
+def test_precopy_after_the_first_consistent_checkpoint_is_refused():
+    enc = CheckpointEncoder(PS)
+    frames, _ = make_stream(n_ckpt=1)
+    d = Daemon()
+    for f in frames:
+        d.feed(f)
+    late = enc.checkpoint(2, False, 2.0, np.array([1], np.uint32), np.zeros((1, PS), np.uint8),
+                          None, b"", precopy=True)
+    with pytest.raises(ProtocolError, match="pre-copy round 2 after the first consistent"):
+        d.feed(next(late))
+
+
+def test_precopy_round_must_not_carry_device_state():
+    enc = CheckpointEncoder(PS)
+    with pytest.raises(ValueError, match="no device state"):
+        enc.checkpoint(1, True, 1.0, np.arange(NPAGES, dtype=np.uint32),
+                       np.zeros((NPAGES, PS), np.uint8), None, b"dev", precopy=True)
+    d = opened()
+    d.feed(frame({"t": "begin", "epoch": 1, "full": True, "taken_at": 1.0, "disk_synced": False,
+                  "precopy": True}))
+    with pytest.raises(ProtocolError, match="carries no device state"):
+        d.feed(frame({"t": "device", "codec": "none", "raw_len": 3}, b"dev"))
+
+
+def test_precopy_flag_is_covered_by_the_checksum():
+    enc = CheckpointEncoder(PS)
+    frames = list(enc.checkpoint(1, True, 1.0, np.arange(NPAGES, dtype=np.uint32),
+                                 np.zeros((NPAGES, PS), np.uint8), None, b"dev"))
+    frames[0] = retype(frames[0], precopy=True)
+    frames = [f for f in frames if header_of(f)["t"] != "device"]
+    d = opened()
+    with pytest.raises(ProtocolError, match="checksum mismatch"):
+        for f in frames:
+            d.feed(f)

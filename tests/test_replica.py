@@ -60,3 +60,20 @@ def test_unreadable_record(tmp_path):
     (tmp_path / "replica.json").write_text("{not json")
     with pytest.raises(ReplicaError, match="unreadable"):
         Replica(tmp_path)
+
+
+def test_precopy_rounds_leave_the_replica_stale_until_a_consistent_checkpoint(tmp_path):
+    r = Replica(tmp_path)
+    r.begin_session("s1", FP, NPAGES * PAGE_SIZE, PAGE_SIZE)
+    with pytest.raises(ReplicaError, match="must be full"):
+        r.commit(1, False, 1.0, np.array([1], np.uint32), full_pages(1)[:1], b"", precopy=True)
+    r.commit(1, True, 1.0, np.arange(NPAGES, dtype=np.uint32), full_pages(7), b"", precopy=True)
+    r.commit(2, False, 2.0, np.array([2], np.uint32), full_pages(8)[:1], b"", precopy=True)
+    with pytest.raises(ReplicaError, match="stale"):
+        r.check_activatable(FP)  # pre-copy rounds are never a resumable state
+    r.commit(3, False, 3.0, np.array([3], np.uint32), full_pages(9)[:1], b"dev3")
+    r.check_activatable(FP)
+    data = np.fromfile(r.ram_file, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+    assert (data[1] == 7).all() and (data[2] == 8).all() and (data[3] == 9).all()
+    with pytest.raises(ReplicaError, match="after the replica became resumable"):
+        r.commit(4, False, 4.0, np.array([1], np.uint32), full_pages(1)[:1], b"", precopy=True)
