@@ -19,8 +19,8 @@ from remus.common.node import Node
 from remus.common.fencing import Fencer, fence_with_retry
 from remus.common.heartbeat import HeartbeatError, LinkDown, LinkUp, PeerBack, PeerBeat, PeerLost
 from remus.common.peering import grace_s, heartbeat_status
-from remus.common.protocol import (BackupProtocol, CheckpointStaged, InputReceived, PeerBye, Send,
-                                   SessionOpened)
+from remus.common.protocol import (BackupProtocol, CheckpointStaged, InputReceived, PeerBye,
+                                   PeerHandover, Send, SessionOpened)
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest
 from remus.common.tap import TapError, send_to_guest
 from remus.common.wire import ProtocolError
@@ -143,6 +143,13 @@ class Backup:
                 elif isinstance(event, PeerBye):
                     _log.info("primary-bye", session=conn.session, reason=event.reason,
                               action="not activating; waiting for a new session")
+                    return None
+                elif isinstance(event, PeerHandover):
+                    _log.warning("primary-handover", session=conn.session, epoch=event.epoch,
+                                 reason=event.reason, action="taking the guest over now")
+                    if conn is self.current and not conn.superseded:
+                        self.judge.handed_over(time.monotonic(), event.reason)
+                        self.changed.set()
                     return None
             try:
                 await writer.drain()
@@ -338,7 +345,7 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
             return EXIT_ACTIVATION_REFUSED
         prepared = asyncio.create_task(prepare_guest(cfg, replica))
         fenced_ms = 0.0
-        if fencer is not None and not activate_now:
+        if fencer is not None and not activate_now and verdict.fence:
             backup.phase = "fencing"
             if hb is not None:
                 hb.update("fencing", replica.state.session, replica.state.generation,

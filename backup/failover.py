@@ -20,6 +20,7 @@ STALE = "stale"        # the primary lives on without us: the replica is no long
 class Verdict:
     action: str
     reason: str
+    fence: bool = True  # False: the primary itself said its guest is stopped
 
 
 class FailoverJudge:
@@ -33,6 +34,7 @@ class FailoverJudge:
         self.lost_reason = ""
         self.peer_alive = heartbeat
         self.stale = False
+        self.handover: str | None = None
 
     def session_started(self) -> None:
         self.resumable = False
@@ -49,7 +51,16 @@ class FailoverJudge:
     def peer(self, alive: bool) -> None:
         self.peer_alive = alive
 
+    def handed_over(self, now: float, reason: str) -> None:
+        """The primary stopped its guest after a checkpoint we committed and asks us to
+        take over: no fencing, no waiting."""
+        self.handover = reason
+        self.lost_at = now
+
     def verdict(self, now: float) -> Verdict:
+        if self.handover is not None and self.resumable:
+            return Verdict(FAILOVER, f"the primary handed the guest over ({self.handover})",
+                           fence=False)
         if self.lost_at is None or not self.resumable or self.stale:
             return Verdict(WAIT, "")
         if not self.heartbeat:

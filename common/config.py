@@ -169,6 +169,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                        "HOST[:PORT] the primary sends the checkpoint stream from"),
         "state_dir": Key(str, "/var/lib/remus/primary", None, "primary state directory"),
         "drill_target": Key(bool, False, None, "allow `remusctl drill` on this pair without --yes"),
+        "on_stop": Key(str, "handover", _choice("handover", "shutdown"),
+                       "what stopping the daemon (systemctl stop/restart) does to a protected "
+                       "guest: handover: a last checkpoint, then the backup runs the guest on "
+                       "without fencing (nothing is lost; this host then stands by as its "
+                       "backup when started again); shutdown: the guest is stopped and the "
+                       "backup told not to take over"),
         "on_backup_loss": Key(str, "continue", _choice("continue", "pause"),
                               "continue: release held output and run unprotected (as Remus); "
                               "pause: keep the guest stopped until the backup returns or an "

@@ -21,6 +21,9 @@ is in the frame payload)::
     end      P->B  epoch, pages (pages in this checkpoint), checksum
     ack      B->P  epoch
     bye      P->B  reason (the primary ends the session on purpose: do not activate)
+    handover P->B  epoch, reason (the primary stopped its guest for good right after
+                   checkpoint `epoch`, which the backup acknowledged: take over now,
+                   no fencing needed; an operator's planned switchover)
     input    P->B  after_epoch, count; payload: count frames, each a uint32 LE length
                    and an Ethernet frame the primary passed TO the guest after the
                    barrier of checkpoint `after_epoch`. Not part of any checkpoint:
@@ -96,6 +99,7 @@ __all__ = [
     "Send",
     "CheckpointStaged",
     "PeerBye",
+    "PeerHandover",
     "InputReceived",
     "checkpoint_checksum",
 ]
@@ -171,6 +175,14 @@ class PeerBye:
     reason: str
 
 
+@dataclass(frozen=True)
+class PeerHandover:
+    """The primary's guest is stopped for good after checkpoint `epoch`: take over."""
+
+    epoch: int
+    reason: str
+
+
 @dataclass(frozen=True, eq=False)
 class InputReceived:
     """Frames the primary handed to the guest after the barrier of `after_epoch`."""
@@ -204,9 +216,11 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
     "ack": (("epoch", "int"),),
     "bye": (("reason", "str"),),
     "input": (("after_epoch", "int"), ("count", "int")),
+    "handover": (("epoch", "int"), ("reason", "str")),
 }
 _WITH_PAYLOAD = frozenset({"pages", "disk", "device", "input"})
-_FROM_PRIMARY = frozenset({"hello", "begin", "pages", "disk", "device", "end", "bye", "input"})
+_FROM_PRIMARY = frozenset({"hello", "begin", "pages", "disk", "device", "end", "bye", "input",
+                           "handover"})
 # Input frames: Ethernet header at least, one jumbo frame with offloads at most.
 MIN_INPUT_FRAME, MAX_INPUT_FRAME = 14, 65536 + 64
 MAX_INPUT_COUNT = 4096
@@ -420,6 +434,12 @@ class CheckpointEncoder:
         if not isinstance(reason, str):
             raise TypeError("reason must be a str")
         return encode_frame({"t": "bye", "reason": reason})
+
+    def handover(self, epoch: int, reason: str) -> bytes:
+        if not isinstance(reason, str):
+            raise TypeError("reason must be a str")
+        return encode_frame({"t": "handover", "epoch": _check_int("epoch", epoch, 1, _MAX_EPOCH),
+                             "reason": reason})
 
     def _encode(self, raw: memoryview | bytes) -> tuple[str, bytes | memoryview]:
         if self._cctx is not None:
@@ -837,6 +857,15 @@ class BackupProtocol:
             return
         if t == "input":
             events.append(self._input(f, frame.payload))
+            return
+        if t == "handover":
+            if state != "idle" or self._last_staged != f["epoch"] or not self._consistent_staged:
+                raise ProtocolError(
+                    f"handover after epoch {f['epoch']}, but the last consistent checkpoint "
+                    f"staged is {self._last_staged if self._consistent_staged else 'none'}"
+                    f"{' and a checkpoint is open' if state != 'idle' else ''}")
+            self.state = "bye"
+            events.append(PeerHandover(f["epoch"], f["reason"]))
             return
         if state == "idle":
             if t != "begin":

@@ -244,7 +244,16 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
                               "was stopped and its held output dropped")
             return EXIT_STOOD_DOWN
         if stopped in done:
-            _log.info("primary-stop", reason="signal", action="bye to backup, quit guest")
+            if cfg.primary.on_stop == "handover" and replicator.state == "protecting":
+                _log.warning("primary-stop", reason="signal",
+                             action="handing the guest over to the backup (on_stop = handover)")
+                if await replicator.handover("primary stopped by operator"):
+                    await _cancel(rep)
+                    return 0
+                _log.error("handover-failed", detail="the session failed during the handover",
+                           action="bye to backup, quit guest")
+            else:
+                _log.info("primary-stop", reason="signal", action="bye to backup, quit guest")
             await _cancel(rep)
             await replicator.say_bye("primary stopped by operator")
             await guest.quit()

@@ -33,6 +33,7 @@ DRILL_POINTS = {"s": "postsuspend-before", "s2": "postsuspend-after", "r": "prer
 CONNECT_TIMEOUT = 5.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 SUMMARY_EVERY_S = 10.0
+HANDOVER_CLOSE_S = 5.0  # how long a handing-over primary waits for the backup to hang up
 PRECOPY_DONE_PAGES = 2048  # a pre-copy round this small (8 MiB) ends pre-copy
 INPUT_BACKLOG_MAX = 4 << 20  # beyond this much unsent stream, input is not copied to the backup
 
@@ -43,6 +44,10 @@ class SessionLost(Exception):
 
 class BackupRefused(SessionLost):
     """The backup answered, but refused the session (wrong version, other guest)."""
+
+
+class HandedOver(Exception):
+    """The guest was handed over to the backup: this loop is done."""
 
 
 class Superseded(Exception):
@@ -78,6 +83,9 @@ class Replicator:
         # One thread encodes while the loop thread talks to QEMU and the socket.
         self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
         self._last_summary = time.monotonic()
+        self._handover: tuple[asyncio.Future, str] | None = None
+        self._wake = asyncio.Event()  # cuts the wait for the next checkpoint short
+        self._reader_task: asyncio.Task | None = None
 
     async def run(self) -> None:
         backoff = BACKOFF_MIN
@@ -86,6 +94,8 @@ class Replicator:
                 await asyncio.sleep(1.0)
             try:
                 await self._session()
+            except HandedOver:
+                return
             except Superseded:
                 raise
             except BackupRefused as exc:
@@ -98,6 +108,7 @@ class Replicator:
                                  action="running unprotected, reconnecting")
                 else:
                     _log.info("backup-unreachable", reason=reason, retry_s=backoff)
+            self._fail_handover()
             # On cancellation the stream stays open, so that say_bye() can still use it.
             await self._close_stream()
             if self.state in ("protecting", "syncing"):
@@ -116,6 +127,39 @@ class Replicator:
         writer = self._writer
         if writer is not None:
             writer.transport.abort()  # no bye: the backup must not think we left on purpose
+
+    async def handover(self, reason: str) -> bool:
+        """A planned switchover: take a last checkpoint with the guest left stopped, stop
+        the guest for good, and tell the backup to take over without fencing. False if
+        the guest is not protected or the session fails meanwhile (the guest may then
+        be left stopped)."""
+        if self.state != "protecting" or self._handover is not None:
+            return False
+        fut = asyncio.get_running_loop().create_future()
+        self._handover = (fut, reason)
+        self._wake.set()
+        return await fut
+
+    def _fail_handover(self) -> None:
+        if self._handover is not None and not self._handover[0].done():
+            self._handover[0].set_result(False)
+
+    async def _hand_over(self, proto: PrimaryProtocol, epoch: int) -> None:
+        fut, reason = self._handover
+        await self._checkpoint(proto, epoch, full=False, final=True)
+        # The backup holds `epoch` and all output up to it is out; the guest never runs
+        # here again.
+        await self.guest.quit()
+        self.state = "handed-over"
+        self._writer.write(self._encoder.handover(epoch, reason))
+        await self._writer.drain()
+        if self._reader_task is not None:  # the backup closes the stream as it takes over
+            await asyncio.wait({self._reader_task}, timeout=HANDOVER_CLOSE_S)
+        _log.warning("handed-over", epoch=epoch, reason=reason,
+                     detail="the guest stopped here after the backup acknowledged its last "
+                            "checkpoint; the backup resumes it without fencing")
+        fut.set_result(True)
+        raise HandedOver()
 
     def forward_input(self, frames: list[bytes]) -> None:
         """Copy frames just handed to the guest to the backup, which replays them if it
@@ -204,7 +248,7 @@ class Replicator:
         backup_generation = await asyncio.wait_for(self._handshake(reader, proto), CONNECT_TIMEOUT)
         _log.info("session-start", session=session, backup="%s:%d" % self.cfg.backup_endpoint,
                   generation=self.generation, backup_generation=backup_generation)
-        reader_task = asyncio.create_task(self._read_acks(reader, proto))
+        reader_task = self._reader_task = asyncio.create_task(self._read_acks(reader, proto))
         try:
             if self.disk is not None:
                 await self.disk.session_start()
@@ -256,10 +300,16 @@ class Replicator:
         next_pause = time.monotonic()
         while True:
             delay = next_pause - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            if delay > 0 and self._handover is None:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
             next_pause = time.monotonic() + interval
             epoch += 1
+            if self._handover is not None and self.state == "protecting":
+                await self._hand_over(proto, epoch)
             await self._checkpoint(proto, epoch, full=epoch == 1)
             if epoch == first:
                 self.state = "protecting"
@@ -341,7 +391,8 @@ class Replicator:
             raise SessionLost(f"backup did not acknowledge epoch {epoch} within "
                               f"{self.cfg.replication.ack_timeout_ms} ms") from None
 
-    async def _pause_and_capture(self, epoch: int, full: bool) -> tuple[Captured, bytes, tuple, dict]:
+    async def _pause_and_capture(self, epoch: int, full: bool,
+                                 resume: bool = True) -> tuple[Captured, bytes, tuple, dict]:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         await self.guest.stop()
@@ -361,6 +412,10 @@ class Replicator:
             device_state = await self.guest.save_device_state()
             timings["device_ms"] = (time.monotonic() - tc) * 1000
             captured = await capture_job
+            if not resume:  # a handover: the guest stays stopped for good
+                resumed = True
+                timings["pause_ms"] = (time.monotonic() - t0) * 1000
+                return captured, device_state, disk, timings
             self.drill_point("preresume-before")
             await self.hooks.preresume(epoch)
             self.drill_point("preresume-after")
@@ -379,11 +434,12 @@ class Replicator:
         timings["pause_ms"] = (time.monotonic() - t0) * 1000
         return captured, device_state, disk, timings
 
-    async def _checkpoint(self, proto: PrimaryProtocol, epoch: int, full: bool) -> None:
+    async def _checkpoint(self, proto: PrimaryProtocol, epoch: int, full: bool,
+                          final: bool = False) -> None:
         loop = asyncio.get_running_loop()
         taken_at = time.time()
         captured, device_state, (disk_extents, disk_data, disk_synced), timings = \
-            await self._pause_and_capture(epoch, full)
+            await self._pause_and_capture(epoch, full, resume=not final)
         t_send = time.monotonic()
         await loop.run_in_executor(self._encode_pool, self.capture.after_resume, captured)
         assert self._encoder is not None and self._writer is not None
