@@ -320,7 +320,6 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
     node.status = status
     node.commands = {}
     sdnotify.notify("READY=1", f"STATUS=standing by on {cfg.backup.address}")
-    tasks.append(asyncio.create_task(sdnotify.keep_alive(lambda: True)))
     try:
         if activate_now:
             verdict = Verdict(FAILOVER, "operator asked (--activate-now)")
@@ -421,6 +420,7 @@ async def run_active(node: Node, cfg: Config, replica: Replica, guest: QemuGuest
                 **guest.usage()}
     node.status = status
     node.commands = {"reprotect": request_reprotect}
+    node.healthy = lambda: guest.proc is not None and guest.proc.returncode is None
     exited = asyncio.create_task(guest.wait())
     stopped = asyncio.create_task(node.stop.wait())
     asked = asyncio.create_task(reprotect.wait())

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from remus.common import log
+from remus.common import log, sdnotify
 from remus.common.config import Config
 from remus.common.control import ControlServer
 from remus.common.metrics import Metrics
@@ -34,6 +34,9 @@ class Node:
         self.stop = asyncio.Event()
         self.status: Callable[[], dict] = lambda: {"role": host, "state": "starting"}
         self.commands: dict[str, Callable[[str], dict]] = {}
+        # What systemd's watchdog is fed on: each phase says what healthy means for it.
+        self.healthy: Callable[[], bool] = lambda: True
+        self._watchdog: asyncio.Task | None = None
         self.control = ControlServer(self.state_dir, lambda: self.status(),
                                      _Commands(self))
         address = getattr(cfg.metrics, host)
@@ -51,8 +54,11 @@ class Node:
             self.metrics.serve(self._metrics_address)
             _log.info("metrics", address=self._metrics_address)
         await self.control.start()
+        self._watchdog = asyncio.create_task(sdnotify.keep_alive(lambda: self.healthy()))
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self.hb is not None:
             await self.hb.stop()
         await self.control.close()

@@ -102,15 +102,16 @@ async def holder_of_the_guest(node: Node, state_dir: Path, force: bool) -> dict 
     """Who runs the VM now, as far as this host can tell at start: the peer's beat if it
     holds (or is taking over) the guest, None if this host should boot it, or an exit
     code if that cannot be decided safely."""
-    if node.hb is None:
-        return None  # no heartbeat: nothing to ask; the operator is the guard
-    beat = await node.peer_beat(grace_s(node.cfg) * 2)
+    beat = await node.peer_beat(grace_s(node.cfg) * 2) if node.hb is not None else None
     if beat is not None and beat.get("role") in ("active", "fencing", "primary"):
         return beat
     if beat is None and was_running(state_dir) and not force:
-        _log.error("peer-unknown", detail="the peer is silent on every heartbeat link and this "
-                   "host was running the guest when it stopped: the peer may have taken it "
-                   "over. Not starting a second copy.",
+        _log.error("peer-unknown",
+                   detail=("no [heartbeat] to ask the peer" if node.hb is None else
+                           "the peer is silent on every heartbeat link")
+                          + ", and this host was running the guest when its daemon last "
+                            "stopped uncleanly: the backup may have taken it over. Not "
+                            "starting a second copy.",
                    hint="check the backup host; if it does not run the guest, start with "
                         "--force-start")
         return EXIT_UNDECIDED
@@ -186,7 +187,8 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
             resume_requested.clear()
             await replicator.operator_resume()
     resumer = asyncio.create_task(resume_on_request(), name="resume")
-    systemd = asyncio.create_task(report_to_systemd(replicator, guest), name="systemd")
+    systemd = asyncio.create_task(report_to_systemd(replicator), name="systemd")
+    node.healthy = lambda: guest.proc is not None and guest.proc.returncode is None
 
     def status() -> dict:
         s = epochs.summary()
@@ -284,25 +286,20 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
             await disk.close()
 
 
-async def report_to_systemd(replicator: Replicator, guest: QemuGuest) -> None:
-    """READY=1 once the guest runs protected or degraded; STATUS= on every change;
-    WATCHDOG=1 while the loop turns and QEMU lives."""
-    watchdog = asyncio.create_task(
-        sdnotify.keep_alive(lambda: guest.proc is not None and guest.proc.returncode is None))
+async def report_to_systemd(replicator: Replicator) -> None:
+    """READY=1 once the guest runs protected or degraded; STATUS= on every change.
+    (The node feeds the watchdog while the loop turns and QEMU lives.)"""
     shown, ready = "", False
-    try:
-        while True:
-            state = replicator.state
-            if not ready and state in ("protecting", "degraded", "paused"):
-                sdnotify.notify("READY=1")
-                ready = True
-            text = f"{state}, epoch {replicator.committed_epoch}" if state == "protecting" else state
-            if text != shown:
-                sdnotify.notify(f"STATUS={text}")
-                shown = text
-            await asyncio.sleep(1.0)
-    finally:
-        watchdog.cancel()
+    while True:
+        state = replicator.state
+        if not ready and state in ("protecting", "degraded", "paused"):
+            sdnotify.notify("READY=1")
+            ready = True
+        text = f"{state}, epoch {replicator.committed_epoch}" if state == "protecting" else state
+        if text != shown:
+            sdnotify.notify(f"STATUS={text}")
+            shown = text
+        await asyncio.sleep(1.0)
 
 
 def read_generation(state_dir: Path) -> int:

@@ -128,6 +128,19 @@ def test_stopping_the_primary_hands_the_guest_over_without_fencing(make_pair):
     assert int(wait_until(lambda: pair.try_get("inc"), 60, "the guest on the backup")) == value + 1
 
 
+def test_primary_that_may_have_been_taken_over_does_not_boot_a_second_copy(make_pair):
+    pair = make_pair()
+    state = pair.workdir / "primary"
+    state.mkdir()
+    (state / "primary.json").write_text(json.dumps({"generation": 1, "running": True}))
+    refused = pair.start_primary()
+    refused.wait_for(r"peer-unknown", 30)
+    assert refused.proc.wait(15) == 6
+    assert "qemu-launch" not in refused.log()
+    forced = pair.start_primary("--force-start")  # the operator checked the backup host
+    forced.wait_for(r"qemu-launch", 30)
+
+
 def test_torn_replica_is_refused(make_pair):
     pair = make_pair()
     pair.config.write_text(pair.config.read_text().replace(
