@@ -424,6 +424,9 @@ async def run_active(node: Node, cfg: Config, replica: Replica, guest: QemuGuest
     exited = asyncio.create_task(guest.wait())
     stopped = asyncio.create_task(node.stop.wait())
     asked = asyncio.create_task(reprotect.wait())
+    auto = None
+    if cfg.replication.reprotect == "auto" and hb is not None:
+        auto = asyncio.create_task(reprotect_when_peer_stands_by(hb, reprotect))
     newer = asyncio.create_task(watch_for_newer_holder(hb, None, generation, "active"))
     try:
         done, _ = await asyncio.wait({exited, stopped, asked, newer},
@@ -450,8 +453,22 @@ async def run_active(node: Node, cfg: Config, replica: Replica, guest: QemuGuest
         _log.warning("guest-exit", status=exited.result(), reason=guest.shutdown_reason)
         return 0 if guest.shutdown_reason == "guest-shutdown" else 1
     finally:
-        for task in (exited, stopped, asked, newer):
-            task.cancel()
+        for task in (exited, stopped, asked, newer, auto):
+            if task is not None:
+                task.cancel()
+
+
+async def reprotect_when_peer_stands_by(hb, reprotect: asyncio.Event) -> None:
+    """[replication] reprotect = "auto": re-protect once the other host's beats say it
+    waits as our backup."""
+    while not reprotect.is_set():
+        beat = hb.view().last_beat
+        if beat is not None and beat.get("role") == "backup" and hb.view().peer_alive:
+            _log.warning("reprotect-auto", peer_generation=beat.get("generation"),
+                         detail="the other host stands by as the backup")
+            reprotect.set()
+            return
+        await asyncio.sleep(0.2)
 
 
 async def follow_heartbeat(hb, backup: Backup) -> None:

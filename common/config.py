@@ -142,6 +142,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               "primary: give up on a backup that does not acknowledge in time"),
         "compare_threads": Key(int, 2, _range(1, 64),
                                "threads for the compare scan inside the pause"),
+        "reprotect": Key(str, "manual", _choice("manual", "auto"),
+                         "after a failover, protect the guest again: manual (remusctl "
+                         "reprotect) or auto (as soon as the other host stands by as the "
+                         "backup; needs [heartbeat])"),
         "precopy_rounds": Key(int, 5, _range(0, 1000),
                               "at a session's start, copy RAM (and disk) while the guest runs, "
                               "in at most this many rounds before the first checkpoint, so its "

@@ -2,12 +2,11 @@
 resumes a stale image and never loses the protected guest."""
 import random
 import shutil
-import subprocess
 import time
 
 import pytest
 
-from remus.common.localpair import BIN, Pair, PowerSwitch, ha_config, wait_until
+from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
 from remus.common.netns import Lan
 from remus.common.probe import read_replies, taken_back
 
@@ -32,16 +31,10 @@ def assert_nothing_taken_back(probe) -> None:
     assert values and not taken_back(values), f"replies taken back: {taken_back(values)}"
 
 
-def reprotect(lan, pair, host: str) -> None:
-    r = subprocess.run([*lan.exec(host), str(BIN / "remusctl"), "reprotect", "-c", str(pair.config)],
-                       capture_output=True, text=True, timeout=330)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
 def test_restarting_the_primary_service_hands_the_guest_over_both_ways(guest_image, lan, tmp_path):
     extra, power_a = ha_config(lan, tmp_path)
     power_b = tmp_path / "power-backup"
-    pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra)
+    pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra, reprotect="auto")
     try:
         pair.protect()
         probe = pair.start_probe()
@@ -59,7 +52,9 @@ def test_restarting_the_primary_service_hands_the_guest_over_both_ways(guest_ima
         pair.primary.wait_for(r"peer-holds-the-guest", 30)
         pair.primary.wait_for(r"backup-start", 30)
         assert "qemu-launch" not in pair.primary.log(), "host A started a second copy"
-        reprotect(lan, pair, "backup")
+        # [replication] reprotect = "auto": B protects the guest as soon as A stands by.
+        host_b.wait_for(r"reprotect-auto", 30)
+        host_b.wait_for(r"protecting epoch=\d+", 120)
         more_replies(probe, 3, "replies with B protected by A")
 
         # The same on host B, now the primary: the guest comes back to A.
