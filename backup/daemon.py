@@ -311,7 +311,8 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
             phase = ("stale" if judge.stale else "standby" if judge.resumable
                      else "syncing" if backup.current else "waiting")
         return {"role": "backup", "host": node.host, "guest": cfg.guest.name, "state": phase,
-                "pid": os.getpid(), "generation": r.generation, "session": r.session,
+                "pid": os.getpid(), "generation": max(r.generation, backup.peer_generation),
+                "session": r.session,
                 "last_committed_epoch": r.epoch, "replica": r.as_dict(),
                 "heartbeat": heartbeat_status(hb),
                 "fencing": {"configured": plan.configured,
@@ -413,7 +414,7 @@ async def run_active(node: Node, cfg: Config, replica: Replica, guest: QemuGuest
         return {"ok": True, "backup": cfg.reversed().backup.address}
     def status() -> dict:
         return {"role": "active", "host": node.host, "guest": cfg.guest.name,
-                "state": "reprotecting" if reprotect.is_set() else "unprotected",
+                "state": "reprotecting" if reprotect.is_set() else "active",
                 "pid": os.getpid(), "qemu_pid": guest.pid, "generation": generation,
                 "session": replica.state.session, "last_committed_epoch": replica.state.epoch,
                 "heartbeat": heartbeat_status(hb), "last_failover": last_failover,

@@ -80,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError) as exc:
         print(f"remusctl drill: both daemons must answer on this host: {exc}", file=sys.stderr)
         return 2
+    if primary.get("role") == "backup" and backup.get("role") == "primary":
+        # Re-protected after a failover: the hosts have exchanged roles.
+        primary, backup, primary_dir, backup_dir = backup, primary, backup_dir, primary_dir
     if primary["state"] != "protecting" or backup["state"] != "standby":
         print(f"remusctl drill: the pair is not ready (primary {primary['state']}, backup "
               f"{backup['state']}); a drill needs protecting/standby", file=sys.stderr)

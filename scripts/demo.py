@@ -1,7 +1,8 @@
 """The whole story on one machine: network namespaces as hosts (a client, a primary and
 a backup on one switch, plus a second heartbeat wire), the demo guest protected with
 output commit, heartbeat and fencing (fence_dummy behind a test power switch), a client
-load, a failover drill, and the report."""
+load, a failover drill, re-protection with the first host as the new backup, and the
+report."""
 from __future__ import annotations
 
 import argparse
@@ -66,10 +67,23 @@ def main() -> int:
 
             say("remusctl status, after the failover")
             remusctl("status", "--config", str(pair.config), "--role", "backup")
+
+            say("The first host comes back and stands by; remusctl reprotect on the second")
+            power.write_text("on")
+            pair.start_primary()
+            pair.primary.wait_for(r"backup-start", 30)
+            print("   host A's daemon found host B running the guest: it waits as its backup")
+            reprotected = subprocess.run([*lan.exec("backup"), REMUSCTL, "reprotect", "--config",
+                                          str(pair.config)]).returncode
+            print(f"   replies: {[int(pair.get('inc')) for _ in range(3)]}")
+            remusctl("status", "--config", str(pair.config))
+
             say("What happened")
             print("   no reply the client saw was taken back" if rc == 0 else
                   "   UNEXPECTED: the drill reports replies taken back")
-            return rc
+            print("   the guest is protected again, host B primary, host A its backup"
+                  if reprotected == 0 else "   UNEXPECTED: re-protection failed")
+            return rc or reprotected
         finally:
             switch.done.set()
             pair.cleanup()
