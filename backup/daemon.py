@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ READ_CHUNK = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0
 INPUT_LOG_CAP = 16 << 20  # input held for replay; more is left to the clients' TCP
 EXIT_ACTIVATION_REFUSED = 4
+EXIT_STOOD_DOWN = 5  # as the primary's: a newer generation holds the guest
 
 
 class Connection:

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", type=Path, metavar="FILE",
                    help="append one JSON line of figures per checkpoint to FILE")
     p.add_argument("--force-start", action="store_true",
-                   help="start the guest even though the backup host is silent and this host "
-                        "was running the guest when it went down (only once you know the "
+                   help="start the guest even though the backup host is silent and the guest "
+                        "this host last ran was never seen to end (only once you know the "
                         "backup host does not run it)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
@@ -109,9 +109,9 @@ async def holder_of_the_guest(node: Node, state_dir: Path, force: bool) -> dict 
         _log.error("peer-unknown",
                    detail=("no [heartbeat] to ask the peer" if node.hb is None else
                            "the peer is silent on every heartbeat link")
-                          + ", and this host was running the guest when its daemon last "
-                            "stopped uncleanly: the backup may have taken it over. Not "
-                            "starting a second copy.",
+                          + ", and the guest this host last ran was never seen to end (a "
+                            "crash, a handover or a failover): it may run on the other host. "
+                            "Not starting a second copy.",
                    hint="check the backup host; if it does not run the guest, start with "
                         "--force-start")
         return EXIT_UNDECIDED
@@ -135,12 +135,8 @@ async def boot_and_protect(node: Node, cfg, generation: int, args) -> int:
             _log.warning("output-buffering-disabled", detail="--no-net: guest output leaves at "
                          "once; a failover can take back replies that clients saw (unsafe)")
         await guest.launch(net_args=net_args, disk=cfg.guest.disk or None)
-        write_running(state_dir, generation, True)
-        code = await protect(node, cfg, guest, netbuf, ram_file, cfg.guest.disk or None,
+        return await protect(node, cfg, guest, netbuf, ram_file, cfg.guest.disk or None,
                              generation, stats=args.stats)
-        if code in (0, EXIT_STOOD_DOWN):
-            write_running(state_dir, generation, False)
-        return code
     finally:
         guest.kill()
         if netbuf is not None:
@@ -157,7 +153,11 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
     took over. The caller owns `guest` and `netbuf`."""
     hb = node.hb
     loop = asyncio.get_running_loop()
-    run_dir = Path(cfg.primary.state_dir) / "run"
+    state_dir = Path(cfg.primary.state_dir)
+    run_dir = state_dir / "run"
+    # Until the guest is seen to end, it may run on (here, or on the peer after a
+    # handover or failover): a later start must not boot it blindly.
+    write_running(state_dir, generation, True)
     epochs = EpochLog(stats)
     stop = node.stop
     resume_requested = asyncio.Event()
@@ -259,12 +259,14 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
             await _cancel(rep)
             await replicator.say_bye("primary stopped by operator")
             await guest.quit()
+            write_running(state_dir, generation, False)
             return 0
         status = exited.result()
         await _cancel(rep)
         if guest.shutdown_reason in ("guest-shutdown", "host-qmp-quit"):
             _log.info("guest-exit", reason=guest.shutdown_reason, action="bye to backup")
             await replicator.say_bye(f"guest ended: {guest.shutdown_reason}")
+            write_running(state_dir, generation, False)
             return 0
         # QEMU died under us: say nothing, so the backup takes over.
         _log.error("guest-died", status=status, reason=guest.shutdown_reason or "killed or crashed",
@@ -315,7 +317,8 @@ def read_generation(state_dir: Path) -> int:
 
 
 def was_running(state_dir: Path) -> bool:
-    """Whether this host was running the guest when its daemon last stopped, uncleanly."""
+    """Whether the guest this host last ran may still run: its daemon did not see it end
+    (a crash, a handover, a failover, standing down)."""
     return bool(_read_record(state_dir).get("running", False))
 
 
