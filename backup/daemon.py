@@ -5,13 +5,14 @@ import argparse
 import asyncio
 import os
 import signal
+import ssl
 import sys
 import time
 from pathlib import Path
 
 from remus.backup.failover import FAILOVER, STALE, FailoverJudge, Verdict
 from remus.backup.replica import Replica, ReplicaError
-from remus.common import log, sdnotify
+from remus.common import log, sdnotify, tls
 from remus.common.capture import PAGE_SIZE
 from remus.common.config import Config, ConfigError, load
 from remus.common.fencing import Fencer, fence_with_retry
@@ -42,8 +43,10 @@ class Connection:
 
 
 class Backup:
-    def __init__(self, cfg: Config, replica: Replica, judge: FailoverJudge):
+    def __init__(self, cfg: Config, replica: Replica, judge: FailoverJudge,
+                 tls_context: ssl.SSLContext | None = None):
         self.cfg = cfg
+        self.tls_context = tls_context  # None: plain TCP ([tls] insecure = true)
         self.replica = replica
         self.judge = judge
         self.fingerprint = cfg.fingerprint()
@@ -56,6 +59,10 @@ class Backup:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "%s:%d" % writer.get_extra_info("peername")[:2]
+        # Nothing is awaited before the upgrade, so no byte of the client hello can
+        # land in the plain reader.
+        if self.tls_context is not None and not await self._authenticate(peer, writer):
+            return
         conn = Connection(peer)
         conn.task = asyncio.current_task()
         try:
@@ -70,6 +77,26 @@ class Backup:
         if conn is self.current and not conn.superseded and reason:
             self.judge.stream_lost(time.monotonic(), reason)
             self.changed.set()
+
+    async def _authenticate(self, peer: str, writer: asyncio.StreamWriter) -> bool:
+        """TLS handshake, then the peer must be the primary; else log why and close.
+
+        The server is plain TCP upgraded here, rather than start_server(ssl=...),
+        because asyncio drops handshake failures silently: this way each one is logged."""
+        try:
+            await writer.start_tls(self.tls_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError, EOFError) as exc:
+            _log.error("tls-handshake-failed", peer=peer, reason=tls.describe(exc),
+                       action="connection closed; replica and session untouched")
+            writer.transport.abort()
+            return False
+        reason = tls.check_peer(writer.get_extra_info("peercert"), "primary")
+        if reason is not None:
+            _log.error("stream-refused", peer=peer, reason=reason,
+                       action="connection closed before reading; replica and session untouched")
+            writer.transport.abort()
+            return False
+        return True
 
     async def _serve(self, conn: Connection, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> str | None:
@@ -211,9 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run(args: argparse.Namespace) -> int:
     cfg = load(args.config).with_overrides(stream_timeout_ms=args.stream_timeout)
+    tls_context = tls.context_for(cfg, "backup")  # a TlsError before anything is opened
     replica = Replica(Path(cfg.backup.state_dir))
     s = replica.state
     _log.info("backup-start", guest=cfg.guest.name, listen=cfg.backup.address,
+              stream="insecure" if tls_context is None else "tls",
               replica_state=s.state, replica_epoch=s.epoch, generation=s.generation,
               detail="waiting for a session; an old replica is never resumed without one")
     hb = heartbeat_for(cfg, "backup")
@@ -225,8 +254,12 @@ async def run(args: argparse.Namespace) -> int:
     if fencer is None:
         _log.warning("no-fencing", detail="no [fencing] levels: the backup will activate "
                      "without making sure the primary is off (unsafe)")
+    if tls_context is None:
+        _log.warning("insecure-stream", detail="[tls] insecure = true: the checkpoint stream is "
+                     "plain TCP, unauthenticated and unencrypted; anyone who reaches "
+                     f"{cfg.backup.address} can feed the replica (unsafe)")
     judge = FailoverJudge(hb is not None, grace_s(cfg))
-    backup = Backup(cfg, replica, judge)
+    backup = Backup(cfg, replica, judge, tls_context)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -398,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run(args))
     except ConfigError as exc:
         print(f"remus-backup: config error: {exc}", file=sys.stderr)
+        return 2
+    except tls.TlsError as exc:
+        _log.error("tls-error", error=str(exc))
+        print(f"remus-backup: TLS error: {exc}", file=sys.stderr)
         return 2
     except (GuestError, ReplicaError) as exc:
         _log.error("backup-failed", error=str(exc))

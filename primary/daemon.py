@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from remus.common import log, sdnotify
+from remus.common import log, sdnotify, tls
 from remus.common.capture import RamView, make_capture
 from remus.common.config import ConfigError, load
 from remus.common.control import ControlServer
@@ -72,6 +72,11 @@ def make_netbuf(cfg, run_dir: Path, buffering: bool):
 
 async def run(args: argparse.Namespace) -> int:
     cfg = load(args.config).with_overrides(interval_ms=args.interval, capture=args.capture)
+    tls_context = tls.context_for(cfg, "primary")  # a TlsError before the guest starts
+    if tls_context is None:
+        _log.warning("insecure-stream", detail="[tls] insecure = true: the checkpoint stream is "
+                     "plain TCP, unauthenticated and unencrypted; guest memory crosses the "
+                     "network in clear and the backup is not authenticated (unsafe)")
     state_dir = Path(cfg.primary.state_dir)
     ram_file = Path(cfg.guest.ram_dir) / f"remus-{cfg.guest.name}-primary.ram"
     ram_file.unlink(missing_ok=True)  # never start from an old RAM image
@@ -109,9 +114,10 @@ async def run(args: argparse.Namespace) -> int:
     capture = make_capture(cfg.replication.capture, ram, guest.pid, cfg.replication.compare_threads)
     _log.info("primary-start", guest=cfg.guest.name, memory_mib=cfg.guest.memory_mib,
               interval_ms=cfg.replication.interval_ms, capture=capture.name,
-              backup=cfg.backup.address, qemu_pid=guest.pid)
+              backup=cfg.backup.address, stream="insecure" if tls_context is None else "tls",
+              qemu_pid=guest.pid)
     hooks = Hooks([netbuf] if netbuf else [])
-    replicator = Replicator(cfg, guest, capture, hooks, epochs, disk)
+    replicator = Replicator(cfg, guest, capture, hooks, epochs, disk, tls_context)
     rep = asyncio.create_task(replicator.run(), name="replicator")
     exited = asyncio.create_task(guest.wait(), name="qemu")
     stopped = asyncio.create_task(stop.wait(), name="signal")
@@ -298,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run(args))
     except ConfigError as exc:
         print(f"remus-primary: config error: {exc}", file=sys.stderr)
+        return 2
+    except tls.TlsError as exc:
+        _log.error("tls-error", error=str(exc))
+        print(f"remus-primary: TLS error: {exc}", file=sys.stderr)
         return 2
     except GuestError as exc:
         _log.error("guest-error", error=str(exc))

@@ -13,6 +13,8 @@ kernel = "vmlinuz"
 address = "127.0.0.1"
 [backup]
 address = "127.0.0.1:7788"
+[tls]
+dir = "keys"
 """
 
 
