@@ -172,7 +172,8 @@ def describe(exc: BaseException) -> str:
         return "no TLS handshake in time (a plain-TCP or silent peer?)"
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = exc.verify_message or str(exc)
-        if exc.verify_code in (20, 2, 21):  # unable to get (local) issuer certificate
+        # unable to get (local) issuer certificate, self-signed (in chain), leaf unverifiable
+        if exc.verify_code in (2, 18, 19, 20, 21):
             return f"the peer's certificate is not from our CA ({why})"
         return f"the peer's certificate failed verification ({why})"
     if isinstance(exc, ssl.SSLError):
