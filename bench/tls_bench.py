@@ -94,7 +94,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8, help="measuring window per scenario")
     ap.add_argument("--interval", type=int, default=100, help="checkpoint interval in ms")
-    ap.add_argument("--rates", default="0,5000,20000", help="dirty rates in pages/s (0 = idle)")
+    ap.add_argument("--rates", default="0,2000,8000",
+                    help="dirty rates in pages/s (0 = idle; the guest allows up to about 1/8 of its RAM)")
     args = ap.parse_args()
     rates = [int(x) for x in args.rates.split(",")]
     image = build(Path(os.environ.get("REMUS_CACHE", Path.home() / ".cache" / "remus")))

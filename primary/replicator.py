@@ -214,10 +214,12 @@ class Replicator:
             data = await reader.read(READ_CHUNK)
             if not data:
                 if self.tls_context is not None:
-                    # The backup refuses our certificate by closing, without a word.
-                    raise BackupRefused("backup closed the connection during the handshake: "
-                                        "it refused our TLS certificate (not from its CA, or "
-                                        "not naming 'primary'?) or the session; see its log")
+                    # A backup that refuses our certificate closes without an alert
+                    # (asyncio drops it), so this is all we learn; its log says why.
+                    raise BackupRefused("backup closed the connection during the handshake; "
+                                        "over TLS that is how it refuses our certificate (not "
+                                        "from its CA?): see its tls-handshake-failed or "
+                                        "stream-refused log line")
                 raise SessionLost("backup closed the connection during the handshake")
             for event in proto.receive(data):
                 if isinstance(event, Rejected):

@@ -65,11 +65,8 @@ def test_generate_keeps_existing_files_unless_forced(tmp_path):
     tls.generate(d, ["primary", "backup"], force=True)
     assert (d / "primary.crt").read_bytes() != before
     assert (d / "ca.crt").read_bytes() != ca        # force makes a new CA
-    with pytest.raises(TlsErrorOrValue, match="bad node name"):
+    with pytest.raises(ValueError, match="bad node name"):
         tls.generate(d, ["../x"])
-
-
-TlsErrorOrValue = (tls.TlsError, ValueError)
 
 
 def test_remusctl_keys_generate_makes_both_kinds_and_refuses_before_writing(tmp_path, capsys):
@@ -162,7 +159,8 @@ def test_mutual_handshake_and_refusals(keys, tmp_path):
             reader, writer = await asyncio.open_connection(
                 "127.0.0.1", port, ssl=tls.client_context(d, node) if d is keys else
                 _loose_client(d, node), server_hostname="backup")
-            assert tls.check_peer(writer.get_extra_info("peercert"), "backup") is None or d is other
+            if d is keys:  # a verifying client sees the backup's name (the loose one sees none)
+                assert tls.check_peer(writer.get_extra_info("peercert"), "backup") is None
             await reader.read()  # until the backup closes
             writer.close()
         server.close()
