@@ -85,7 +85,7 @@ class Backup:
         because asyncio drops handshake failures silently: this way each one is logged."""
         try:
             await writer.start_tls(self.tls_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-        except (OSError, asyncio.TimeoutError, EOFError) as exc:
+        except Exception as exc:  # noqa: BLE001 - SSL errors, resets, the timeout: all logged
             _log.error("tls-handshake-failed", peer=peer, reason=tls.describe(exc),
                        action="connection closed; replica and session untouched")
             writer.transport.abort()

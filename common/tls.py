@@ -168,8 +168,12 @@ def _names_of_x509(cert) -> list[str]:
 
 def describe(exc: BaseException) -> str:
     """An operator's reading of a handshake failure."""
-    if isinstance(exc, TimeoutError) or type(exc).__name__ == "TimeoutError":
-        return "no TLS handshake in time (a plain-TCP or silent peer?)"
+    if isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError)
+                                         and "taking longer" in str(exc)):
+        return f"no TLS handshake in time (a silent or plain-TCP peer?): {exc}"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, EOFError)) or (
+            isinstance(exc, ssl.SSLError) and exc.reason == "UNEXPECTED_EOF_WHILE_READING"):
+        return "the peer closed the connection during the TLS handshake"
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = exc.verify_message or str(exc)
         # unable to get (local) issuer certificate, self-signed (in chain), leaf unverifiable
@@ -194,7 +198,7 @@ def _reason(exc: BaseException) -> str:
         return f"{exc.reason} ({exc.library or 'ssl'})"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 # ----------------------------------------------------------------- generation

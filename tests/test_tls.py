@@ -253,3 +253,11 @@ def test_tls_config_relative_dir_and_insecure(tmp_path, keys):
     assert tls.context_for(cfg, "backup").verify_mode == ssl.CERT_REQUIRED
     # A config survives with_overrides with its [tls] section.
     assert cfg.with_overrides(interval_ms=50).tls.dir == str(keys)
+
+
+def test_describe_handshake_failures():
+    assert tls.describe(ConnectionAbortedError(
+        "SSL handshake is taking longer than 10.0 seconds: aborting the connection")) \
+        .startswith("no TLS handshake in time")
+    assert tls.describe(ConnectionResetError()) == "the peer closed the connection during the TLS handshake"
+    assert tls.describe(RuntimeError("odd")) == "RuntimeError: odd"
