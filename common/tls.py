@@ -115,8 +115,15 @@ def check_files(files: NodeFiles, node: str) -> None:
     try:
         cert.verify_directly_issued_by(ca)
     except Exception as exc:  # noqa: BLE001 - InvalidSignature, ValueError, TypeError
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         raise TlsError(f"TLS certificate {files.cert} was not issued by the CA in {files.ca} "
-                       f"({type(exc).__name__} {exc})".rstrip()) from None
+                       f"({detail})") from None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for path, c in ((files.ca, ca), (files.cert, cert)):
+        end = _not_after(c)
+        if end < now:
+            raise TlsError(f"TLS certificate {path} expired on {end:%Y-%m-%d}; make new ones "
+                           f"with `remusctl keys generate --force`")
     pub = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     if cert.public_key().public_bytes(der, pub) != key.public_key().public_bytes(der, pub):
@@ -125,6 +132,13 @@ def check_files(files: NodeFiles, node: str) -> None:
     if node not in names:
         raise TlsError(f"TLS certificate {files.cert} names {', '.join(names) or 'nobody'}, "
                        f"not this node {node!r}")
+
+
+def _not_after(cert) -> datetime.datetime:
+    end = getattr(cert, "not_valid_after_utc", None)  # cryptography >= 42
+    if end is None:
+        end = cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    return end
 
 
 # ---------------------------------------------------------------- peer names
