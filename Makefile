@@ -44,6 +44,7 @@ bench: guest
 	$(VBIN)/python bench/net_bench.py
 	$(VBIN)/python bench/disk_bench.py
 	$(VBIN)/python bench/failover_bench.py
+	$(VBIN)/python bench/tls_bench.py
 
 # The daemons in their own virtualenv, their commands on PATH, the systemd units.
 install: deps

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -11,13 +12,13 @@ from pathlib import Path
 from remus.backup.failover import FAILOVER, STALE, FailoverJudge, Verdict
 from remus.backup.inputlog import InputLog
 from remus.backup.replica import Replica, ReplicaError
-from remus.common import log, sdnotify
+from remus.common import log, sdnotify, tls
 from remus.common.capture import PAGE_SIZE
 from remus.common.config import Config, ConfigError, load
 from remus.common.node import Node
 from remus.common.fencing import Fencer, fence_with_retry
 from remus.common.heartbeat import HeartbeatError, LinkDown, LinkUp, PeerBack, PeerBeat, PeerLost
-from remus.common.peering import grace_s, heartbeat_status
+from remus.common.peering import PEER, grace_s, heartbeat_status
 from remus.common.protocol import (BackupProtocol, CheckpointStaged, InputReceived, PeerBye,
                                    PeerHandover, Send, SessionOpened)
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest
@@ -45,8 +46,11 @@ class Connection:
 
 
 class Backup:
-    def __init__(self, cfg: Config, replica: Replica, judge: FailoverJudge):
+    def __init__(self, cfg: Config, replica: Replica, judge: FailoverJudge,
+                 tls_context: ssl.SSLContext | None = None, peer_node: str = "primary"):
         self.cfg = cfg
+        self.tls_context = tls_context  # None: plain TCP ([tls] insecure = true)
+        self.peer_node = peer_node      # whose certificate the sender must present
         self.replica = replica
         self.judge = judge
         self.fingerprint = cfg.fingerprint()
@@ -60,6 +64,10 @@ class Backup:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "%s:%d" % writer.get_extra_info("peername")[:2]
+        # Nothing is awaited before the upgrade, so no byte of the client hello can
+        # land in the plain reader.
+        if self.tls_context is not None and not await self._authenticate(peer, writer):
+            return
         conn = Connection(peer)
         conn.task = asyncio.current_task()
         try:
@@ -74,6 +82,26 @@ class Backup:
         if conn is self.current and not conn.superseded and reason:
             self.judge.stream_lost(time.monotonic(), reason)
             self.changed.set()
+
+    async def _authenticate(self, peer: str, writer: asyncio.StreamWriter) -> bool:
+        """TLS handshake, then the peer must be the other host; else log why and close.
+
+        The server is plain TCP upgraded here, rather than start_server(ssl=...),
+        because asyncio drops handshake failures silently: this way each one is logged."""
+        try:
+            await writer.start_tls(self.tls_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - SSL errors, resets, the timeout: all logged
+            _log.error("tls-handshake-failed", peer=peer, reason=tls.describe(exc),
+                       action="connection closed; replica and session untouched")
+            writer.transport.abort()
+            return False
+        reason = tls.check_peer(writer.get_extra_info("peercert"), self.peer_node)
+        if reason is not None:
+            _log.error("stream-refused", peer=peer, reason=reason,
+                       action="connection closed before reading; replica and session untouched")
+            writer.transport.abort()
+            return False
+        return True
 
     async def _serve(self, conn: Connection, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> str | None:
@@ -278,10 +306,12 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
     """Keep the replica of the guest `cfg`'s primary runs; take the guest over when that
     host is lost (fence it, then resume), and run it until it ends or the operator
     stops us; re-protect it on request. Returns the exit code."""
+    tls_context = tls.context_for(cfg, node.host, server=True)  # a TlsError before anything opens
     replica = Replica(Path(cfg.backup.state_dir))
     s = replica.state
     hb = node.hb
     _log.info("backup-start", guest=cfg.guest.name, listen=cfg.backup.address,
+              stream="insecure" if tls_context is None else "tls",
               replica_state=s.state, replica_epoch=s.epoch, generation=s.generation,
               detail="waiting for a session; an old replica is never resumed without one")
     if hb is None:
@@ -294,8 +324,12 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
         _log.warning("no-fencing", target="backup host" if cfg.reversed_roles else "primary host",
                      detail="no [fencing] device for the host that runs the VM: the backup "
                             "will activate without making sure it is off (unsafe)")
+    if tls_context is None:
+        _log.warning("insecure-stream", detail="[tls] insecure = true: the checkpoint stream is "
+                     "plain TCP, unauthenticated and unencrypted; anyone who reaches "
+                     f"{cfg.backup.address} can feed the replica (unsafe)")
     judge = FailoverJudge(hb is not None, grace_s(cfg))
-    backup = Backup(cfg, replica, judge)
+    backup = Backup(cfg, replica, judge, tls_context, PEER[node.host])
     stop = node.stop
     metrics = node.metrics
     host, port = cfg.backup_endpoint
@@ -549,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run(args))
     except ConfigError as exc:
         print(f"remus-backup: config error: {exc}", file=sys.stderr)
+        return 2
+    except tls.TlsError as exc:
+        _log.error("tls-error", error=str(exc))
+        print(f"remus-backup: TLS error: {exc}", file=sys.stderr)
         return 2
     except (GuestError, ReplicaError) as exc:
         _log.error("backup-failed", error=str(exc))

@@ -6,6 +6,7 @@ falls back to a default.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -162,6 +163,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         "CURVE keys: primary.key, backup.key and this node's *.key_secret "
                         "(remusctl keys generate)"),
     },
+    "tls": {
+        "dir": Key(str, "", None,
+                   "TLS material for the checkpoint stream: ca.crt, and per node NODE.crt and "
+                   "NODE.tls.key (remusctl keys generate); may be the heartbeat keys_dir"),
+        "insecure": Key(bool, False, None,
+                        "plain TCP for the checkpoint stream: unauthenticated and unencrypted"),
+    },
     "metrics": {
         "primary": Key(str, "", lambda v: (_host_port(v, port_required=True), v)[1] if v else v,
                        "HOST:PORT of the primary's Prometheus endpoint (empty: off)"),
@@ -213,6 +221,7 @@ class Config:
     backup: Section
     heartbeat: Section
     metrics: Section
+    tls: Section
     raw: dict = field(repr=False)
     fencing: Any = None  # remus.common.fencing.FencingPlan
     reversed_roles: bool = False  # see reversed()
@@ -235,8 +244,8 @@ class Config:
                           "address": f"[{p_host}]:{port}" if ":" in p_host else f"{p_host}:{port}",
                           "state_dir": self.primary.state_dir})
         metrics = Section({"primary": self.metrics.backup, "backup": self.metrics.primary})
-        return Config(self.path, self.guest, self.network, self.replication, primary, backup,
-                      self.heartbeat, metrics, self.raw, self.fencing, not self.reversed_roles)
+        return dataclasses.replace(self, primary=primary, backup=backup, metrics=metrics,
+                                   reversed_roles=not self.reversed_roles)
 
     @property
     def memory_bytes(self) -> int:
@@ -270,9 +279,7 @@ class Config:
             if value is None:
                 continue
             values[key] = _check_value("replication", key, SCHEMA["replication"][key], value)
-        return Config(self.path, self.guest, self.network, Section(values), self.primary,
-                      self.backup, self.heartbeat, self.metrics, self.raw, self.fencing,
-                      self.reversed_roles)
+        return dataclasses.replace(self, replication=Section(values))
 
 
 def _check_value(section: str, key: str, spec: Key, value: Any) -> Any:
@@ -315,6 +322,18 @@ def parse(data: dict, path: Path) -> Config:
     keys_dir = sections["heartbeat"].values["keys_dir"]
     if not os.path.isabs(keys_dir):
         sections["heartbeat"].values["keys_dir"] = str((base / keys_dir).resolve())
+    tls = sections["tls"]
+    if tls.dir and not os.path.isabs(tls.dir):
+        tls.values["dir"] = str((base / tls.dir).resolve())
+    if tls.dir and tls.insecure:
+        raise ConfigError("[tls] insecure: true together with [tls] dir; say which one "
+                          "(remove insecure to use TLS)")
+    if not tls.dir and not tls.insecure:
+        raise ConfigError("[tls]: the checkpoint stream needs TLS material: add [tls] dir = "
+                          "\"/etc/remus/keys\" holding ca.crt, primary.crt, primary.tls.key, "
+                          "backup.crt, backup.tls.key (made by `remusctl keys generate --dir "
+                          "/etc/remus/keys --node primary --node backup`), or [tls] insecure = "
+                          "true for plain TCP (unauthenticated, unencrypted)")
     for key in ("kernel", "initrd", "disk"):
         value = sections["guest"].values[key]
         if value and not os.path.isabs(value):

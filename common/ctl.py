@@ -17,12 +17,25 @@ def build_parser() -> argparse.ArgumentParser:
     from remus.common import guest_image
     guest_image.add_build_parser(guest_sub)
 
-    # Key material. `generate` makes CURVE key pairs for the heartbeat channel;
-    # other kinds (TLS for the checkpoint stream) can join this group.
-    keys = sub.add_parser("keys", help="key material: node key pairs")
+    # Key material, one directory for both channels: CURVE key pairs for the
+    # heartbeat, and a CA with node certificates for the checkpoint stream's TLS.
+    keys = sub.add_parser("keys", help="key material: heartbeat key pairs, stream certificates")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     from remus.common import heartbeat
-    heartbeat.add_keys_generate_parser(keys_sub)
+    gen = heartbeat.add_keys_generate_parser(keys_sub)
+    gen.help = None
+    gen.description = (
+        "Create, in --dir, the key material of each --node: a CURVE key pair for the "
+        "heartbeat (NAME.key public, give it to the peer; NAME.key_secret, mode 0600) and "
+        "a TLS certificate for the checkpoint stream (NAME.crt; NAME.tls.key, mode 0600), "
+        "issued by a small CA made in the same folder (ca.crt for both hosts; ca.key, "
+        "mode 0600, needed only to issue certificates: keep it off the nodes). EC P-256, "
+        "valid ten years. An existing CA is reused, so a node can be added later; "
+        "existing node files are kept unless --force (which also makes a new CA). "
+        "Copy to the primary: ca.crt, primary.crt, primary.tls.key, primary.key_secret, "
+        "backup.key; to the backup: ca.crt, backup.crt, backup.tls.key, backup.key_secret, "
+        "primary.key. Then set [tls] dir (and [heartbeat] keys_dir) to that folder.")
+    gen.set_defaults(func=run_keys_generate)
 
     from remus.common import fencing
     fencing.add_fence_test_parser(sub)
@@ -32,6 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     drill.add_parser(sub)
     reprotect_cli.add_parser(sub)
     return parser
+
+
+def run_keys_generate(args) -> int:
+    from remus.common import heartbeat, tls
+    try:
+        # Refuse before writing anything, so a refusal never leaves half a set.
+        tls.preflight(args.dir, args.node, force=args.force)
+        made = heartbeat.generate_keys(args.dir, args.node, force=args.force)
+        written = tls.generate(args.dir, args.node, force=args.force)
+    except (OSError, ValueError) as exc:
+        print(f"remusctl keys generate: {exc}", file=sys.stderr)
+        return 1
+    for public, secret in made:
+        print(f"public: {public}")
+        print(f"secret: {secret}")
+    for path in written:
+        print(f"tls: {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -300,7 +300,8 @@ def read_initramfs(path: Path) -> dict[str, tuple[int, bytes]]:
 # -- demo config --------------------------------------------------------------
 
 def write_demo_config(image: GuestImage, path: Path, cache_dir: Path, port_base: int = 8080) -> Path:
-    """A config for the demo guest on one host (primary and backup on 127.0.0.1)."""
+    """A config for the demo guest on one host (primary and backup on 127.0.0.1), and
+    the TLS material for its checkpoint stream in <cache>/keys."""
     cache_dir = Path(cache_dir).expanduser().resolve()
     q = json.dumps  # a JSON string is a valid TOML basic string
     text = f"""\
@@ -330,9 +331,14 @@ state_dir = {q(str(cache_dir / "state" / "primary"))}
 [backup]
 address = "127.0.0.1:7788"
 state_dir = {q(str(cache_dir / "state" / "backup"))}
+
+[tls]
+dir = {q(str(cache_dir / "keys"))}
 """
     path = Path(path).expanduser()
     config.parse(tomllib.loads(text), path)  # never write a file the daemons would reject
+    from remus.common import tls
+    tls.ensure(cache_dir / "keys")  # the stream's CA and node certificates, kept if present
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)

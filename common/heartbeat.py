@@ -1055,7 +1055,8 @@ def add_keys_generate_parser(keys_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, required=True, help="folder for the key files (created if missing)")
     p.add_argument("--node", action="append", required=True, metavar="NAME",
                    help="node name; repeat for several nodes")
-    p.add_argument("--force", action="store_true", help="replace existing key files")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing key files (and, for TLS, make a new CA)")
     p.set_defaults(func=run_keys_generate)
     return p
 

@@ -108,11 +108,15 @@ class Pair:
     """A protected guest: config, backup and primary daemons, and an HTTP client for it."""
 
     def __init__(self, image, workdir: Path, lan: Lan | None = None, disk_mib: int = 0,
-                 extra_config: str = "", **replication):
+                 extra_config: str = "", insecure: bool = False, **replication):
         """Without `lan`: both daemons on this host, guest NIC in QEMU user mode with a
         host forward. With `lan`: daemons on the namespace hosts, guest bridged and
-        its output buffered."""
+        its output buffered. The stream runs over TLS with material in workdir/keys
+        (the heartbeat's keys too, see ha_config), or plain TCP with `insecure`."""
         self.workdir = workdir
+        self.insecure = insecure
+        self.keys = make_keys(workdir)
+        tls = "insecure = true" if insecure else f'dir = "{self.keys}"'
         self.lan = lan
         self.http_port = free_port()
         self.stream_port = free_port()
@@ -153,6 +157,8 @@ state_dir = "{workdir / 'primary'}"
 [backup]
 address = "{backup}:{self.stream_port}"
 state_dir = "{workdir / 'backup'}"
+[tls]
+{tls}
 {extra_config}
 """)
         self.daemons: list[Daemon] = []
@@ -226,16 +232,26 @@ state_dir = "{workdir / 'backup'}"
 HB_PORT = 7790
 
 
+def make_keys(workdir: Path) -> Path:
+    """workdir/keys with the heartbeat's CURVE keys and the stream's CA and node
+    certificates for primary and backup; made once, shared by Pair and ha_config."""
+    import zmq.auth
+    from remus.common import tls
+    keys = workdir / "keys"
+    keys.mkdir(exist_ok=True)
+    for node in ("primary", "backup"):
+        if not (keys / f"{node}.key_secret").exists():
+            zmq.auth.create_certificates(str(keys), node)
+    tls.ensure(keys)
+    return keys
+
+
 def ha_config(lan: Lan, workdir: Path, fence_type: str = "file", device: str | None = None) -> tuple[str, Path]:
     """[heartbeat] on both wires and [fencing] with fence_dummy, plus the keys and the
     dummy's status file ("on"). Returns (config text, status file of the primary host).
     The backup host has its own device and status file, workdir/"power-backup", for
     failovers after re-protection."""
-    import zmq.auth
-    keys = workdir / "keys"
-    keys.mkdir()
-    for node in ("primary", "backup"):
-        zmq.auth.create_certificates(str(keys), node)
+    keys = make_keys(workdir)
     status = workdir / "power"
     status.write_text("on")
     backup_status = workdir / "power-backup"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from remus.common import log
 from remus.common.config import Config
@@ -169,7 +169,9 @@ class QemuGuest:
                     await client.connect(str(self.paths.qmp_socket))
                     self.qmp = client
                     break
-                except (OSError, ConnectionError):
+                except (OSError, ConnectionError, ConnectError):
+                    # The socket file exists before QEMU listens on it: under load a
+                    # connect can come in between (qemu.qmp wraps the refusal).
                     pass
             if time.monotonic() > deadline:
                 raise GuestError(f"QMP socket {self.paths.qmp_socket} did not answer within {timeout}s")

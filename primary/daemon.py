@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from remus.common import log, sdnotify
+from remus.common import log, sdnotify, tls
 from remus.common.capture import RamView, make_capture
 from remus.common.config import ConfigError, load
 from remus.common.heartbeat import HeartbeatError, LinkDown, PeerLost
 from remus.common.node import Node
-from remus.common.peering import grace_s, heartbeat_status
+from remus.common.peering import PEER, grace_s, heartbeat_status
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest
 from remus.common.stats import EpochLog
 from remus.primary.diskrep import DiskReplicator
@@ -76,6 +76,9 @@ def make_netbuf(cfg, run_dir: Path, buffering: bool):
 
 async def run(args: argparse.Namespace) -> int:
     cfg = load(args.config).with_overrides(interval_ms=args.interval, capture=args.capture)
+    # Both directions' contexts now: a TlsError before anything starts.
+    tls.context_for(cfg, "primary", server=False)
+    tls.context_for(cfg, "primary", server=True)
     state_dir = Path(cfg.primary.state_dir)
     generation = read_generation(state_dir)
     node = Node(cfg, "primary")
@@ -153,6 +156,11 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
     took over. The caller owns `guest` and `netbuf`."""
     hb = node.hb
     loop = asyncio.get_running_loop()
+    tls_context = tls.context_for(cfg, node.host, server=False)
+    if tls_context is None:
+        _log.warning("insecure-stream", detail="[tls] insecure = true: the checkpoint stream is "
+                     "plain TCP, unauthenticated and unencrypted; guest memory crosses the "
+                     "network in clear and the backup is not authenticated (unsafe)")
     state_dir = Path(cfg.primary.state_dir)
     run_dir = state_dir / "run"
     # Until the guest is seen to end, it may run on (here, or on the peer after a
@@ -170,9 +178,11 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
     capture = make_capture(cfg.replication.capture, ram, guest.pid, cfg.replication.compare_threads)
     _log.info("primary-start", guest=cfg.guest.name, memory_mib=cfg.guest.memory_mib,
               interval_ms=cfg.replication.interval_ms, capture=capture.name,
-              backup=cfg.backup.address, qemu_pid=guest.pid, generation=generation)
+              backup=cfg.backup.address, stream="insecure" if tls_context is None else "tls",
+              qemu_pid=guest.pid, generation=generation)
     hooks = Hooks([netbuf] if netbuf else [])
-    replicator = Replicator(cfg, guest, capture, hooks, epochs, disk, generation)
+    replicator = Replicator(cfg, guest, capture, hooks, epochs, disk, generation, tls_context,
+                            PEER[node.host])
     if isinstance(netbuf, UserspaceNetBuffer):
         netbuf.inbound_listener = replicator.forward_input
     rep = asyncio.create_task(replicator.run(), name="replicator")
@@ -398,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run(args))
     except ConfigError as exc:
         print(f"remus-primary: config error: {exc}", file=sys.stderr)
+        return 2
+    except tls.TlsError as exc:
+        _log.error("tls-error", error=str(exc))
+        print(f"remus-primary: TLS error: {exc}", file=sys.stderr)
         return 2
     except GuestError as exc:
         _log.error("guest-error", error=str(exc))

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from remus.common import log
+from remus.common import log, tls
 from remus.common.capture import PAGE_SIZE, Captured
 from remus.common.config import Config
 from remus.common.protocol import Acked, CheckpointEncoder, PrimaryProtocol, Rejected, Welcome
@@ -60,9 +61,12 @@ class Superseded(Exception):
 
 class Replicator:
     def __init__(self, cfg: Config, guest: QemuGuest, capture, hooks: Hooks, epochs: EpochLog,
-                 disk=None, generation: int = 1):
+                 disk=None, generation: int = 1, tls_context: ssl.SSLContext | None = None,
+                 peer_node: str = "backup"):
         self.cfg = cfg
         self.generation = generation
+        self.tls_context = tls_context  # None: plain TCP ([tls] insecure = true)
+        self.peer_node = peer_node      # whose certificate the backup must present
         self.disk = disk  # DiskReplicator, or None for a disk-less guest
         self.guest = guest
         self.capture = capture
@@ -229,8 +233,24 @@ class Replicator:
         host, port = self.cfg.backup_endpoint
         src_host, src_port = self.cfg.primary_endpoint
         local = (src_host, src_port) if src_host else None
-        return await asyncio.wait_for(
-            asyncio.open_connection(host, port, local_addr=local), CONNECT_TIMEOUT)
+        if self.tls_context is None:
+            return await asyncio.wait_for(
+                asyncio.open_connection(host, port, local_addr=local), CONNECT_TIMEOUT)
+        try:
+            # server_hostname only fills SNI: the backup is named by its certificate
+            # (check_peer below), not by its address.
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, local_addr=local, ssl=self.tls_context,
+                                        server_hostname=self.peer_node,
+                                        ssl_handshake_timeout=CONNECT_TIMEOUT),
+                CONNECT_TIMEOUT)
+        except ssl.SSLError as exc:
+            raise BackupRefused(f"TLS handshake with the backup failed: {tls.describe(exc)}") from None
+        reason = tls.check_peer(writer.get_extra_info("peercert"), self.peer_node)
+        if reason is not None:
+            writer.transport.abort()
+            raise BackupRefused(f"TLS: {reason} (is {host}:{port} our backup?)")
+        return reader, writer
 
     async def _session(self) -> None:
         self.state = "connecting"
@@ -242,10 +262,16 @@ class Replicator:
         rep = self.cfg.replication
         proto = PrimaryProtocol(session)
         self._encoder = CheckpointEncoder(PAGE_SIZE, rep.compression, rep.zstd_level)
-        writer.write(self._encoder.hello(self.cfg.fingerprint(), session, self.cfg.memory_bytes,
-                                         self.disk.size if self.disk else 0, self.generation))
-        await writer.drain()
-        backup_generation = await asyncio.wait_for(self._handshake(reader, proto), CONNECT_TIMEOUT)
+        try:
+            writer.write(self._encoder.hello(self.cfg.fingerprint(), session, self.cfg.memory_bytes,
+                                             self.disk.size if self.disk else 0, self.generation))
+            await writer.drain()
+            backup_generation = await asyncio.wait_for(self._handshake(reader, proto),
+                                                       CONNECT_TIMEOUT)
+        except ssl.SSLError as exc:
+            # With TLS 1.3 the backup checks our certificate after our side of the
+            # handshake has completed: its verdict arrives as an alert on the first read.
+            raise BackupRefused(f"the backup refused our TLS certificate: {tls.describe(exc)}") from None
         _log.info("session-start", session=session, backup="%s:%d" % self.cfg.backup_endpoint,
                   generation=self.generation, backup_generation=backup_generation)
         reader_task = self._reader_task = asyncio.create_task(self._read_acks(reader, proto))
@@ -263,6 +289,13 @@ class Replicator:
         while True:
             data = await reader.read(READ_CHUNK)
             if not data:
+                if self.tls_context is not None:
+                    # A backup that refuses our certificate closes without an alert
+                    # (asyncio drops it), so this is all we learn; its log says why.
+                    raise BackupRefused("backup closed the connection during the handshake; "
+                                        "over TLS that is how it refuses our certificate (not "
+                                        "from its CA?): see its tls-handshake-failed or "
+                                        "stream-refused log line")
                 raise SessionLost("backup closed the connection during the handshake")
             for event in proto.receive(data):
                 if isinstance(event, Rejected):

@@ -45,7 +45,8 @@ def main() -> int:
         try:
             say("Hosts: network namespaces " + ", ".join(lan.ns[r] for r in ("client", "primary", "backup")))
             print(f"   guest {lan.addr['guest']} (bridged, output held until the backup has the checkpoint)")
-            print(f"   heartbeat on two wires, fencing with fence_dummy; config {pair.config}")
+            print(f"   checkpoint stream over TLS (mutual certificates), heartbeat on two wires, "
+                  f"fencing with fence_dummy; config {pair.config}")
             pair.start_backup()
             pair.start_primary()
             pair.primary.wait_for(r"protecting epoch=\d+", 60)

@@ -13,6 +13,8 @@ kernel = "vmlinuz"
 address = "127.0.0.1"
 [backup]
 address = "127.0.0.1:7788"
+[tls]
+dir = "keys"
 """
 
 
@@ -87,7 +89,8 @@ def test_reversed_swaps_the_hosts_and_keeps_each_hosts_directory(tmp_path):
     cfg = parse({"guest": {"name": "g", "kernel": "/k"},
                  "primary": {"address": "10.0.0.1", "state_dir": "/a"},
                  "backup": {"address": "10.0.0.2:7788", "state_dir": "/b"},
-                 "metrics": {"primary": "10.0.0.1:9100", "backup": "10.0.0.2:9100"}},
+                 "metrics": {"primary": "10.0.0.1:9100", "backup": "10.0.0.2:9100"},
+                 "tls": {"insecure": True}},
                 tmp_path / "g.toml")
     r = cfg.reversed()
     assert r.backup_endpoint == ("10.0.0.1", 7788) and r.primary_endpoint == ("10.0.0.2", 0)

@@ -63,7 +63,7 @@ def test_drill_reports_zero_lost_replies(guest_image, lan, tmp_path, how):
 def test_drill_refuses_a_pair_not_marked_as_a_target(tmp_path):
     cfg = tmp_path / "g.toml"
     cfg.write_text('[guest]\nname = "g"\nkernel = "k"\n[primary]\naddress = "127.0.0.1"\n'
-                   '[backup]\naddress = "127.0.0.1:1"\n')
+                   '[backup]\naddress = "127.0.0.1:1"\n[tls]\ninsecure = true\n')
     r = subprocess.run([REMUSCTL, "drill", "--config", str(cfg), "--kill", "--probe-url", "http://x/"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "drill target" in r.stderr

@@ -4,6 +4,7 @@ import json
 import re
 import signal
 import socket
+import ssl
 import time
 
 import pytest
@@ -68,16 +69,17 @@ def test_primary_stopping_on_purpose_is_not_taken_over(make_pair):
 
 
 def test_bad_peers_are_refused_and_the_replica_is_untouched(make_pair):
+    """Peers that get through TLS as the primary (its own certificate) but speak garbage
+    or another protocol version; the refusals below TLS are in tests/test_tls_stream.py."""
     pair = make_pair(interval_ms=100)
     pair.start_backup()
     pair.start_primary()
     pair.primary.wait_for(r"protecting epoch=\d+", 60)
     before = committed_after(pair, 0)
 
-    # Garbage on the checkpoint port.
-    with socket.create_connection(("127.0.0.1", pair.stream_port), 5) as s:
+    # Garbage on the checkpoint stream.
+    with authenticated_stream(pair) as s:
         s.sendall(b"\x00\x00\x00\x10\xff\xff\xff\xffGET / HTTP/1.0\r\n\r\n" * 4)
-        s.settimeout(10)
         while s.recv(4096):
             pass
     pair.backup.wait_for(r"stream-rejected", 10)
@@ -85,9 +87,8 @@ def test_bad_peers_are_refused_and_the_replica_is_untouched(make_pair):
     # A peer speaking another protocol version gets a reject naming both versions.
     enc = CheckpointEncoder(4096)
     hello = enc.hello("0" * 32, "ab" * 16, 128 << 20)
-    with socket.create_connection(("127.0.0.1", pair.stream_port), 5) as s:
+    with authenticated_stream(pair) as s:
         s.sendall(_with_version(hello, 99))
-        s.settimeout(10)
         frames, dec = [], FrameDecoder()
         while not frames:
             data = s.recv(4096)
@@ -102,6 +103,36 @@ def test_bad_peers_are_refused_and_the_replica_is_untouched(make_pair):
     assert after["session"] == before["session"]
     assert after["epoch"] > before["epoch"]
     assert not ACTIVATING.search(pair.backup.log())
+
+
+def test_insecure_pair_warns_and_refuses_garbage(make_pair):
+    pair = make_pair(interval_ms=100, insecure=True)
+    pair.start_backup()
+    pair.start_primary()
+    pair.primary.wait_for(r"protecting epoch=1", 60)
+    before = committed_after(pair, 0)
+    for daemon in (pair.backup, pair.primary):
+        assert re.search(r"WARNING insecure-stream ", daemon.log()), daemon.tail()
+    with socket.create_connection(("127.0.0.1", pair.stream_port), 5) as s:
+        s.sendall(b"\x00\x00\x00\x10\xff\xff\xff\xffGET / HTTP/1.0\r\n\r\n" * 4)
+        s.settimeout(10)
+        while s.recv(4096):
+            pass
+    pair.backup.wait_for(r"stream-rejected", 10)
+    after = committed_after(pair, time.time())
+    assert after["session"] == before["session"] and after["epoch"] > before["epoch"]
+
+
+def authenticated_stream(pair) -> ssl.SSLSocket:
+    """A TLS connection to the backup's stream port presenting the primary's certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(pair.keys / "ca.crt")
+    ctx.load_cert_chain(pair.keys / "primary.crt", pair.keys / "primary.tls.key")
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", pair.stream_port), 5),
+                        server_hostname="backup")
+    s.settimeout(10)
+    return s
 
 
 def _with_version(hello: bytes, version: int) -> bytes:

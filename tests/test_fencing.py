@@ -368,7 +368,7 @@ def test_check_reports_monitor_too_when_status_is_not_supported(tmp_path):
 def _config_file(tmp_path: Path, fencing_toml: str) -> Path:
     cfg = tmp_path / "g.toml"
     cfg.write_text('[guest]\nname = "x"\nkernel = "k"\n[primary]\naddress = "127.0.0.1"\n'
-                   '[backup]\naddress = "127.0.0.1:7788"\n' + textwrap.dedent(fencing_toml))
+                   '[backup]\naddress = "127.0.0.1:7788"\n[tls]\ninsecure = true\n' + textwrap.dedent(fencing_toml))
     return cfg
 
 

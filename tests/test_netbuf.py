@@ -55,7 +55,7 @@ def test_plug_is_chosen_only_where_the_kernel_has_it(tmp_path):
         p = tmp_path / f"{buffer}.toml"
         p.write_text(f'[guest]\nname = "g"\nkernel = "k"\n[network]\nmode = "bridged"\nbridge = "br0"\n'
                      f'buffer = "{buffer}"\n[primary]\naddress = "127.0.0.1"\n'
-                     f'[backup]\naddress = "127.0.0.1:1"\n')
+                     f'[backup]\naddress = "127.0.0.1:1"\n[tls]\ninsecure = true\n')
         return load(p)
 
     ok, why = plug_supported()
