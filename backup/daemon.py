@@ -22,7 +22,7 @@ from remus.common.peering import PEER, grace_s, heartbeat_status
 from remus.common.protocol import (BackupProtocol, CheckpointStaged, InputReceived, PeerBye,
                                    PeerHandover, Send, SessionOpened)
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest
-from remus.common.tap import TapError, send_to_guest
+from remus.common.tap import send_to_guest
 from remus.common.wire import ProtocolError
 
 _log = log.get("remus.backup")
@@ -395,8 +395,8 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
         except ReplicaError as exc:
             _log.error("activation-refused", reason=str(exc))
             return EXIT_ACTIVATION_REFUSED
-        except (GuestError, TapError) as exc:
-            _log.error("activation-failed", reason=str(exc),
+        except Exception as exc:  # noqa: BLE001 - QEMU, TAP or QMP: report it, nothing ran
+            _log.error("activation-failed", reason=f"{type(exc).__name__}: {exc}",
                        detail="the guest never ran; the replica is still resumable")
             return 1
         try:
