@@ -229,6 +229,13 @@ state_dir = "{workdir / 'backup'}"
         shutil.rmtree(self.ram_dir, ignore_errors=True)
 
 
+def wait_for_replies(probe: Daemon, n: int, what: str, timeout: float = 60) -> None:
+    """Wait until the client probe has logged `n` more replies than it has now."""
+    from remus.common.probe import read_replies
+    start = len(read_replies(probe.log()))
+    wait_until(lambda: len(read_replies(probe.log())) >= start + n, timeout, what)
+
+
 HB_PORT = 7790
 
 

@@ -15,6 +15,14 @@ def guest_image():
     return build(CACHE)
 
 
+@pytest.fixture(scope="module")
+def two_wire_lan():
+    """Namespace hosts on one switch plus a second heartbeat wire."""
+    from remus.common.netns import Lan
+    with Lan(second_link=True) as lan:
+        yield lan
+
+
 @pytest.fixture
 def make_pair(guest_image, tmp_path):
     pairs = []

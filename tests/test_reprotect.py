@@ -7,8 +7,7 @@ import subprocess
 import pytest
 
 from remus.common.control import query
-from remus.common.localpair import BIN, Pair, PowerSwitch, ha_config, wait_until
-from remus.common.netns import Lan
+from remus.common.localpair import BIN, Pair, PowerSwitch, ha_config, wait_for_replies
 from remus.common.probe import read_replies, taken_back
 
 pytestmark = [pytest.mark.integration,
@@ -16,26 +15,18 @@ pytestmark = [pytest.mark.integration,
                                  reason="fence_dummy (Debian fence-agents) is not installed")]
 
 
-@pytest.fixture(scope="module")
-def lan():
-    with Lan(second_link=True) as lan:
-        yield lan
 
 
-def replies_after(probe, n: int, timeout: float, what: str) -> None:
-    start = len(read_replies(probe.log()))
-    wait_until(lambda: len(read_replies(probe.log())) >= start + n, timeout, what)
-
-
-def test_fail_over_reprotect_and_fail_back_without_losing_a_reply(guest_image, lan, tmp_path):
-    extra, power_a = ha_config(lan, tmp_path)
+def test_fail_over_reprotect_and_fail_back_without_losing_a_reply(guest_image, two_wire_lan,
+                                                                  tmp_path):
+    extra, power_a = ha_config(two_wire_lan, tmp_path)
     power_b = tmp_path / "power-backup"
-    pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra)
+    pair = Pair(guest_image, tmp_path, lan=two_wire_lan, extra_config=extra)
     switches = []
     try:
         pair.protect()
         probe = pair.start_probe()
-        replies_after(probe, 3, 30, "the client's first replies")
+        wait_for_replies(probe, 3, "the client's first replies", 30)
 
         # First failover: host A dies, B fences it and takes the guest over.
         switches.append(PowerSwitch(power_a, pair, "primary"))
@@ -44,7 +35,7 @@ def test_fail_over_reprotect_and_fail_back_without_losing_a_reply(guest_image, l
         switches[-1].start()
         host_b = pair.backup
         host_b.wait_for(r"failover-complete .*generation=2", 60)
-        replies_after(probe, 3, 60, "replies from the guest on host B")
+        wait_for_replies(probe, 3, "replies from the guest on host B", 60)
 
         # Host A comes back: its remus-primary sees B holding the guest and stands by.
         power_a.write_text("on")
@@ -56,14 +47,14 @@ def test_fail_over_reprotect_and_fail_back_without_losing_a_reply(guest_image, l
         assert status_a["role"] == "backup", status_a
 
         # remusctl reprotect on host B: B becomes the primary, A its backup.
-        r = subprocess.run([*lan.exec("backup"), str(BIN / "remusctl"), "reprotect",
+        r = subprocess.run([*two_wire_lan.exec("backup"), str(BIN / "remusctl"), "reprotect",
                             "-c", str(pair.config), "--timeout", "300"],
                            capture_output=True, text=True, timeout=330)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "protected again at generation 2" in r.stdout
         host_b.wait_for(r"protecting epoch=", 30)
         pair.primary.wait_for(r"standby session=", 30)
-        replies_after(probe, 3, 60, "replies while B is protected by A")
+        wait_for_replies(probe, 3, "replies while B is protected by A", 60)
 
         # Second failover, the other way: B dies, A fences B and resumes the guest.
         switches.append(PowerSwitch(power_b, pair, "backup"))
@@ -72,7 +63,7 @@ def test_fail_over_reprotect_and_fail_back_without_losing_a_reply(guest_image, l
         pair.primary.wait_for(r"WARNING fenced ", 60)
         pair.primary.wait_for(r"failover-complete .*generation=3", 60)
         assert power_b.read_text() == "off"
-        replies_after(probe, 3, 60, "replies from the guest back on host A")
+        wait_for_replies(probe, 3, "replies from the guest back on host A", 60)
         probe.stop()
 
         values = [v for _, v in read_replies(probe.log())]

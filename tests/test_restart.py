@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
-from remus.common.netns import Lan
+from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_for_replies, wait_until
 from remus.common.probe import read_replies, taken_back
 
 pytestmark = [pytest.mark.integration,
@@ -15,15 +14,6 @@ pytestmark = [pytest.mark.integration,
                                  reason="fence_dummy (Debian fence-agents) is not installed")]
 
 
-@pytest.fixture(scope="module")
-def lan():
-    with Lan(second_link=True) as lan:
-        yield lan
-
-
-def more_replies(probe, n: int, what: str, timeout: float = 60) -> None:
-    start = len(read_replies(probe.log()))
-    wait_until(lambda: len(read_replies(probe.log())) >= start + n, timeout, what)
 
 
 def assert_nothing_taken_back(probe) -> None:
@@ -31,14 +21,15 @@ def assert_nothing_taken_back(probe) -> None:
     assert values and not taken_back(values), f"replies taken back: {taken_back(values)}"
 
 
-def test_restarting_the_primary_service_hands_the_guest_over_both_ways(guest_image, lan, tmp_path):
-    extra, power_a = ha_config(lan, tmp_path)
+def test_restarting_the_primary_service_hands_the_guest_over_both_ways(guest_image, two_wire_lan,
+                                                                      tmp_path):
+    extra, power_a = ha_config(two_wire_lan, tmp_path)
     power_b = tmp_path / "power-backup"
-    pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra, reprotect="auto")
+    pair = Pair(guest_image, tmp_path, lan=two_wire_lan, extra_config=extra, reprotect="auto")
     try:
         pair.protect()
         probe = pair.start_probe()
-        more_replies(probe, 3, "the client's first replies")
+        wait_for_replies(probe, 3, "the client's first replies")
 
         # `systemctl restart remus-primary` on host A: a planned handover, no fencing.
         host_a, host_b = pair.primary, pair.backup
@@ -47,7 +38,7 @@ def test_restarting_the_primary_service_hands_the_guest_over_both_ways(guest_ima
         assert host_a.proc.wait(30) == 0
         host_b.wait_for(r"failover-complete .*fence_ms=0\.0+ generation=2", 30)
         assert "fence-attempt" not in host_b.log() and power_a.read_text() == "on"
-        more_replies(probe, 3, "replies from host B")
+        wait_for_replies(probe, 3, "replies from host B")
         pair.start_primary()  # ... and the restart: A sees B holding the guest
         pair.primary.wait_for(r"peer-holds-the-guest", 30)
         pair.primary.wait_for(r"backup-start", 30)
@@ -55,7 +46,7 @@ def test_restarting_the_primary_service_hands_the_guest_over_both_ways(guest_ima
         # [replication] reprotect = "auto": B protects the guest as soon as A stands by.
         host_b.wait_for(r"reprotect-auto", 30)
         host_b.wait_for(r"protecting epoch=\d+", 120)
-        more_replies(probe, 3, "replies with B protected by A")
+        wait_for_replies(probe, 3, "replies with B protected by A")
 
         # The same on host B, now the primary: the guest comes back to A.
         host_a = pair.primary
@@ -64,23 +55,23 @@ def test_restarting_the_primary_service_hands_the_guest_over_both_ways(guest_ima
         assert host_b.proc.wait(30) == 0
         host_a.wait_for(r"failover-complete .*fence_ms=0\.0+ generation=3", 30)
         assert "fence-attempt" not in host_a.log() and power_b.read_text() == "on"
-        more_replies(probe, 3, "replies from host A again")
+        wait_for_replies(probe, 3, "replies from host A again")
         probe.stop()
         assert_nothing_taken_back(probe)
     finally:
         pair.cleanup()
 
 
-def test_restarting_the_backup_service_resyncs_cleanly_and_still_fails_over(guest_image, lan,
+def test_restarting_the_backup_service_resyncs_cleanly_and_still_fails_over(guest_image, two_wire_lan,
                                                                               tmp_path):
-    extra, power_a = ha_config(lan, tmp_path)
-    pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra)
+    extra, power_a = ha_config(two_wire_lan, tmp_path)
+    pair = Pair(guest_image, tmp_path, lan=two_wire_lan, extra_config=extra)
     switch = PowerSwitch(power_a, pair)
     rng = random.Random(26)
     try:
         pair.protect()
         probe = pair.start_probe()
-        more_replies(probe, 3, "the client's first replies")
+        wait_for_replies(probe, 3, "the client's first replies")
         sessions = {pair.replica_record()["session"]}
         for how in ("SIGTERM", "SIGKILL", "SIGKILL"):
             # Stop the backup at a random point of the epoch, commits included.
@@ -92,18 +83,18 @@ def test_restarting_the_backup_service_resyncs_cleanly_and_still_fails_over(gues
             else:
                 pair.backup.kill9()
             pair.primary.wait_for(r"backup-lost", 30, start=marker)
-            more_replies(probe, 2, "replies while the backup is away (unprotected, as configured)")
+            wait_for_replies(probe, 2, "replies while the backup is away (unprotected, as configured)")
             pair.start_backup()
             pair.primary.wait_for(r"protecting epoch=\d+", 90, start=marker)
             record = pair.replica_record()
             assert record["state"] == "committed" and record["session"] not in sessions, record
             sessions.add(record["session"])
-        more_replies(probe, 3, "replies after the last resync")
+        wait_for_replies(probe, 3, "replies after the last resync")
         # The resynchronised replica really is the guest: fail over to it.
         pair.primary.kill9()
         switch.start()
         pair.backup.wait_for(r"failover-complete", 60)
-        more_replies(probe, 3, "replies from the activated guest")
+        wait_for_replies(probe, 3, "replies from the activated guest")
         probe.stop()
         assert_nothing_taken_back(probe)
     finally:
