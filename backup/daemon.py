@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run(args: argparse.Namespace) -> int:
     cfg = load(args.config).with_overrides(stream_timeout_ms=args.stream_timeout)
+    # Both directions' contexts now (this host sends after a re-protection): a TlsError
+    # at start, never with a taken-over guest running.
+    tls.context_for(cfg, "backup", server=False)
     node = Node(cfg, "backup")
     await node.start("backup", Replica(Path(cfg.backup.state_dir)).state.generation)
     try:
