@@ -276,10 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="remus-backup",
         description="Receive checkpoints of the protected VM into a replica, and resume the "
-                    "VM from the last committed checkpoint when the checkpoint stream from "
-                    "the primary is lost (reset, EOF, or silence longer than "
-                    "[replication] stream_timeout_ms). A primary that says goodbye is not "
-                    "taken over.")
+                    "VM from the last committed checkpoint when the primary is lost: the "
+                    "checkpoint stream AND every heartbeat link silent, and the primary "
+                    "fenced (without [heartbeat], the stream alone decides: reset, EOF, or "
+                    "silence longer than [replication] stream_timeout_ms). A primary that "
+                    "says goodbye is not taken over; one that hands the guest over is, at "
+                    "once and without fencing. The taken-over guest runs here until "
+                    "`remusctl reprotect` makes this host its primary.")
     p.add_argument("--config", "-c", required=True, metavar="FILE",
                    help="the guest's TOML config (the same file as on the primary)")
     p.add_argument("--stream-timeout", type=int, metavar="MS",

@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the protected VM under QEMU and send a checkpoint of it to the "
                     "backup host every interval. If the backup is unreachable the VM keeps "
                     "running unprotected and the daemon keeps reconnecting; every new session "
-                    "starts with a full sync.")
+                    "starts with a full sync (pre-copy). If the other host already runs the "
+                    "guest (after a failover or a handover), this daemon does not boot it but "
+                    "stands by as that host's backup. Stopping it hands a protected guest "
+                    "over to the backup ([primary] on_stop).")
     p.add_argument("--config", "-c", required=True, metavar="FILE",
                    help="the guest's TOML config (the same file as on the backup)")
     p.add_argument("-i", "--interval", type=int, metavar="MS",
