@@ -29,6 +29,7 @@ EXIT_GUEST_FAILED = 3
 EXIT_STOOD_DOWN = 5
 EXIT_UNDECIDED = 6
 JITTER_REPORT_S = 10.0
+CANCEL_RETRY_S = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,8 +401,14 @@ async def _newer_holder(hb, generation: int) -> dict | None:
 
 
 async def _cancel(task: asyncio.Task) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    """Cancel `task` and wait for it to end. Python 3.11's wait_for can swallow a
+    cancellation that arrives as its inner await completes (gh-86296), leaving a loop
+    running: cancel again until the task is really done."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_RETRY_S)
+    if not task.cancelled():
+        task.exception()  # retrieved: an error here was already logged by its owner
 
 
 def main(argv: list[str] | None = None) -> int:
