@@ -68,8 +68,12 @@ def run_keys_generate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from remus.common.config import ConfigError
     try:
         return args.func(args) or 0
+    except ConfigError as exc:  # every subcommand that reads a config reports it alike
+        print(f"remusctl: config error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

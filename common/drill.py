@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from remus.common.config import ConfigError, load
+from remus.common.config import load
 from remus.common.control import query, request
 from remus.common.probe import read_replies, taken_back
 from remus.common.waiting import wait_until
@@ -64,11 +64,7 @@ def _try_status(state_dir: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load(args.config)
-    except ConfigError as exc:
-        print(f"remusctl: config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load(args.config)
     if not (cfg.primary.drill_target or args.yes):
         print("remusctl drill: refusing: this pair is not marked as a drill target "
               "([primary] drill_target = true) and --yes was not given", file=sys.stderr)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from remus.common.config import ConfigError, load
+from remus.common.config import load
 from remus.common.control import SOCKET_NAME, query, request
 
 
@@ -42,11 +42,7 @@ def _active_daemon(cfg) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load(args.config)
-    except ConfigError as exc:
-        print(f"remusctl: config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load(args.config)
     state_dir = _active_daemon(cfg)
     if state_dir is None:
         print("remusctl reprotect: no daemon on this host runs the guest after a failover "

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from remus.common.config import ConfigError, load
+from remus.common.config import load
 from remus.common.control import SOCKET_NAME, query
 
 
@@ -84,27 +84,15 @@ def render(statuses: dict) -> str:
     return "\n".join(lines)
 
 
-def _load(args):
-    try:
-        return load(args.config)
-    except ConfigError as exc:
-        print(f"remusctl: config error: {exc}", file=sys.stderr)
-        return None
-
-
 def run_status(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    if cfg is None:
-        return 2
+    cfg = load(args.config)
     statuses = collect(cfg, args.role)
     print(json.dumps(statuses, indent=2, default=str) if args.json else render(statuses))
     return 0 if statuses and not any("error" in s for s in statuses.values()) else 1
 
 
 def run_watch(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    if cfg is None:
-        return 2
+    cfg = load(args.config)
     try:
         while True:
             text = render(collect(cfg, args.role))
