@@ -191,6 +191,12 @@ state_dir = "{workdir / 'backup'}"
         self.primary.wait_for(r"protecting epoch=\d+", 60)
         wait_until(lambda: self.try_get("get"), boot_timeout, "the guest's counter service")
 
+    def committed_after(self, t: float, timeout: float = 30) -> dict:
+        """The replica record once a checkpoint taken after unix time `t` is committed."""
+        return wait_until(lambda: (r := self.replica_record()).get("state") == "committed"
+                          and r["taken_at"] > t and r, timeout,
+                          f"a checkpoint taken after {t} to commit")
+
     def replica_record(self) -> dict:
         try:
             return json.loads((self.workdir / "backup" / "replica.json").read_text())

@@ -46,7 +46,7 @@ def failover_once(guest_image, lan, workdir, rng, *primary_args, ha: bool = Fals
         if switch is not None:
             switch.start()
             pair.backup.wait_for(r"WARNING fenced ", 60)
-        pair.backup.wait_for(r"activated epoch=", 60)
+        activated = pair.backup.wait_for(r"activated epoch=.* input_replayed=(\d+)", 60)
         wait_until(lambda: sum(t > killed_at for t, _ in replies(probe)) >= 3, 60,
                    "replies from the activated guest")
         probe.stop()
@@ -56,7 +56,7 @@ def failover_once(guest_image, lan, workdir, rng, *primary_args, ha: bool = Fals
         # Where in the epoch the kill fell, counted from the last acknowledged pause.
         offset_ms = (killed_at - last["taken_at"]) * 1000
         return {"values": values, "taken_back": taken_back(values), "offset_ms": offset_ms,
-                "in_flight": offset_ms > INTERVAL_MS}
+                "in_flight": offset_ms > INTERVAL_MS, "replayed": int(activated.group(1))}
     finally:
         if switch is not None:
             switch.done.set()
@@ -76,6 +76,8 @@ def test_no_reply_is_ever_taken_back_across_failovers(guest_image, lan, tmp_path
     # The kills must have spread over the epoch, including unacknowledged checkpoints.
     assert any(r["in_flight"] for r in runs) and not all(r["in_flight"] for r in runs)
     assert all(len(r["values"]) >= 6 for r in runs)
+    # The client's requests the dead primary had received reach the resumed guest again.
+    assert any(r["replayed"] for r in runs), "no failover replayed the client's input"
 
 
 def test_without_buffering_the_same_test_catches_a_violation(guest_image, lan, tmp_path):

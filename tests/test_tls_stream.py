@@ -10,18 +10,11 @@ from pathlib import Path
 import pytest
 
 from remus.common import tls
-from remus.common.localpair import wait_until
 from remus.common.protocol import CheckpointEncoder
 
 pytestmark = pytest.mark.integration
 
 ACTIVATING = re.compile(r"\bWARNING activating ")
-
-
-def committed_after(pair, t: float, timeout: float = 30) -> dict:
-    return wait_until(lambda: (r := pair.replica_record()).get("state") == "committed"
-                      and r["taken_at"] > t and r, timeout,
-                      f"a checkpoint taken after {t} to commit")
 
 
 def _client_context(cert_dir: Path | None = None, node: str = "") -> ssl.SSLContext:
@@ -58,7 +51,7 @@ def test_peers_without_the_primarys_certificate_are_refused(make_pair, tmp_path)
     pair.start_primary()
     pair.primary.wait_for(r"protecting epoch=\d+", 60)
     assert re.search(r"backup-start .*stream=tls", pair.backup.log())
-    before = committed_after(pair, 0)
+    before = pair.committed_after(0)
 
     other_ca = tmp_path / "other-ca"
     tls.generate(other_ca, ["primary"])     # a "primary" certificate from another CA
@@ -79,7 +72,7 @@ def test_peers_without_the_primarys_certificate_are_refused(make_pair, tmp_path)
         pair.backup.wait_for(logged, 15, start)
 
     # The real session carried on, untouched: same session, epochs still advancing.
-    after = committed_after(pair, time.time())
+    after = pair.committed_after(time.time())
     assert after["session"] == before["session"]
     assert after["epoch"] > before["epoch"]
     log = pair.backup.log()
