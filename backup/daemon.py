@@ -23,6 +23,7 @@ from remus.common.protocol import (BackupProtocol, CheckpointStaged, InputReceiv
                                    PeerHandover, Send, SessionOpened)
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest
 from remus.common.tap import send_to_guest
+from remus.common.waiting import cancel_and_wait
 from remus.common.wire import ProtocolError
 
 _log = log.get("remus.backup")
@@ -40,7 +41,6 @@ class Connection:
     def __init__(self, peer: str):
         self.peer = peer
         self.session: str | None = None
-        self.resumable = False  # its first consistent checkpoint is committed
         self.superseded = False
         self.task: asyncio.Task | None = None
 
@@ -57,7 +57,7 @@ class Backup:
         self.current: Connection | None = None
         self.changed = asyncio.Event()  # something the judge should look at
         self.peer_generation = 0        # the highest generation the peer's beats carried
-        self.phase = "waiting"          # waiting | fencing | active (else derived from the replica)
+        self.phase = "waiting"          # waiting | fencing (else derived from the judge)
         self.last_failover: dict | None = None
         self.last_fencing: str | None = None
         self.inputs = InputLog(INPUT_LOG_CAP)  # for the current session
@@ -155,7 +155,9 @@ class Backup:
                                                cp.disk_extents, cp.disk_data, cp.disk_synced,
                                                cp.precopy)
                     writer.write(proto.ack(cp.epoch))
+                    first_consistent = False
                     if conn is self.current and not cp.precopy:
+                        first_consistent = not self.judge.resumable
                         self.judge.committed()
                         self.inputs.committed(cp.epoch)
                     _log.debug("committed", epoch=cp.epoch, pages=len(cp.indices),
@@ -163,8 +165,7 @@ class Backup:
                     if cp.precopy:
                         _log.info("precopy-round", session=conn.session, epoch=cp.epoch,
                                   pages=len(cp.indices), detail="applied; not resumable yet")
-                    elif self.replica.state.state == "committed" and not conn.resumable:
-                        conn.resumable = True
+                    elif first_consistent:
                         _log.info("standby", session=conn.session, epoch=cp.epoch,
                                   detail="first consistent checkpoint committed; the replica "
                                          "is resumable")
@@ -252,7 +253,7 @@ async def resume_guest(cfg: Config, replica: Replica, guest: QemuGuest, reason: 
     resumed = time.monotonic()
     replayed = 0
     if replay and cfg.network.mode == "bridged":
-        replayed = await asyncio.to_thread(send_to_guest, cfg.network.tap, list(replay))
+        replayed = await asyncio.to_thread(send_to_guest, cfg.network.tap, replay)
     if cfg.network.mode != "none":
         await guest.announce()
     _log.warning("activated", epoch=s.epoch, qemu_pid=guest.pid,
@@ -262,11 +263,10 @@ async def resume_guest(cfg: Config, replica: Replica, guest: QemuGuest, reason: 
 
 async def _discard(prepared: asyncio.Task) -> None:
     """Stop a guest prepared for an activation that is not happening."""
-    prepared.cancel()
-    try:
-        guest, netbuf = await prepared
-    except BaseException:  # noqa: BLE001 - cancelled or failed: nothing is running
-        return
+    await cancel_and_wait(prepared)
+    if prepared.cancelled() or prepared.exception() is not None:
+        return  # nothing is running
+    guest, netbuf = prepared.result()
     guest.kill()
     if netbuf is not None:
         await netbuf.close()

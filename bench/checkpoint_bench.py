@@ -39,6 +39,18 @@ def set_dirty_rate(port: int, pages_per_s: int) -> None:
         r.read()
 
 
+def epochs_under_load(port: int, stats: Path, rate: int, seconds: float) -> tuple[list[dict], float]:
+    """Set the guest dirtying `rate` pages/s, then the incremental epochs of a
+    `seconds` window from the primary's --stats file, and the window's length."""
+    set_dirty_rate(port, rate)
+    time.sleep(1.0)  # let the dirtier settle before the window opens
+    t0 = time.time()
+    time.sleep(seconds)
+    t1 = time.time()
+    rows = [json.loads(line) for line in stats.read_text().splitlines()]
+    return [r for r in rows if not r["full"] and t0 <= r["taken_at"] < t1], t1 - t0
+
+
 def summarise(name: str, scenario: str, rows: list[dict], seconds: float) -> dict:
     pauses = [r["pause_ms"] for r in rows]
     return {
@@ -63,14 +75,8 @@ def run_remus(image, scenarios: list[int], seconds: float, interval: int) -> lis
         pair.primary.wait_for(r"protecting epoch=\d+", 60)
         wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
         for rate in scenarios:
-            set_dirty_rate(pair.http_port, rate)
-            time.sleep(1.0)  # let the dirtier settle before the window opens
-            t0 = time.time()
-            time.sleep(seconds)
-            t1 = time.time()
-            rows = [json.loads(line) for line in stats.read_text().splitlines()]
-            rows = [r for r in rows if not r["full"] and t0 <= r["taken_at"] < t1]
-            out.append(summarise("remus", scenario_name(rate), rows, t1 - t0))
+            rows, window = epochs_under_load(pair.http_port, stats, rate, seconds)
+            out.append(summarise("remus", scenario_name(rate), rows, window))
         set_dirty_rate(pair.http_port, 0)
     finally:
         pair.cleanup()

@@ -18,10 +18,9 @@ import os
 import platform
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-from checkpoint_bench import scenario_name, set_dirty_rate  # same folder
+from checkpoint_bench import epochs_under_load, scenario_name, set_dirty_rate  # same folder
 
 from remus.common.guest_image import build
 from remus.common.localpair import Pair, wait_until
@@ -53,19 +52,13 @@ def run_mode(image, insecure: bool, rates: list[int], seconds: float, interval: 
                     "wire_mib": full["wire_bytes"] / MIB})
         wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
         for rate in rates:
-            set_dirty_rate(pair.http_port, rate)
-            time.sleep(1.0)  # let the dirtier settle before the window opens
-            t0 = time.time()
-            time.sleep(seconds)
-            t1 = time.time()
-            rows = [json.loads(line) for line in stats.read_text().splitlines()]
-            rows = [r for r in rows if not r["full"] and t0 <= r["taken_at"] < t1]
+            rows, window = epochs_under_load(pair.http_port, stats, rate, seconds)
             pauses = [r["pause_ms"] for r in rows]
             out.append({"mode": mode, "scenario": scenario_name(rate), "checkpoints": len(rows),
-                        "checkpoints_per_s": len(rows) / (t1 - t0),
+                        "checkpoints_per_s": len(rows) / window,
                         "pause_p50_ms": percentile(pauses, 0.5),
                         "pause_p99_ms": percentile(pauses, 0.99),
-                        "wire_mib_per_s": sum(r["wire_bytes"] for r in rows) / (t1 - t0) / MIB,
+                        "wire_mib_per_s": sum(r["wire_bytes"] for r in rows) / window / MIB,
                         "send_p50_ms": percentile([r["send_ms"] for r in rows], 0.5),
                         "ack_p50_ms": percentile([r["ack_ms"] for r in rows], 0.5)})
         set_dirty_rate(pair.http_port, 0)

@@ -1,7 +1,11 @@
-"""Bounded waits on a condition, with a message that says what was awaited."""
+"""Bounded waits on a condition, with a message that says what was awaited; and a
+cancellation that really ends the task."""
 from __future__ import annotations
 
+import asyncio
 import time
+
+CANCEL_RETRY_S = 0.5
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.01):
@@ -14,3 +18,14 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.01):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+async def cancel_and_wait(task: "asyncio.Task") -> None:
+    """Cancel `task` and wait for it to end. Python 3.11's wait_for can swallow a
+    cancellation that arrives as its inner await completes (gh-86296), leaving a loop
+    running: cancel again until the task is really done."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_RETRY_S)
+    if not task.cancelled():
+        task.exception()  # retrieved: an error here was already logged by its owner

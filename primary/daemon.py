@@ -18,6 +18,7 @@ from remus.common.node import Node
 from remus.common.peering import PEER, grace_s, heartbeat_status
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest
 from remus.common.stats import EpochLog
+from remus.common.waiting import cancel_and_wait
 from remus.primary.diskrep import DiskReplicator
 from remus.primary.hooks import Hooks
 from remus.primary.netbuf import UserspaceNetBuffer
@@ -29,7 +30,6 @@ EXIT_GUEST_FAILED = 3
 EXIT_STOOD_DOWN = 5
 EXIT_UNDECIDED = 6
 JITTER_REPORT_S = 10.0
-CANCEL_RETRY_S = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,19 +264,19 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
                 _log.warning("primary-stop", reason="signal",
                              action="handing the guest over to the backup (on_stop = handover)")
                 if await replicator.handover("primary stopped by operator"):
-                    await _cancel(rep)
+                    await cancel_and_wait(rep)
                     return 0
                 _log.error("handover-failed", detail="the session failed during the handover",
                            action="bye to backup, quit guest")
             else:
                 _log.info("primary-stop", reason="signal", action="bye to backup, quit guest")
-            await _cancel(rep)
+            await cancel_and_wait(rep)
             await replicator.say_bye("primary stopped by operator")
             await guest.quit()
             write_running(state_dir, generation, False)
             return 0
         status = exited.result()
-        await _cancel(rep)
+        await cancel_and_wait(rep)
         if guest.shutdown_reason in ("guest-shutdown", "host-qmp-quit"):
             _log.info("guest-exit", reason=guest.shutdown_reason, action="bye to backup")
             await replicator.say_bye(f"guest ended: {guest.shutdown_reason}")
@@ -290,7 +290,7 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
         guest.kill()
         loop.remove_signal_handler(signal.SIGUSR1)
         for task in (rep, exited, stopped, superseded, resumer, systemd):
-            await _cancel(task)
+            await cancel_and_wait(task)
         # Worker threads read guest RAM through raw pointers: let them finish
         # before the mapping goes away.
         replicator.close()
@@ -398,17 +398,6 @@ async def _newer_holder(hb, generation: int) -> dict | None:
         elif isinstance(event, LinkDown):
             _log.warning("link-down", link=event.link)
     return None
-
-
-async def _cancel(task: asyncio.Task) -> None:
-    """Cancel `task` and wait for it to end. Python 3.11's wait_for can swallow a
-    cancellation that arrives as its inner await completes (gh-86296), leaving a loop
-    running: cancel again until the task is really done."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=CANCEL_RETRY_S)
-    if not task.cancelled():
-        task.exception()  # retrieved: an error here was already logged by its owner
 
 
 def main(argv: list[str] | None = None) -> int:

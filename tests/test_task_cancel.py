@@ -1,7 +1,7 @@
 """The daemons' task shutdown survives a cancellation swallowed by Python 3.11's wait_for."""
 import asyncio
 
-from remus.primary.daemon import _cancel
+from remus.common.waiting import cancel_and_wait
 
 
 def test_a_task_that_swallows_a_cancellation_is_still_stopped():
@@ -20,7 +20,7 @@ def test_a_task_that_swallows_a_cancellation_is_still_stopped():
     async def main():
         task = asyncio.create_task(loop_like_the_replicator())
         await asyncio.sleep(0)
-        await asyncio.wait_for(_cancel(task), 5)
+        await asyncio.wait_for(cancel_and_wait(task), 5)
         return task
 
     task = asyncio.run(main())
@@ -33,7 +33,7 @@ def test_a_task_that_failed_is_reaped_without_raising():
             raise RuntimeError("boom")
         task = asyncio.create_task(fails())
         await asyncio.sleep(0)
-        await _cancel(task)
+        await cancel_and_wait(task)
         return task
 
     assert isinstance(asyncio.run(main()).exception(), RuntimeError)
