@@ -12,6 +12,7 @@ from pathlib import Path
 from remus.backup.failover import FAILOVER, STALE, FailoverJudge, Verdict
 from remus.backup.inputlog import InputLog
 from remus.backup.replica import Replica, ReplicaError
+from remus.backup.standby import StandbyGuest, launch_guest
 from remus.common import log, sdnotify, tls
 from remus.common.capture import PAGE_SIZE
 from remus.common.config import Config, ConfigError, load
@@ -21,10 +22,11 @@ from remus.common.heartbeat import HeartbeatError, LinkDown, LinkUp, PeerBack, P
 from remus.common.peering import PEER, grace_s, heartbeat_status
 from remus.common.protocol import (BackupProtocol, CheckpointStaged, InputReceived, PeerBye,
                                    PeerHandover, Send, SessionOpened)
-from remus.common.qemu import GuestError, GuestPaths, QemuGuest
+from remus.common.qemu import GuestError, QemuGuest
 from remus.common.tap import send_to_guest
 from remus.common.waiting import cancel_and_wait
 from remus.common.wire import ProtocolError
+from remus.primary.netbuf import UserspaceNetBuffer
 
 _log = log.get("remus.backup")
 
@@ -205,59 +207,61 @@ class Backup:
                   detail="replica is stale until the full sync commits")
 
 
-async def prepare_guest(cfg: Config, replica: Replica):
+async def prepare_guest(cfg: Config, replica: Replica, standby: StandbyGuest | None = None):
     """QEMU on the replica with the device state loaded, not yet running, and its
     network: (guest, netbuf or None).
 
     Runs while the primary is being fenced: nothing here lets the guest execute
-    or send a frame, so it is safe before fencing has succeeded. In bridged mode
+    or send a frame, so it is safe before fencing has succeeded. QEMU is the
+    standby's if one is ready for this session, else launched now. In bridged mode
     the NIC goes through the same output buffer as on a primary, passing frames
     straight through until `remusctl reprotect` makes this host a primary."""
-    from remus.primary.daemon import make_netbuf
     replica.check_activatable(cfg.fingerprint())
-    run_dir = Path(cfg.backup.state_dir) / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    guest = QemuGuest(cfg, GuestPaths(run_dir=run_dir, ram_file=replica.ram_file))
-    t0 = time.monotonic()
-    netbuf = make_netbuf(cfg, run_dir, buffering=True)
+    launched = await standby.take(replica.state.session) if standby is not None else None
+    from_standby = launched is not None
+    if launched is None:
+        launched = await launch_guest(cfg, replica)
+    guest, netbuf = launched.guest, launched.netbuf
+    t1 = time.monotonic()
     try:
-        net_args = None
         if netbuf is not None:
-            await netbuf.start()
             await netbuf.attach(cfg.network.bridge)
-            net_args = netbuf.qemu_netdev_args(cfg.network.mac)
-        await guest.launch(incoming=True, net_args=net_args,
-                           disk=str(replica.disk_file) if cfg.guest.disk else None)
-        t1 = time.monotonic()
+        await guest.add_host_forwards()
         await guest.load_device_state(replica.device_file)
     except BaseException:
-        guest.kill()
-        if netbuf is not None:
-            await netbuf.close()
+        await launched.discard()
         raise
     _log.info("guest-prepared", epoch=replica.state.epoch, qemu_pid=guest.pid,
-              launch_ms=(t1 - t0) * 1000, load_ms=(time.monotonic() - t1) * 1000,
+              standby=from_standby, launch_ms=0.0 if from_standby else launched.launch_ms,
+              load_ms=(time.monotonic() - t1) * 1000,
               detail="device state loaded; the guest runs only once the primary is fenced")
     return guest, netbuf
 
 
-async def resume_guest(cfg: Config, replica: Replica, guest: QemuGuest, reason: str,
+async def resume_guest(cfg: Config, replica: Replica, guest: QemuGuest, netbuf, reason: str,
                        lost_at: float, generation: int, replay: list[bytes] = ()) -> None:
     """Run the prepared guest as holder of `generation`, and hand it `replay`: what the
     lost primary's guest received after the checkpoint it resumes from."""
     s = replica.state
     _log.warning("activating", reason=reason, epoch=s.epoch, session=s.session,
                  generation=generation, checkpoint_age_s=time.time() - s.taken_at)
+    t0 = time.monotonic()
     replica.mark_activated(generation)  # before the guest runs: never resume it twice
+    t1 = time.monotonic()
     await guest.cont()
     resumed = time.monotonic()
     replayed = 0
-    if replay and cfg.network.mode == "bridged":
+    if replay and isinstance(netbuf, UserspaceNetBuffer):
+        replayed = netbuf.to_guest(replay)  # straight into QEMU's NIC stream
+    elif replay and cfg.network.mode == "bridged":
         replayed = await asyncio.to_thread(send_to_guest, cfg.network.tap, replay)
+    t3 = time.monotonic()
     if cfg.network.mode != "none":
         await guest.announce()
     _log.warning("activated", epoch=s.epoch, qemu_pid=guest.pid,
                  detect_to_resume_ms=(resumed - lost_at) * 1000,
+                 record_ms=(t1 - t0) * 1000, cont_ms=(resumed - t1) * 1000,
+                 replay_ms=(t3 - resumed) * 1000, announce_ms=(time.monotonic() - t3) * 1000,
                  input_replayed=replayed, input_logged=len(replay))
 
 
@@ -340,6 +344,7 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
     metrics = node.metrics
     host, port = cfg.backup_endpoint
     server = await asyncio.start_server(backup.handle, host, port, reuse_address=True)
+    standby = StandbyGuest(cfg, replica) if cfg.backup.standby_guest and not activate_now else None
     tasks: list[asyncio.Task] = []
     if hb is not None:
         hb.update("backup", "", s.generation, 0)
@@ -357,7 +362,8 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
                 "heartbeat": heartbeat_status(hb),
                 "fencing": {"configured": plan.configured,
                             "levels": len(plan.levels), "last_failure": backup.last_fencing},
-                "last_failover": backup.last_failover}
+                "last_failover": backup.last_failover,
+                "standby_guest": standby.describe() if standby is not None else {"state": "off"}}
     node.status = status
     node.commands = {}
     sdnotify.notify("READY=1", f"STATUS=standing by on {cfg.backup.address}")
@@ -366,7 +372,7 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
             verdict = Verdict(FAILOVER, "operator asked (--activate-now)")
             judge.lost_at = time.monotonic()
         else:
-            verdict = await wait_for_failover(backup, hb, stop)
+            verdict = await wait_for_failover(backup, hb, stop, standby)
         server.close()
         for task in tasks:
             task.cancel()
@@ -383,7 +389,7 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
         except ReplicaError as exc:
             _log.error("activation-refused", reason=str(exc))
             return EXIT_ACTIVATION_REFUSED
-        prepared = asyncio.create_task(prepare_guest(cfg, replica))
+        prepared = asyncio.create_task(prepare_guest(cfg, replica, standby))
         fenced_ms = 0.0
         if fencer is not None and not activate_now and verdict.fence:
             backup.phase = "fencing"
@@ -408,7 +414,7 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
         try:
             replay = backup.inputs.replay(replica.state.epoch) if backup.current else []
             try:
-                await resume_guest(cfg, replica, guest, verdict.reason, decided_at, generation,
+                await resume_guest(cfg, replica, guest, netbuf, verdict.reason, decided_at, generation,
                                    replay)
             except GuestError as exc:
                 _log.error("activation-failed", reason=str(exc),
@@ -431,6 +437,8 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
         server.close()
         for task in tasks:
             task.cancel()
+        if standby is not None:
+            await standby.close()
         replica.close()
 
 
@@ -534,13 +542,17 @@ async def follow_heartbeat(hb, backup: Backup) -> None:
                    detail="peer state frozen at its last value; no failover on it")
 
 
-async def wait_for_failover(backup: Backup, hb, stop: asyncio.Event) -> Verdict | None:
-    """Until the judge says fail over (None: stopped first)."""
+async def wait_for_failover(backup: Backup, hb, stop: asyncio.Event,
+                            standby: StandbyGuest | None = None) -> Verdict | None:
+    """Until the judge says fail over (None: stopped first). Keeps a standby guest
+    for the session while the replica is resumable."""
     replica = backup.replica
     while not stop.is_set():
         v = backup.judge.verdict(time.monotonic())
         if v.action == FAILOVER:
             return v
+        if standby is not None and backup.judge.resumable and not backup.judge.stale:
+            standby.want(replica.state.session)
         if v.action == STALE:
             _log.warning("replica-stale", reason=v.reason)
         if hb is not None and backup.current is not None:

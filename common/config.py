@@ -196,6 +196,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "address": Key(str, None, lambda v: (_host_port(v, port_required=True), v)[1],
                        "HOST:PORT the backup listens on for the checkpoint stream"),
         "state_dir": Key(str, "/var/lib/remus/backup", None, "backup state directory (holds the replica)"),
+        "standby_guest": Key(bool, True, None,
+                             "launch the guest's QEMU on the replica ahead of a failover, waiting "
+                             "for device state: takes QEMU's start-up off the failover path and "
+                             "reports a launch that would fail while there is time to fix it; "
+                             "costs one idle QEMU process"),
     },
 }
 

@@ -81,9 +81,12 @@ def disk_args(path: str) -> list[str]:
 
 
 def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = False,
-                  net_args: list[str] | None = None, disk: str | None = None) -> list[str]:
+                  net_args: list[str] | None = None, disk: str | None = None,
+                  host_forward: bool = True) -> list[str]:
     """`net_args` gives the NIC for bridged mode; the device (and so the
-    migrated state) is the same on both hosts, only the backend differs."""
+    migrated state) is the same on both hosts, only the backend differs.
+    `host_forward=False` leaves user networking's forwarded host ports unbound
+    (see QemuGuest.add_host_forwards)."""
     g = cfg.guest
     mem = f"{g.memory_mib}M"
     cmd = [
@@ -102,7 +105,7 @@ def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = F
         cmd += ["-initrd", g.initrd]
     net = cfg.network
     if net.mode == "user":
-        fwd = "".join(f",hostfwd={rule}" for rule in net.host_forward)
+        fwd = "".join(f",hostfwd={rule}" for rule in net.host_forward) if host_forward else ""
         cmd += ["-netdev", f"user,id=n0{fwd}",
                 "-device", f"virtio-net-pci,netdev=n0,mac={net.mac},romfile="]
     elif net.mode == "bridged":
@@ -141,11 +144,13 @@ class QemuGuest:
         return self.proc.pid
 
     async def launch(self, incoming: bool = False, net_args: list[str] | None = None,
-                     pass_fds: tuple[int, ...] = (), disk: str | None = None) -> None:
+                     pass_fds: tuple[int, ...] = (), disk: str | None = None,
+                     host_forward: bool = True) -> None:
         """`disk`: the guest's disk image on this host (the primary's own, or the replica)."""
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         self.paths.qmp_socket.unlink(missing_ok=True)
-        cmd = build_command(self.cfg, self.paths, self.accel, incoming, net_args, disk)
+        cmd = build_command(self.cfg, self.paths, self.accel, incoming, net_args, disk,
+                            host_forward)
         _log.info("qemu-launch", accel=self.accel, why=self.accel_reason, incoming=incoming,
                   cmd=shlex.join(cmd))
         stderr_log = open(self.paths.run_dir / "qemu.stderr", "ab")
@@ -276,6 +281,18 @@ class QemuGuest:
             if time.monotonic() > deadline:
                 raise GuestError(f"{what} took more than {timeout}s (status {status})")
             await asyncio.sleep(poll)
+
+    async def add_host_forwards(self) -> None:
+        """Bind user networking's forwarded host ports now, for a QEMU launched with
+        `host_forward=False` ahead of time: on a test pair sharing one host, the
+        primary's QEMU holds those ports until it is gone."""
+        if self.cfg.network.mode != "user":
+            return
+        for rule in self.cfg.network.host_forward:
+            out = await self.execute("human-monitor-command",
+                                     {"command-line": f"hostfwd_add n0 {rule}"})
+            if out.strip():  # HMP reports failure as text
+                raise GuestError(f"host forward {rule}: {out.strip()}")
 
     async def announce(self) -> None:
         await self.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})

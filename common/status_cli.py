@@ -67,6 +67,15 @@ def render(statuses: dict) -> str:
             lines.append(f"  replica {s['replica']['state']}  fencing "
                          f"{'%d level(s)' % f['levels'] if f['configured'] else 'NOT CONFIGURED'}"
                          + (f"  LAST FAILURE: {f['last_failure']}" if f.get("last_failure") else ""))
+            sg = s.get("standby_guest")
+            if sg and sg["state"] != "none":
+                lines.append("  standby guest: " + {
+                    "ready": f"ready (QEMU pid {sg.get('qemu_pid')})",
+                    "launching": "launching",
+                    "off": "off ([backup] standby_guest = false)",
+                    "gone": "QEMU EXITED; relaunching",
+                    "failed": f"LAUNCH FAILED: {sg.get('error')}; a failover would launch "
+                              "QEMU itself"}.get(sg["state"], sg["state"]))
             if s.get("last_failover"):
                 lf = s["last_failover"]
                 lines.append(f"  last failover: epoch {lf['epoch']}, detection {lf['detect_ms']:.0f} ms, "

@@ -189,6 +189,15 @@ class UserspaceNetBuffer(CheckpointDevice):
         if batch and self.inbound_listener is not None:
             self.inbound_listener(batch)
 
+    def to_guest(self, frames: list[bytes]) -> int:
+        """Hand `frames` to the guest's NIC as if they came from the wire (the input
+        replay of a failover). Returns how many went; none without a QEMU connected."""
+        if self._to_guest is None:
+            return 0
+        for frame in frames:
+            self._to_guest.writelines((struct.pack(">I", len(frame)), frame))
+        return len(frames)
+
     async def postsuspend(self, epoch: int) -> None:
         # The guest is paused: everything read so far belongs to this epoch or
         # an earlier one. A frame still in flight is counted in the next epoch,

@@ -1,6 +1,7 @@
 """The core guarantee with a real guest: after the primary dies, the backup resumes
 the VM exactly at the last committed checkpoint."""
 import json
+import os
 import re
 import signal
 import socket
@@ -22,6 +23,7 @@ def test_activated_guest_resumes_the_last_committed_checkpoint(make_pair):
     # A long interval leaves a wide window after each commit in which the guest runs.
     pair = make_pair(interval_ms=1000)
     pair.protect()
+    standby = pair.backup.wait_for(r"standby-guest-ready session=\S+ qemu_pid=(\d+)", 60).group(1)
     base = int(pair.get("get"))
     seen = [int(pair.get("inc")) for _ in range(5)]
     assert seen == list(range(base + 1, base + 6))
@@ -39,11 +41,32 @@ def test_activated_guest_resumes_the_last_committed_checkpoint(make_pair):
 
     m = pair.backup.wait_for(r"activated epoch=(\d+)", 60)
     assert int(m.group(1)) == epoch_at_kill
+    # The QEMU launched ahead of time ran the guest; none was started during the failover.
+    assert re.search(rf"guest-prepared epoch={epoch_at_kill} qemu_pid={standby} standby=True",
+                     pair.backup.log())
     after = int(wait_until(lambda: pair.try_get("inc"), 60, "the activated guest to answer"))
     # Not older: every committed increment survived. Not newer: nothing uncommitted did.
     assert after == seen[-1] + 1, (f"activated guest continued from {after - 1}, the last "
                                    f"committed value was {seen[-1]}, uncommitted ones {uncommitted}")
     assert pair.replica_record()["state"] == "activated"
+
+
+def test_a_standby_guest_that_dies_is_replaced_and_the_failover_uses_the_new_one(make_pair):
+    pair = make_pair()
+    pair.protect()
+    standby = r"standby-guest-ready session=\S+ qemu_pid=(\d+)"
+    first = int(pair.backup.wait_for(standby, 60).group(1))
+    mark = len(pair.backup.log())
+    os.kill(first, signal.SIGKILL)
+    pair.backup.wait_for(rf"standby-guest-gone session=\S+ qemu_pid={first} ", 15, start=mark)
+    second = int(pair.backup.wait_for(standby, 30, start=mark).group(1))
+    assert second != first
+    value = int(pair.get("inc"))
+    pair.committed_after(time.time())
+    pair.primary.kill9()
+    pair.backup.wait_for(rf"guest-prepared epoch=\d+ qemu_pid={second} standby=True", 60)
+    after = int(wait_until(lambda: pair.try_get("inc"), 60, "the activated guest to answer"))
+    assert after == value + 1
 
 
 def test_primary_stopping_on_purpose_is_not_taken_over(make_pair):

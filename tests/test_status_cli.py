@@ -10,7 +10,7 @@ PRIMARY = {"role": "primary", "guest": "demo", "state": "protecting", "generatio
 BACKUP = {"role": "backup", "guest": "demo", "state": "fencing", "generation": 2,
           "last_committed_epoch": 41, "replica": {"state": "committed"}, "heartbeat": None,
           "fencing": {"configured": True, "levels": 2, "last_failure": "level 1 device 1: timeout"},
-          "last_failover": None}
+          "last_failover": None, "standby_guest": {"state": "ready", "qemu_pid": 4242}}
 
 
 def test_render_shows_what_an_operator_needs():
@@ -20,6 +20,12 @@ def test_render_shows_what_an_operator_needs():
     assert "link a->b: up" in text and "link c->d: DOWN  last beat never  missed 7" in text
     assert "backup demo: FENCING" in text and "LAST FAILURE: level 1 device 1: timeout" in text
     assert "heartbeat: not configured" in text
+    assert "standby guest: ready (QEMU pid 4242)" in text
+
+
+def test_render_says_when_the_standby_guest_failed_to_launch():
+    failed = {**BACKUP, "standby_guest": {"state": "failed", "error": "GuestError: no qemu"}}
+    assert "standby guest: LAUNCH FAILED: GuestError: no qemu" in render({"backup": failed})
 
 
 def test_render_reports_unreachable_daemons_and_none():
