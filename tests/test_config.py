@@ -99,3 +99,21 @@ def test_reversed_swaps_the_hosts_and_keeps_each_hosts_directory(tmp_path):
     assert r.reversed_roles and not r.reversed().reversed_roles
     assert r.reversed().backup_endpoint == cfg.backup_endpoint
     assert r.fingerprint() == cfg.fingerprint()
+
+
+def test_standby_guest_is_on_by_default_and_follows_the_backup_role(tmp_path):
+    cfg = load(write(tmp_path, BASE))
+    assert cfg.backup.standby_guest is True
+    off = load(write(tmp_path, BASE.replace('address = "127.0.0.1:7788"',
+                                            'address = "127.0.0.1:7788"\nstandby_guest = false')))
+    assert off.backup.standby_guest is False and off.reversed().backup.standby_guest is False
+
+
+def test_a_standby_qemu_binds_user_networking_host_ports_only_when_asked(tmp_path):
+    from remus.common.qemu import GuestPaths, build_command
+    cfg = load(write(tmp_path, BASE + '[network]\nmode = "user"\n'
+                                      'host_forward = ["tcp:127.0.0.1:8080-:80"]\n'))
+    paths = GuestPaths(run_dir=tmp_path, ram_file=tmp_path / "ram")
+    assert "hostfwd=tcp:127.0.0.1:8080-:80" in " ".join(build_command(cfg, paths, "tcg"))
+    standby = " ".join(build_command(cfg, paths, "tcg", incoming=True, host_forward=False))
+    assert "hostfwd" not in standby and "-netdev user,id=n0 " in standby

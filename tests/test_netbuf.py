@@ -79,3 +79,29 @@ def test_carry_over_keeps_held_frames_for_the_next_session():
     q.carry_over()       # session lost, guest paused: epochs restart at 1
     q.seal(1)            # the new session's first barrier
     assert q.release(1) == [b"a", b"b"]
+
+
+def test_replayed_frames_reach_the_guest_nic_stream_framed_and_in_order(tmp_path):
+    import asyncio
+    import struct
+
+    from remus.primary.netbuf import UserspaceNetBuffer
+
+    async def main():
+        nb = UserspaceNetBuffer("unused", tmp_path / "net.sock", 1 << 20)
+        assert nb.to_guest([b"x" * 60]) == 0  # no QEMU connected: nothing to hand over
+        server = await asyncio.start_unix_server(nb._serve_guest, path=str(nb.socket_path))
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(nb.socket_path))
+            await nb.wait_connected(5)
+            frames = [bytes([i]) * (60 + i) for i in range(3)]
+            assert nb.to_guest(frames) == 3
+            got = []
+            for _ in frames:
+                (length,) = struct.unpack(">I", await asyncio.wait_for(reader.readexactly(4), 5))
+                got.append(await asyncio.wait_for(reader.readexactly(length), 5))
+            assert got == frames
+            writer.close()
+        finally:
+            server.close()
+    asyncio.run(main())
