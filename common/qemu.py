@@ -137,6 +137,7 @@ class QemuGuest:
         self.accel, self.accel_reason = detect_accel(cfg.guest.accel)
         self.shutdown_reason: str | None = None
         self.process: psutil.Process | None = None
+        self._shutdown_watch: asyncio.Task | None = None
 
     @property
     def pid(self) -> int:
@@ -185,7 +186,7 @@ class QemuGuest:
             {"capability": "x-ignore-shared", "state": True}]})
         # Device state is a few hundred KB; never let the default rate limit stretch the pause.
         await self.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-        asyncio.get_running_loop().create_task(self._watch_shutdown())
+        self._shutdown_watch = asyncio.get_running_loop().create_task(self._watch_shutdown())
 
     async def _watch_shutdown(self) -> None:
         assert self.qmp is not None
@@ -316,6 +317,9 @@ class QemuGuest:
         await self.close_qmp()
 
     async def close_qmp(self) -> None:
+        if self._shutdown_watch is not None:
+            self._shutdown_watch.cancel()  # its listener never ends once QMP is gone
+            self._shutdown_watch = None
         if self.qmp is not None:
             try:
                 await self.qmp.disconnect()
