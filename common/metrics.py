@@ -33,6 +33,13 @@ class _StatusCollector:
             g = GaugeMetricFamily(name, text, labels=["role"])
             g.add_metric([role], s[key])
             yield g
+        standby = s.get("standby_guest")
+        if standby:
+            g = GaugeMetricFamily("remus_standby_guest", "1 for the state of the QEMU launched "
+                                  "ahead of a failover (ready, launching, failed, gone, none, off)",
+                                  labels=["state"])
+            g.add_metric([standby["state"]], 1)
+            yield g
         held = s.get("held_output")
         if held:
             for key in ("held_frames", "held_bytes", "dropped_frames"):

@@ -312,6 +312,7 @@ def test_metrics_endpoints_are_scraped_and_parsed(make_pair):
     assert m["remus_state"].labels == {"role": "primary", "state": "protecting"}
     later = wait_until(lambda: primary_after(m["remus_checkpoints_total"].value + 3), 30, "more checkpoints")
     assert later["remus_last_committed_epoch"].value > m["remus_last_committed_epoch"].value
-    b = scrape(ports[1])
+    b = wait_until(lambda: (b := scrape(ports[1]))["remus_standby_guest"].labels["state"] == "ready"
+                   and b, 30, "the backup's standby guest in the metrics")
     assert b["remus_state"].labels == {"role": "backup", "state": "standby"}
     assert b["remus_failovers_total"].value == 0
