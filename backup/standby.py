@@ -1,7 +1,7 @@
 """The standby guest: the guest's QEMU, launched on the replica ahead of a failover.
 
-Starting QEMU takes 100-200 ms of CPU, and a failover would otherwise spend it
-while fencing runs on the same cores. So once a session's replica is resumable
+Starting QEMU takes 100-150 ms, and a failover would otherwise spend it while
+fencing runs on the same cores. So once a session's replica is resumable
 the backup launches QEMU on the replica's RAM and disk files with `-incoming
 defer`, its network relay with the TAP not yet on the bridge (user networking:
 its host ports not yet bound). Such a QEMU never runs the guest and never writes
