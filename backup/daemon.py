@@ -226,7 +226,6 @@ async def prepare_guest(cfg: Config, replica: Replica, standby: StandbyGuest | N
     try:
         if netbuf is not None:
             await netbuf.attach(cfg.network.bridge)
-        await guest.add_host_forwards()
         await guest.load_device_state(replica.device_file)
     except BaseException:
         await launched.discard()
@@ -413,6 +412,12 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
             return 1
         try:
             replay = backup.inputs.replay(replica.state.epoch) if backup.current else []
+            try:  # only now: until the fence, the lost primary's QEMU may hold the ports
+                await guest.add_host_forwards()
+            except GuestError as exc:
+                _log.error("activation-failed", reason=str(exc),
+                           detail="the guest never ran; the replica is still resumable")
+                return 1
             try:
                 await resume_guest(cfg, replica, guest, netbuf, verdict.reason, decided_at, generation,
                                    replay)

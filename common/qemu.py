@@ -283,17 +283,23 @@ class QemuGuest:
                 raise GuestError(f"{what} took more than {timeout}s (status {status})")
             await asyncio.sleep(poll)
 
-    async def add_host_forwards(self) -> None:
+    async def add_host_forwards(self, timeout: float = 2.0) -> None:
         """Bind user networking's forwarded host ports now, for a QEMU launched with
-        `host_forward=False` ahead of time: on a test pair sharing one host, the
-        primary's QEMU holds those ports until it is gone."""
+        `host_forward=False` ahead of time. On a test pair sharing one host the lost
+        primary's QEMU holds those ports until it has exited, which a kill leaves to
+        the kernel: a busy port is tried again until `timeout`."""
         if self.cfg.network.mode != "user":
             return
+        deadline = time.monotonic() + timeout
         for rule in self.cfg.network.host_forward:
-            out = await self.execute("human-monitor-command",
-                                     {"command-line": f"hostfwd_add n0 {rule}"})
-            if out.strip():  # HMP reports failure as text
-                raise GuestError(f"host forward {rule}: {out.strip()}")
+            while True:
+                out = (await self.execute("human-monitor-command",
+                                          {"command-line": f"hostfwd_add n0 {rule}"})).strip()
+                if not out:  # HMP reports failure as text
+                    break
+                if time.monotonic() > deadline:
+                    raise GuestError(f"host forward {rule}: {out}")
+                await asyncio.sleep(0.02)
 
     async def announce(self) -> None:
         await self.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})

@@ -164,3 +164,35 @@ def test_a_standby_qemu_never_writes_the_replica_ram(make_pair, tmp_path):
         assert not launched.alive()
     asyncio.run(main())
     assert hashlib.sha256(replica.ram_file.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.integration
+def test_forwarded_ports_are_bound_once_their_old_holder_lets_go(make_pair, tmp_path):
+    """User networking on a one-host pair: at activation the lost primary's QEMU may
+    still hold the forwarded port for a moment. Binding waits for it, within bounds."""
+    import socket
+
+    from remus.common.qemu import GuestError
+
+    pair = make_pair()
+    cfg = load(pair.config)
+    replica = Replica(tmp_path / "replica")
+    replica.ram_file.write_bytes(bytes(cfg.memory_bytes))
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", pair.http_port))
+    holder.listen()
+
+    async def main():
+        launched = await launch_guest(cfg, replica)
+        try:
+            with pytest.raises(GuestError, match=f"host forward tcp:127.0.0.1:{pair.http_port}"):
+                await launched.guest.add_host_forwards(timeout=0.3)
+            asyncio.get_running_loop().call_later(0.3, holder.close)
+            await launched.guest.add_host_forwards(timeout=10)
+            probe = socket.create_connection(("127.0.0.1", pair.http_port), timeout=5)
+            probe.close()  # QEMU's slirp listens there now
+        finally:
+            holder.close()
+            await launched.discard()
+    asyncio.run(main())
