@@ -12,7 +12,7 @@ from pathlib import Path
 from remus.backup.failover import FAILOVER, STALE, FailoverJudge, Verdict
 from remus.backup.inputlog import InputLog
 from remus.backup.replica import Replica, ReplicaError
-from remus.backup.standby import StandbyGuest, launch_guest
+from remus.backup.standby import Launched, StandbyGuest, discard_launch, launch_guest
 from remus.common import log, sdnotify, tls
 from remus.common.capture import PAGE_SIZE
 from remus.common.config import Config, ConfigError, load
@@ -24,7 +24,6 @@ from remus.common.protocol import (BackupProtocol, CheckpointStaged, InputReceiv
                                    PeerHandover, Send, SessionOpened)
 from remus.common.qemu import GuestError, QemuGuest
 from remus.common.tap import send_to_guest
-from remus.common.waiting import cancel_and_wait
 from remus.common.wire import ProtocolError
 from remus.primary.netbuf import UserspaceNetBuffer
 
@@ -207,9 +206,10 @@ class Backup:
                   detail="replica is stale until the full sync commits")
 
 
-async def prepare_guest(cfg: Config, replica: Replica, standby: StandbyGuest | None = None):
+async def prepare_guest(cfg: Config, replica: Replica,
+                        standby: StandbyGuest | None = None) -> Launched:
     """QEMU on the replica with the device state loaded, not yet running, and its
-    network: (guest, netbuf or None).
+    network (netbuf None outside bridged mode).
 
     Runs while the primary is being fenced: nothing here lets the guest execute
     or send a frame, so it is safe before fencing has succeeded. QEMU is the
@@ -234,7 +234,7 @@ async def prepare_guest(cfg: Config, replica: Replica, standby: StandbyGuest | N
               standby=from_standby, launch_ms=0.0 if from_standby else launched.launch_ms,
               load_ms=(time.monotonic() - t1) * 1000,
               detail="device state loaded; the guest runs only once the primary is fenced")
-    return guest, netbuf
+    return launched
 
 
 async def resume_guest(cfg: Config, replica: Replica, guest: QemuGuest, netbuf, reason: str,
@@ -262,17 +262,6 @@ async def resume_guest(cfg: Config, replica: Replica, guest: QemuGuest, netbuf, 
                  record_ms=(t1 - t0) * 1000, cont_ms=(resumed - t1) * 1000,
                  replay_ms=(t3 - resumed) * 1000, announce_ms=(time.monotonic() - t3) * 1000,
                  input_replayed=replayed, input_logged=len(replay))
-
-
-async def _discard(prepared: asyncio.Task) -> None:
-    """Stop a guest prepared for an activation that is not happening."""
-    await cancel_and_wait(prepared)
-    if prepared.cancelled() or prepared.exception() is not None:
-        return  # nothing is running
-    guest, netbuf = prepared.result()
-    guest.kill()
-    if netbuf is not None:
-        await netbuf.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,12 +386,12 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
                           replica.state.epoch)
             result = await fence_primary(cfg, fencer, stop, backup, metrics)
             if result is None:
-                await _discard(prepared)
+                await discard_launch(prepared)
                 return 0  # stopped while fencing
             fenced_ms = result.seconds * 1000
         generation = max(replica.state.generation, backup.peer_generation) + 1
         try:
-            guest, netbuf = await prepared
+            launched = await prepared
         except ReplicaError as exc:
             _log.error("activation-refused", reason=str(exc))
             return EXIT_ACTIVATION_REFUSED
@@ -410,6 +399,7 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
             _log.error("activation-failed", reason=f"{type(exc).__name__}: {exc}",
                        detail="the guest never ran; the replica is still resumable")
             return 1
+        guest, netbuf = launched.guest, launched.netbuf
         try:
             replay = backup.inputs.replay(replica.state.epoch) if backup.current else []
             try:  # only now: until the fence, the lost primary's QEMU may hold the ports

@@ -69,9 +69,7 @@ async def launch_guest(cfg: Config, replica: Replica) -> Launched:
                            disk=str(replica.disk_file) if cfg.guest.disk else None,
                            host_forward=False)
     except BaseException:
-        guest.kill()
-        if netbuf is not None:
-            await netbuf.close()
+        await Launched(guest, netbuf, 0.0).discard()
         raise
     return Launched(guest, netbuf, (time.monotonic() - t0) * 1000)
 
@@ -95,25 +93,31 @@ class StandbyGuest:
         task = self._task
         if session != self.session:
             self._failures, self._retry_at = 0, 0.0
-        elif task is not None:
-            if not task.done():
+        else:
+            state = self._state()
+            if state in ("ready", "launching"):
                 return
-            failed = task.cancelled() or task.exception() is not None
-            if not failed:
-                launched = task.result()
-                if launched.alive():
-                    return
-                if self._noted is not task:  # QEMU died while standing by
-                    self._noted = task
-                    self._backoff()
-                    _log.warning("standby-guest-gone", session=session,
-                                 qemu_pid=launched.guest.pid,
-                                 exit=launched.guest.proc.returncode,
-                                 relaunch_in_s=self._retry_at - time.monotonic())
-            if time.monotonic() < self._retry_at:
+            if state == "gone" and self._noted is not task:  # QEMU died standing by
+                self._noted = task
+                self._backoff()
+                guest = task.result().guest
+                _log.warning("standby-guest-gone", session=session, qemu_pid=guest.pid,
+                             exit=guest.proc.returncode,
+                             relaunch_in_s=self._retry_at - time.monotonic())
+            if state != "none" and time.monotonic() < self._retry_at:
                 return
         self.session = session
         self._task = asyncio.create_task(self._replace(task, session))
+
+    def _state(self) -> str:
+        task = self._task
+        if task is None:
+            return "none"
+        if not task.done():
+            return "launching"
+        if task.cancelled() or task.exception() is not None:
+            return "failed"
+        return "ready" if task.result().alive() else "gone"
 
     def _backoff(self) -> float:
         self._failures += 1
@@ -122,7 +126,7 @@ class StandbyGuest:
         return delay
 
     async def _replace(self, old: asyncio.Task | None, session: str) -> Launched:
-        await _discard(old)
+        await discard_launch(old)
         try:
             launched = await launch_guest(self.cfg, self.replica)
         except Exception as exc:
@@ -148,12 +152,12 @@ class StandbyGuest:
         if task is None:
             return None
         if task_session != session:
-            await _discard(task)
+            await discard_launch(task)
             return None
         try:
             await asyncio.wait({task})
         except asyncio.CancelledError:
-            await _discard(task)
+            await discard_launch(task)
             raise
         if task.cancelled() or task.exception() is not None:
             return None  # logged by _replace
@@ -164,24 +168,23 @@ class StandbyGuest:
         return None
 
     def describe(self) -> dict:
-        task = self._task
-        if task is None:
-            return {"state": "none"}
-        if not task.done():
-            return {"state": "launching", "session": self.session}
-        if task.cancelled() or task.exception() is not None:
-            return {"state": "failed", "session": self.session, "error": self.last_error}
-        launched = task.result()
-        if not launched.alive():
-            return {"state": "gone", "session": self.session}
-        return {"state": "ready", "session": self.session, "qemu_pid": launched.guest.pid}
+        state = self._state()
+        out = {"state": state}
+        if state != "none":
+            out["session"] = self.session
+        if state == "failed":
+            out["error"] = self.last_error
+        if state == "ready":
+            out["qemu_pid"] = self._task.result().guest.pid
+        return out
 
     async def close(self) -> None:
         task, self._task, self.session = self._task, None, None
-        await _discard(task)
+        await discard_launch(task)
 
 
-async def _discard(task: asyncio.Task | None) -> None:
+async def discard_launch(task: asyncio.Task | None) -> None:
+    """End a launch, whether under way or done: cancel it, or stop what it started."""
     if task is None:
         return
     await cancel_and_wait(task)
