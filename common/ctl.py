@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,9 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     # heartbeat, and a CA with node certificates for the checkpoint stream's TLS.
     keys = sub.add_parser("keys", help="key material: heartbeat key pairs, stream certificates")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    from remus.common import heartbeat
-    gen = heartbeat.add_keys_generate_parser(keys_sub)
-    gen.help = None
+    gen = keys_sub.add_parser("generate", help="create heartbeat key pairs and stream certificates")
     gen.description = (
         "Create, in --dir, the key material of each --node: a CURVE key pair for the "
         "heartbeat (NAME.key public, give it to the peer; NAME.key_secret, mode 0600) and "
@@ -35,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Copy to the primary: ca.crt, primary.crt, primary.tls.key, primary.key_secret, "
         "backup.key; to the backup: ca.crt, backup.crt, backup.tls.key, backup.key_secret, "
         "primary.key. Then set [tls] dir (and [heartbeat] keys_dir) to that folder.")
+    gen.add_argument("--dir", type=Path, required=True,
+                     help="folder for the key files (created if missing)")
+    gen.add_argument("--node", action="append", required=True, metavar="NAME",
+                     help="node name; repeat for several nodes")
+    gen.add_argument("--force", action="store_true",
+                     help="replace existing key files, and make a new CA")
     gen.set_defaults(func=run_keys_generate)
 
     from remus.common import fencing

@@ -33,7 +33,6 @@ NAME.key_secret), made by `remusctl keys generate`.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import bisect
 import collections
@@ -1044,30 +1043,3 @@ def generate_keys(directory: Path, nodes: list[str], force: bool = False) -> lis
     finally:
         os.umask(old)
     return made
-
-
-def add_keys_generate_parser(keys_subparsers) -> argparse.ArgumentParser:
-    """`remusctl keys generate`; returns the parser so other key kinds can add options."""
-    p = keys_subparsers.add_parser(
-        "generate", help="create key pairs (CURVE, for the heartbeat channel)",
-        description="Create a CURVE key pair per node for the heartbeat channel: NAME.key "
-                    "(public, give it to the peer) and NAME.key_secret (secret, mode 0600).")
-    p.add_argument("--dir", type=Path, required=True, help="folder for the key files (created if missing)")
-    p.add_argument("--node", action="append", required=True, metavar="NAME",
-                   help="node name; repeat for several nodes")
-    p.add_argument("--force", action="store_true",
-                   help="replace existing key files (and, for TLS, make a new CA)")
-    p.set_defaults(func=run_keys_generate)
-    return p
-
-
-def run_keys_generate(args) -> int:
-    try:
-        made = generate_keys(args.dir, args.node, force=args.force)
-    except (OSError, ValueError) as exc:
-        print(f"remusctl keys generate: {exc}", file=sys.stderr)
-        return 1
-    for public, secret in made:
-        print(f"public: {public}")
-        print(f"secret: {secret}")
-    return 0
