@@ -33,6 +33,13 @@ from remus.common.stats import percentile
 RESULTS = Path(__file__).parent / "results"
 
 
+def protect_with_stats(pair: Pair, stats: Path) -> None:
+    """Both daemons up, the primary writing one JSON line per epoch to `stats`."""
+    pair.start_backup()
+    pair.start_primary("--stats", str(stats))
+    pair.primary.wait_for(r"protecting epoch=\d+", 60)
+
+
 def set_dirty_rate(port: int, pages_per_s: int) -> None:
     url = f"http://127.0.0.1:{port}/cgi-bin/dirty?pages={pages_per_s}"
     with urllib.request.urlopen(url, timeout=10) as r:
@@ -70,9 +77,7 @@ def run_remus(image, scenarios: list[int], seconds: float, interval: int) -> lis
     stats = workdir / "epochs.jsonl"
     out = []
     try:
-        pair.start_backup()
-        pair.start_primary("--stats", str(stats))
-        pair.primary.wait_for(r"protecting epoch=\d+", 60)
+        protect_with_stats(pair, stats)
         wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
         for rate in scenarios:
             rows, window = epochs_under_load(pair.http_port, stats, rate, seconds)

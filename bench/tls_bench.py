@@ -20,7 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from checkpoint_bench import epochs_under_load, scenario_name, set_dirty_rate  # same folder
+from checkpoint_bench import (epochs_under_load, protect_with_stats, scenario_name,  # same folder
+                              set_dirty_rate)
 
 from remus.common.guest_image import build
 from remus.common.localpair import Pair, wait_until
@@ -39,9 +40,7 @@ def run_mode(image, insecure: bool, rates: list[int], seconds: float, interval: 
     stats = workdir / "epochs.jsonl"
     out = []
     try:
-        pair.start_backup()
-        pair.start_primary("--stats", str(stats))
-        pair.primary.wait_for(r"protecting epoch=\d+", 60)
+        protect_with_stats(pair, stats)
         assert f"stream={mode}" in pair.primary.log(), pair.primary.tail()
         rows = [json.loads(line) for line in stats.read_text().splitlines()]
         full = next(r for r in rows if r["full"])
