@@ -68,7 +68,8 @@ def test_a_standby_guest_that_dies_is_replaced_and_the_failover_uses_the_new_one
     after = int(wait_until(lambda: pair.try_get("inc"), 60, "the activated guest to answer"))
     assert after == value + 1
     # Discarding the dead standby left nothing dangling (a QMP listener task did once).
-    assert " ERROR " not in pair.backup.log()
+    # Only that: qemu.qmp logs a retried QMP connect as an ERROR of its own.
+    assert "Task was destroyed but it is pending" not in pair.backup.log()
 
 
 def test_primary_stopping_on_purpose_is_not_taken_over(make_pair):
