@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import ssl
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 from remus.backup.failover import FAILOVER, STALE, FailoverJudge, Verdict
 from remus.backup.inputlog import InputLog
-from remus.backup.replica import Replica, ReplicaError
+from remus.backup.replica import SYNCING, Replica, ReplicaError
+from remus.backup.staging import StagedData
 from remus.backup.standby import Launched, StandbyGuest, discard_launch, launch_guest
 from remus.common import log, sdnotify, tls
 from remus.common.capture import PAGE_SIZE
@@ -20,8 +25,9 @@ from remus.common.node import Node
 from remus.common.fencing import Fencer, fence_with_retry
 from remus.common.heartbeat import HeartbeatError, LinkDown, LinkUp, PeerBack, PeerBeat, PeerLost
 from remus.common.peering import PEER, grace_s, heartbeat_status
-from remus.common.protocol import (BackupProtocol, CheckpointStaged, InputReceived, PeerBye,
-                                   PeerHandover, Send, SessionOpened)
+from remus.common.protocol import (BackupProtocol, CheckpointStaged, DiskWritten, DiskZeroed,
+                                   InputReceived, PagesReceived, PeerBye, PeerHandover, Send,
+                                   SessionOpened)
 from remus.common.qemu import GuestError, QemuGuest
 from remus.common.tap import send_to_guest
 from remus.common.wire import ProtocolError
@@ -30,6 +36,7 @@ from remus.primary.netbuf import UserspaceNetBuffer
 _log = log.get("remus.backup")
 
 READ_CHUNK = 1 << 20
+PROGRESS_EVERY_S = 0.5  # while a checkpoint streams in, tell the primary this often
 HANDSHAKE_TIMEOUT = 10.0
 INPUT_LOG_CAP = 16 << 20  # input held for replay; more is left to the clients' TCP
 EXIT_ACTIVATION_REFUSED = 4
@@ -44,6 +51,7 @@ class Connection:
         self.session: str | None = None
         self.superseded = False
         self.task: asyncio.Task | None = None
+        self.staged: StagedData | None = None
 
 
 class Backup:
@@ -62,6 +70,7 @@ class Backup:
         self.last_failover: dict | None = None
         self.last_fencing: str | None = None
         self.inputs = InputLog(INPUT_LOG_CAP)  # for the current session
+        self._replica_io = ThreadPoolExecutor(1, thread_name_prefix="replica")
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "%s:%d" % writer.get_extra_info("peername")[:2]
@@ -109,87 +118,136 @@ class Backup:
         """Returns why the primary is presumed lost, or None if it is not."""
         proto = BackupProtocol(self.fingerprint, self.cfg.memory_bytes, PAGE_SIZE,
                                self._read_previous, disk=bool(self.cfg.guest.disk),
-                               generation=self.replica.state.generation)
-        loop = asyncio.get_running_loop()
+                               generation=self.replica.state.generation, stream=True)
         stream_timeout = self.cfg.replication.stream_timeout_ms / 1000
-        while True:
-            timeout = stream_timeout if conn.session else HANDSHAKE_TIMEOUT
-            try:
-                data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
-            except asyncio.TimeoutError:
-                if not conn.session:
-                    _log.warning("handshake-timeout", peer=conn.peer)
-                    return None
-                return f"no checkpoint traffic for {self.cfg.replication.stream_timeout_ms} ms"
-            except OSError as exc:
-                return f"stream failed: {exc.strerror or exc}"
-            try:
-                if not data:
-                    proto.close()
-                    return "primary closed the stream"
-                events = proto.receive(data)
-            except ProtocolError as exc:
-                reply = getattr(exc, "reply", None)
-                if reply:
-                    writer.write(reply)
-                if not data:
-                    # EOF in the middle of a checkpoint: the primary died sending it.
-                    _log.warning("checkpoint-truncated", peer=conn.peer, detail=str(exc))
-                    return "primary closed the stream in the middle of a checkpoint"
-                _log.error("stream-rejected", peer=conn.peer, session=conn.session or "-",
-                           error=str(exc), replica_epoch=self.replica.state.epoch,
-                           action="dropping the connection; replica untouched")
-                return None
-            for event in events:
-                if isinstance(event, InputReceived):
-                    if conn is self.current:
-                        self.inputs.add(event.after_epoch, event.frames)
-                elif isinstance(event, Send):
-                    writer.write(event.data)
-                elif isinstance(event, SessionOpened):
-                    self._open_session(conn, event.session, event.disk_size)
-                elif isinstance(event, CheckpointStaged):
-                    cp = event.checkpoint
-                    t0 = time.monotonic()
-                    await loop.run_in_executor(None, self.replica.commit, cp.epoch, cp.full,
-                                               cp.taken_at, cp.indices, cp.pages, cp.device_state,
-                                               cp.disk_extents, cp.disk_data, cp.disk_synced,
-                                               cp.precopy)
-                    writer.write(proto.ack(cp.epoch))
-                    first_consistent = False
-                    if conn is self.current and not cp.precopy:
-                        first_consistent = not self.judge.resumable
-                        self.judge.committed()
-                        self.inputs.committed(cp.epoch)
-                    _log.debug("committed", epoch=cp.epoch, pages=len(cp.indices),
-                               apply_ms=(time.monotonic() - t0) * 1000)
-                    if cp.precopy:
-                        _log.info("precopy-round", session=conn.session, epoch=cp.epoch,
-                                  pages=len(cp.indices), detail="applied; not resumable yet")
-                    elif first_consistent:
-                        _log.info("standby", session=conn.session, epoch=cp.epoch,
-                                  detail="first consistent checkpoint committed; the replica "
-                                         "is resumable")
-                elif isinstance(event, PeerBye):
-                    _log.info("primary-bye", session=conn.session, reason=event.reason,
-                              action="not activating; waiting for a new session")
-                    return None
-                elif isinstance(event, PeerHandover):
-                    _log.warning("primary-handover", session=conn.session, epoch=event.epoch,
-                                 reason=event.reason, action="taking the guest over now")
-                    if conn is self.current and not conn.superseded:
-                        self.judge.handed_over(time.monotonic(), event.reason)
-                        self.changed.set()
-                    return None
-            try:
-                await writer.drain()
-            except OSError as exc:
-                return f"stream failed: {exc.strerror or exc}"
+        progress_every = min(PROGRESS_EVERY_S, self.cfg.replication.ack_timeout_ms / 4000)
+        last_progress = time.monotonic()
+        conn.staged = StagedData(self.replica.dir)
+        try:
+            while True:
+                timeout = stream_timeout if conn.session else HANDSHAKE_TIMEOUT
+                try:
+                    data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
+                except asyncio.TimeoutError:
+                    if not conn.session:
+                        _log.warning("handshake-timeout", peer=conn.peer)
+                        return None
+                    return f"no checkpoint traffic for {self.cfg.replication.stream_timeout_ms} ms"
+                except OSError as exc:
+                    return f"stream failed: {exc.strerror or exc}"
+                try:
+                    if not data:
+                        proto.close()
+                        return "primary closed the stream"
+                    for event in proto.events(data):
+                        done, reason = await self._on_event(conn, proto, writer, event)
+                        if done:
+                            return reason
+                except ProtocolError as exc:
+                    return self._rejected(conn, writer, exc, eof=not data)
+                receiving = proto.receiving
+                if receiving is not None and time.monotonic() - last_progress >= progress_every:
+                    writer.write(proto.progress(*receiving))  # a big checkpoint is flowing in
+                    last_progress = time.monotonic()
+                try:
+                    await writer.drain()
+                except OSError as exc:
+                    return f"stream failed: {exc.strerror or exc}"
+        finally:
+            conn.staged.discard()
+
+    def _rejected(self, conn: Connection, writer: asyncio.StreamWriter, exc: ProtocolError,
+                  eof: bool) -> str | None:
+        reply = getattr(exc, "reply", None)
+        if reply:
+            writer.write(reply)
+        if eof:
+            # EOF in the middle of a checkpoint: the primary died sending it.
+            _log.warning("checkpoint-truncated", peer=conn.peer, detail=str(exc))
+            return "primary closed the stream in the middle of a checkpoint"
+        _log.error("stream-rejected", peer=conn.peer, session=conn.session or "-",
+                   error=str(exc), replica_epoch=self.replica.state.epoch,
+                   action="dropping the connection; replica untouched")
+        return None
+
+    async def _io(self, fn, *args):
+        """Replica work, in order, on one thread: a superseded session's last write
+        finishes before the next session touches the replica."""
+        return await asyncio.get_running_loop().run_in_executor(self._replica_io, fn, *args)
+
+    async def _on_event(self, conn: Connection, proto: BackupProtocol,
+                        writer: asyncio.StreamWriter, event) -> tuple[bool, str | None]:
+        """Handle one event; (True, reason) ends the session."""
+        streaming = self.replica.state.state == SYNCING
+        if isinstance(event, PagesReceived):
+            if streaming:
+                await self._io(self.replica.apply_pages, event.indices, event.pages)
+            else:
+                conn.staged.add_pages(event.indices, event.pages)
+        elif isinstance(event, DiskWritten):
+            await self._io(self.replica.write_disk if streaming else conn.staged.add_disk,
+                           event.extents, event.data)
+        elif isinstance(event, DiskZeroed):
+            if streaming:
+                await self._io(self.replica.zero_disk, event.extents)
+            else:
+                conn.staged.add_zeroes(event.extents)
+        elif isinstance(event, InputReceived):
+            if conn is self.current:
+                self.inputs.add(event.after_epoch, event.frames)
+        elif isinstance(event, Send):
+            writer.write(event.data)
+        elif isinstance(event, SessionOpened):
+            await self._open_session(conn, event.session, event.disk_size)
+        elif isinstance(event, CheckpointStaged):
+            await self._commit(conn, proto, writer, event.checkpoint, streaming)
+        elif isinstance(event, PeerBye):
+            _log.info("primary-bye", session=conn.session, reason=event.reason,
+                      action="not activating; waiting for a new session")
+            return True, None
+        elif isinstance(event, PeerHandover):
+            _log.warning("primary-handover", session=conn.session, epoch=event.epoch,
+                         reason=event.reason, action="taking the guest over now")
+            if conn is self.current and not conn.superseded:
+                self.judge.handed_over(time.monotonic(), event.reason)
+                self.changed.set()
+            return True, None
+        return False, None
+
+    async def _commit(self, conn: Connection, proto: BackupProtocol, writer: asyncio.StreamWriter,
+                      cp, streamed: bool) -> None:
+        t0 = time.monotonic()
+        if streamed and cp.precopy:
+            await self._io(self.replica.round_applied, cp.epoch, cp.full)
+        elif streamed:
+            await self._io(self.replica.commit_streamed, cp.epoch, cp.full, cp.taken_at,
+                           cp.device_state, cp.disk_synced)
+        else:
+            empty = np.empty(0, np.uint32), np.empty((0, PAGE_SIZE), np.uint8)
+            await self._io(functools.partial(
+                self.replica.commit, cp.epoch, cp.full, cp.taken_at, *empty, cp.device_state,
+                disk_synced=cp.disk_synced, precopy=cp.precopy, staged=conn.staged))
+        conn.staged.discard()
+        writer.write(proto.ack(cp.epoch))
+        first_consistent = False
+        if conn is self.current and not cp.precopy:
+            first_consistent = not self.judge.resumable
+            self.judge.committed()
+            self.inputs.committed(cp.epoch)
+        _log.debug("committed", epoch=cp.epoch, pages=cp.pages_received, streamed=streamed,
+                   apply_ms=(time.monotonic() - t0) * 1000)
+        if cp.precopy:
+            _log.info("precopy-round", session=conn.session, epoch=cp.epoch,
+                      pages=cp.pages_received, detail="applied; not resumable yet")
+        elif first_consistent:
+            _log.info("standby", session=conn.session, epoch=cp.epoch,
+                      detail="first consistent checkpoint committed; the replica "
+                             "is resumable")
 
     def _read_previous(self, indices):
         return self.replica.read_pages(indices)
 
-    def _open_session(self, conn: Connection, session: str, disk_size: int) -> None:
+    async def _open_session(self, conn: Connection, session: str, disk_size: int) -> None:
         old = self.current
         if old is not None and old is not conn:
             old.superseded = True
@@ -200,8 +258,8 @@ class Backup:
         self.current = conn
         self.inputs.clear()
         self.judge.session_started()
-        self.replica.begin_session(session, self.fingerprint, self.cfg.memory_bytes, PAGE_SIZE,
-                                   disk_size)
+        await self._io(self.replica.begin_session, session, self.fingerprint,
+                       self.cfg.memory_bytes, PAGE_SIZE, disk_size)
         _log.info("session-start", session=session, peer=conn.peer,
                   detail="replica is stale until the full sync commits")
 

@@ -4,9 +4,19 @@ Commit order makes a torn replica detectable after any crash: the record says
 `applying` before the RAM file or device state is touched and `committed`
 only after both are complete. A replica found `applying` (or `syncing`, or
 already `activated`) is never resumed.
+
+While a session syncs (the record says `syncing`, so nothing here is
+resumable) checkpoints are applied as they stream in, frame by frame; once
+the replica is `committed`, a checkpoint is staged whole (backup/staging.py)
+and applied only after its end frame was verified.
+
+Zeroed disk ranges are punched out of the replica disk (fallocate), so it
+stays as sparse as the source.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import mmap
 import os
@@ -25,6 +35,27 @@ SYNCING = "syncing"      # a session started; its first consistent checkpoint is
 APPLYING = "applying"    # a commit was in progress: RAM and device state may disagree
 COMMITTED = "committed"  # RAM file + device state = checkpoint `epoch`
 ACTIVATED = "activated"  # handed to a running QEMU: no longer a replica
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_ZERO_CHUNK = 1 << 20
+
+
+def punch_zeroes(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeroes, deallocated where the file
+    system can (it then stays sparse), else written with zeroes."""
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        raise OSError(err, f"fallocate(PUNCH_HOLE) at {offset}+{length}: {os.strerror(err)}")
+    zeros = bytes(min(length, _ZERO_CHUNK))
+    end = offset + length
+    while offset < end:
+        offset += os.pwrite(fd, zeros[: end - offset], offset)
 
 
 class ReplicaError(RuntimeError):
@@ -61,6 +92,7 @@ class Replica:
         self.state = self._read_record()
         self._map: mmap.mmap | None = None
         self.pages: np.ndarray | None = None
+        self._disk_fd: int | None = None
 
     def _read_record(self) -> ReplicaState:
         try:
@@ -97,10 +129,13 @@ class Replica:
                   taken_at=0.0, committed_at=0.0, ram_size=ram_size, page_size=page_size,
                   disk_size=disk_size, disk_synced=False, ram_complete=False)
         self._open_ram(ram_size)
+        self._close_disk()
         if disk_size:
-            # The session's mirror copies the whole disk again; start from zeros.
+            # The session's mirror copies the whole disk again; start from an empty,
+            # sparse file (a hole reads as zeroes).
             with open(self.disk_file, "wb") as f:
                 f.truncate(disk_size)
+            self._disk_fd = os.open(self.disk_file, os.O_WRONLY)
 
     def _open_ram(self, size: int) -> None:
         if self._map is not None and len(self._map) == size:
@@ -118,11 +153,49 @@ class Replica:
         assert self.pages is not None, "no session open"
         return self.pages[indices]
 
+    # --- streaming, while the session syncs (nothing here is resumable yet)
+    def _check_syncing(self) -> None:
+        assert self.pages is not None, "no session open"
+        if self.state.state != SYNCING:
+            raise ReplicaError(f"streamed data into a replica in state {self.state.state}")
+
+    def apply_pages(self, indices: np.ndarray, pages: np.ndarray) -> None:
+        self._check_syncing()
+        self.pages[indices] = pages
+
+    def write_disk(self, extents, data: bytes) -> None:
+        self._check_syncing()
+        self._write_extents(extents, memoryview(data))
+
+    def zero_disk(self, extents) -> None:
+        self._check_syncing()
+        self._zero_extents(extents)
+
+    def round_applied(self, epoch: int, full: bool) -> None:
+        """A streamed pre-copy round is complete."""
+        self._check_syncing()
+        self._set(epoch=epoch, ram_complete=self.state.ram_complete or full)
+
+    def commit_streamed(self, epoch: int, full: bool, taken_at: float, device_state: bytes,
+                        disk_synced: bool) -> None:
+        """The first consistent checkpoint of a session, its pages and disk already
+        streamed in: with its device state the replica becomes resumable."""
+        self._check_syncing()
+        if not full and not self.state.ram_complete:
+            raise ReplicaError("the first checkpoint of a session must be full")
+        self._set(epoch=epoch)
+        self._write_device(device_state)
+        self._set(state=COMMITTED, taken_at=taken_at, committed_at=time.time(),
+                  disk_synced=self.state.disk_synced or disk_synced, ram_complete=True)
+
+    # --- whole checkpoints
     def commit(self, epoch: int, full: bool, taken_at: float, indices: np.ndarray,
                pages: np.ndarray, device_state: bytes, disk_extents=None, disk_data: bytes = b"",
-               disk_synced: bool = False, precopy: bool = False) -> None:
+               disk_synced: bool = False, precopy: bool = False, disk_zeroes=None,
+               staged=None) -> None:
         """Apply a verified checkpoint. Only whole checkpoints come here. A pre-copy round
-        (pages only, taken while the guest ran) leaves the replica syncing."""
+        (pages only, taken while the guest ran) leaves the replica syncing. `staged`
+        (backup/staging.py) holds what was staged of it on disk."""
         assert self.pages is not None, "no session open"
         if self.state.state not in (SYNCING, COMMITTED):
             raise ReplicaError(f"cannot commit into a replica in state {self.state.state}")
@@ -131,38 +204,47 @@ class Replica:
         if precopy:
             if self.state.state != SYNCING:
                 raise ReplicaError("a pre-copy round after the replica became resumable")
-            self._apply_pages(full, indices, pages)
-            if disk_extents is not None and len(disk_extents):
-                self._write_disk(disk_extents, disk_data)
+            self._apply(full, indices, pages, disk_extents, disk_data, disk_zeroes, staged)
             self._set(epoch=epoch, ram_complete=self.state.ram_complete or full)
             return
         self._set(state=APPLYING, epoch=epoch)
+        self._apply(full, indices, pages, disk_extents, disk_data, disk_zeroes, staged)
+        self._write_device(device_state)
+        self._set(state=COMMITTED, taken_at=taken_at, committed_at=time.time(),
+                  disk_synced=self.state.disk_synced or disk_synced, ram_complete=True)
+
+    def _apply(self, full, indices, pages, disk_extents, disk_data, disk_zeroes, staged) -> None:
         self._apply_pages(full, indices, pages)
         if disk_extents is not None and len(disk_extents):
-            self._write_disk(disk_extents, disk_data)
+            self._write_extents(disk_extents, memoryview(disk_data))
+        if disk_zeroes is not None and len(disk_zeroes):
+            self._zero_extents(disk_zeroes)
+        if staged is not None:
+            staged.apply(self.pages, self._write_extents, self._zero_extents)
+
+    def _write_device(self, device_state: bytes) -> None:
         tmp = self.device_file.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             f.write(device_state)
         os.replace(tmp, self.device_file)
-        self._set(state=COMMITTED, taken_at=taken_at, committed_at=time.time(),
-                  disk_synced=self.state.disk_synced or disk_synced, ram_complete=True)
 
     def _apply_pages(self, full: bool, indices: np.ndarray, pages: np.ndarray) -> None:
         if full and len(indices) == self.pages.shape[0]:
             self.pages[:] = pages
-        else:
+        elif len(indices):
             self.pages[indices] = pages
 
-    def _write_disk(self, extents, data: bytes) -> None:
-        view = memoryview(data)
+    def _write_extents(self, extents, data: memoryview) -> None:
+        assert self._disk_fd is not None, "no disk in this session"
         pos = 0
-        fd = os.open(self.disk_file, os.O_WRONLY)
-        try:
-            for offset, length in extents.tolist():
-                os.pwrite(fd, view[pos:pos + length], offset)
-                pos += length
-        finally:
-            os.close(fd)
+        for offset, length in extents.tolist():
+            os.pwrite(self._disk_fd, data[pos:pos + length], offset)
+            pos += length
+
+    def _zero_extents(self, extents) -> None:
+        assert self._disk_fd is not None, "no disk in this session"
+        for offset, length in extents.tolist():
+            punch_zeroes(self._disk_fd, offset, length)
 
     # --- activation ------------------------------------------------------
     def check_activatable(self, fingerprint: str) -> None:
@@ -192,7 +274,13 @@ class Replica:
         self.close()
         self._set(state=ACTIVATED, generation=generation or self.state.generation + 1)
 
+    def _close_disk(self) -> None:
+        if self._disk_fd is not None:
+            os.close(self._disk_fd)
+            self._disk_fd = None
+
     def close(self) -> None:
+        self._close_disk()
         self.pages = None
         if self._map is not None:
             try:

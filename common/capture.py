@@ -8,6 +8,11 @@ Two modes behind one interface:
 
 Both copy the dirty pages into a staging array while the guest is paused, so
 the guest can resume before anything is compressed or sent.
+
+Pre-copy rounds run while the guest runs, so they need no consistent copy:
+`precopy_batches` hands out the round's pages a batch at a time, read as they
+go (a page the guest changes after it was read is found by the next round).
+Memory then stays at one batch, however big the guest, beyond compare's shadow.
 """
 from __future__ import annotations
 
@@ -125,15 +130,39 @@ class CompareCapture:
                 found.append(np.flatnonzero((live64[a:b] != shadow64[a:b]).any(axis=1)) + a)
         return found
 
-    def capture(self) -> Captured:
-        """At a pause: find and copy the changed pages. Shadow is updated later."""
-        assert self.shadow is not None, "full() must run first"
+    def precopy_batches(self, full: bool, batch: int):
+        """A pre-copy round as (indices, new pages, previous pages or None) batches; the
+        shadow follows what was handed out. The first (full) round builds the shadow."""
+        n = self.ram.npages
+        if full:
+            self.shadow = np.empty_like(self.ram.pages)  # filled batch by batch
+            self._zero_block = np.zeros(-(-n // _SCAN_BLOCK), dtype=bool)
+            for a in range(0, n, batch):
+                b = min(a + batch, n)
+                self.shadow[a:b] = self.ram.pages[a:b]
+                self._refresh_zero_blocks(range(a // _SCAN_BLOCK, -(-b // _SCAN_BLOCK)))
+                yield np.arange(a, b, dtype=np.uint32), self.shadow[a:b], None
+            return
+        indices = self._changed()
+        for a in range(0, len(indices), batch):
+            idx = indices[a:a + batch]
+            new, prev = self.ram.pages[idx], self.shadow[idx]
+            self.shadow[idx] = new
+            self._refresh_zero_blocks(np.unique(idx // _SCAN_BLOCK))
+            yield idx, new, prev
+
+    def _changed(self) -> np.ndarray:
         n = self.ram.npages
         # Split on block boundaries so a block's zero flag applies to all of it.
         step = -(-n // self.threads // _SCAN_BLOCK) * _SCAN_BLOCK
         parts = [p for part in self._pool.map(lambda a: self._scan(a, min(a + step, n)),
                                                range(0, n, step)) for p in part]
-        indices = np.concatenate(parts).astype(np.uint32) if parts else np.empty(0, np.uint32)
+        return np.concatenate(parts).astype(np.uint32) if parts else np.empty(0, np.uint32)
+
+    def capture(self) -> Captured:
+        """At a pause: find and copy the changed pages. Shadow is updated later."""
+        assert self.shadow is not None, "full() must run first"
+        indices = self._changed()
         return Captured(indices, self.ram.pages[indices])
 
     def after_resume(self, captured: Captured) -> None:
@@ -211,12 +240,24 @@ class SoftDirtyCapture:
         self._clear()
         return Captured(np.arange(self.ram.npages, dtype=np.uint32), pages, None, full=True)
 
-    def capture(self) -> Captured:
+    def _dirty(self) -> np.ndarray:
         entries = os.pread(self._pagemap.fileno(), self.ram.npages * PAGEMAP_ENTRY, self._offset)
-        indices = dirty_indices_from_pagemap(entries)
+        return dirty_indices_from_pagemap(entries)
+
+    def capture(self) -> Captured:
+        indices = self._dirty()
         new_pages = self.ram.pages[indices]
         self._clear()  # still paused: every write after this is seen next time
         return Captured(indices, new_pages)
+
+    def precopy_batches(self, full: bool, batch: int):
+        """A pre-copy round, batch by batch: the bits are cleared before the pages are
+        read, so a page written after its read is dirty again next round."""
+        indices = np.arange(self.ram.npages, dtype=np.uint32) if full else self._dirty()
+        self._clear()
+        for a in range(0, len(indices), batch):
+            idx = indices[a:a + batch]
+            yield idx, self.ram.pages[idx], None
 
     def after_resume(self, captured: Captured) -> None:
         pass  # no shadow copy: pages go out without an XOR base

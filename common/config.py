@@ -147,6 +147,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                          "after a failover, protect the guest again: manual (remusctl "
                          "reprotect) or auto (as soon as the other host stands by as the "
                          "backup; needs [heartbeat])"),
+        "disk_epoch_cap_mib": Key(int, 32, _range(1, 65536),
+                                  "most disk data the primary holds for one checkpoint (or "
+                                  "pre-copy round); past it the guest's writes wait and a "
+                                  "checkpoint is taken early, as a full disk queue would"),
         "precopy_rounds": Key(int, 5, _range(0, 1000),
                               "at a session's start, copy RAM (and disk) while the guest runs, "
                               "in at most this many rounds before the first checkpoint, so its "

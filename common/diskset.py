@@ -1,60 +1,133 @@
-"""The disk writes of one epoch, coalesced: later writes win where they overlap."""
+"""The disk writes of one epoch, coalesced: later writes win where they overlap.
+
+Zeroed ranges (a mirror's holes, a guest's write-zeroes or discard, a write of
+all-zero bytes) are kept as extents without data, so a 20 GiB hole costs a few
+bytes here and on the wire, and the backup punches it into its replica.
+"""
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
-from remus.common.protocol import DISK_EXTENT
-MAX_EXTENT = 4 << 20  # adjacent writes are merged up to this size
+from remus.common.protocol import DISK_EXTENT, MAX_FRAME_RAW, ZERO_EXTENT
+
+MAX_EXTENT = 4 << 20   # adjacent writes are merged up to this size
+EXTENT_COST = 128      # what one extent costs in memory here, counted against the cap
+ZERO_RUN_MAX = 4096    # zero extents per frame
+
+
+@dataclass(frozen=True, eq=False)
+class DiskRun:
+    """Sorted, disjoint extents of one kind: `data` holds their bytes in order, or is
+    None for zeroed extents (`table` is then ZERO_EXTENT)."""
+    table: np.ndarray
+    data: list[bytes] | None
+
+    @property
+    def raw_len(self) -> int:
+        return 0 if self.data is None else sum(map(len, self.data))
+
+
+_ZEROS = bytes(MAX_EXTENT)
+
+
+def is_zero(data: bytes) -> bool:
+    """All zero bytes? (memcmp against a zero buffer; stops at the first non-zero chunk)"""
+    for k in range(0, len(data), len(_ZEROS)):
+        chunk = data[k:k + len(_ZEROS)]
+        if chunk != _ZEROS[:len(chunk)]:
+            return False
+    return True
 
 
 class WriteSet:
-    """Non-overlapping extents sorted by offset, each with its bytes."""
+    """Non-overlapping extents sorted by offset, each with its bytes or None (zeroes)."""
 
     def __init__(self) -> None:
         self._starts: list[int] = []
-        self._data: list[bytes] = []
-        self.bytes = 0
+        self._lens: list[int] = []
+        self._data: list[bytes | None] = []
+        self.bytes = 0  # data held
 
     def __len__(self) -> int:
         return len(self._starts)
 
+    @property
+    def cost(self) -> int:
+        """Memory held, extents' bookkeeping included: what the epoch cap limits."""
+        return self.bytes + EXTENT_COST * len(self._starts)
+
     def add(self, offset: int, data: bytes) -> None:
-        if not data:
-            return
-        end = offset + len(data)
+        if data:
+            self._put(offset, len(data), bytes(data))
+
+    def add_zeroes(self, offset: int, length: int) -> None:
+        if length > 0:
+            self._put(offset, length, None)
+
+    def _put(self, offset: int, length: int, data: bytes | None) -> None:
+        end = offset + length
         # First extent that could overlap: the one starting at or before offset.
         i = bisect.bisect_right(self._starts, offset) - 1
-        if i < 0 or self._starts[i] + len(self._data[i]) <= offset:
+        if i < 0 or self._starts[i] + self._lens[i] <= offset:
             i += 1
         # Cut the overlapped extents, keeping their parts outside [offset, end).
-        head = tail = None
+        new = []
         j = i
         while j < len(self._starts) and self._starts[j] < end:
-            s, d = self._starts[j], self._data[j]
+            s, n, d = self._starts[j], self._lens[j], self._data[j]
             if s < offset:
-                head = (s, d[: offset - s])
-            if s + len(d) > end:
-                tail = (end, d[end - s:])
+                new.append((s, offset - s, None if d is None else d[: offset - s]))
+            if s + n > end:
+                new.append((end, s + n - end, None if d is None else d[end - s:]))
             j += 1
-        removed = self._data[i:j]
-        self.bytes -= sum(map(len, removed))
-        new = [x for x in (head, (offset, bytes(data)), tail) if x is not None]
-        self._starts[i:j] = [s for s, _ in new]
-        self._data[i:j] = [d for _, d in new]
-        self.bytes += sum(len(d) for _, d in new)
+        self.bytes -= sum(len(d) for d in self._data[i:j] if d is not None)
+        new.append((offset, length, data))
+        new.sort(key=lambda x: x[0])
+        self._starts[i:j] = [s for s, _, _ in new]
+        self._lens[i:j] = [n for _, n, _ in new]
+        self._data[i:j] = [d for _, _, d in new]
+        self.bytes += sum(len(d) for _, _, d in new if d is not None)
 
-    def extents(self) -> tuple[np.ndarray, bytes]:
-        """(offset, length) records and the bytes, adjacent extents merged."""
-        starts, chunks = [], []
-        for s0, d0 in zip(self._starts, self._data):
-            for k in range(0, len(d0), MAX_EXTENT):  # a big write becomes several extents
-                s, d = s0 + k, d0[k:k + MAX_EXTENT]
-                if starts and starts[-1][0] + starts[-1][1] == s and starts[-1][1] + len(d) <= MAX_EXTENT:
-                    starts[-1][1] += len(d)
+    def runs(self, max_raw: int = MAX_FRAME_RAW) -> Iterator[DiskRun]:
+        """The extents in offset order, as runs of one kind: data runs of at most
+        `max_raw` bytes (adjacent writes merged up to MAX_EXTENT), zero runs of at
+        most ZERO_RUN_MAX extents (adjacent ones merged)."""
+        kind: str | None = None
+        rows: list[list[int]] = []
+        chunks: list[bytes] = []
+        size = 0
+        for s0, n0, d0 in zip(self._starts, self._lens, self._data):
+            this = "zero" if d0 is None else "data"
+            if this != kind or (this == "zero" and len(rows) >= ZERO_RUN_MAX):
+                if rows:
+                    yield _run(kind, rows, chunks)
+                kind, rows, chunks, size = this, [], [], 0
+            if d0 is None:
+                if rows and rows[-1][0] + rows[-1][1] == s0:
+                    rows[-1][1] += n0
                 else:
-                    starts.append([s, len(d)])
+                    rows.append([s0, n0])
+                continue
+            for k in range(0, n0, MAX_EXTENT):  # a big write becomes several extents
+                s, d = s0 + k, d0[k:k + MAX_EXTENT]
+                if size + len(d) > max_raw and rows:
+                    yield _run(kind, rows, chunks)
+                    rows, chunks, size = [], [], 0
+                if rows and rows[-1][0] + rows[-1][1] == s and rows[-1][1] + len(d) <= MAX_EXTENT:
+                    rows[-1][1] += len(d)
+                else:
+                    rows.append([s, len(d)])
                 chunks.append(d)
-        table = np.array([tuple(x) for x in starts], dtype=DISK_EXTENT)
-        return table, b"".join(chunks)
+                size += len(d)
+        if rows:
+            yield _run(kind, rows, chunks)
+
+
+def _run(kind: str | None, rows: list[list[int]], chunks: list[bytes]) -> DiskRun:
+    if kind == "zero":
+        return DiskRun(np.array([tuple(r) for r in rows], dtype=ZERO_EXTENT), None)
+    return DiskRun(np.array([tuple(r) for r in rows], dtype=DISK_EXTENT), chunks)

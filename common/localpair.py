@@ -108,7 +108,8 @@ class Pair:
     """A protected guest: config, backup and primary daemons, and an HTTP client for it."""
 
     def __init__(self, image, workdir: Path, lan: Lan | None = None, disk_mib: int = 0,
-                 extra_config: str = "", insecure: bool = False, **replication):
+                 extra_config: str = "", insecure: bool = False, memory_mib: int = 128,
+                 **replication):
         """Without `lan`: both daemons on this host, guest NIC in QEMU user mode with a
         host forward. With `lan`: daemons on the namespace hosts, guest bridged and
         its output buffered. The stream runs over TLS with material in workdir/keys
@@ -141,7 +142,7 @@ class Pair:
         self.config.write_text(f"""
 [guest]
 name = "demo"
-memory_mib = 128
+memory_mib = {memory_mib}
 kernel = "{image.kernel}"
 initrd = "{image.initrd}"
 append = "console=ttyS0 quiet panic=-1 remus.ip={ip} remus.gw={gw}"
@@ -233,6 +234,47 @@ state_dir = "{workdir / 'backup'}"
         for d in self.daemons:
             d.stop()
         shutil.rmtree(self.ram_dir, ignore_errors=True)
+
+
+def rss_anon(pid: int) -> int:
+    """Anonymous resident memory of a process, in bytes (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+class MemoryWatch(threading.Thread):
+    """Samples the anonymous memory of daemons' processes (QEMU aside) until stopped;
+    `peaks` holds the highest seen per daemon name and process."""
+
+    def __init__(self, daemons: dict[str, "Daemon"], every: float = 0.1):
+        super().__init__(daemon=True)
+        self.daemons = daemons
+        self.every = every
+        self.peaks: dict[str, int] = {}
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.every):
+            for name, daemon in self.daemons.items():
+                for proc in daemon.family():
+                    try:
+                        if "qemu" in proc.name():
+                            continue
+                        key = f"{name}:{proc.pid}:{proc.name()}"
+                    except psutil.NoSuchProcess:
+                        continue
+                    self.peaks[key] = max(self.peaks.get(key, 0), rss_anon(proc.pid))
+
+    def stop(self) -> dict[str, int]:
+        self._stop_event.set()
+        self.join(5)
+        return self.peaks
 
 
 def wait_for_replies(probe: Daemon, n: int, what: str, timeout: float = 60) -> None:

@@ -85,7 +85,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Awaitable, Callable, Union
 
 from remus.common import log
 
@@ -577,9 +577,10 @@ class NbdServer:
 
     - ``Write``: ``on_write(offset, data)``, THEN the reply. A guest write in a
       write-blocking mirror completes only after ``on_write`` has returned.
-    - ``WriteZeroes`` and ``Trim``: ``on_write(offset, zeroes)`` in pieces of
-      at most ``max_request`` bytes, then the reply. A trim is replicated as
-      zeroes because the replica must read what the source reads: a discard
+    - ``WriteZeroes`` and ``Trim``: ``on_zero(offset, length)`` (no data: a
+      zeroed range of any size costs nothing) or, without ``on_zero``,
+      ``on_write(offset, zeroes)`` in pieces of at most ``max_request`` bytes;
+      then the reply. A trim is replicated as zeroes because the replica must read what the source reads: a discard
       on a raw file punches a hole (and on qcow2 without a backing file makes
       the clusters read as zero), so the source then reads zeroes. (With
       QEMU 7.2 a guest discard through the mirror's filter node never
@@ -595,6 +596,10 @@ class NbdServer:
 
     Callbacks run in the event loop's thread, one request at a time, in the
     order the requests arrived.
+
+    ``throttle``, if given, is awaited before the reply to every write, zero or
+    trim (and before the next request of that connection is read): a slow
+    throttle slows the client's writes down, as a full disk queue would.
     """
 
     READ_CHUNK = 256 * 1024
@@ -603,7 +608,9 @@ class NbdServer:
                  on_write: Callable[[int, bytes], None],
                  on_read: Callable[[int, int], bytes] | None = None,
                  on_flush: Callable[[], None] | None = None,
-                 max_request: int = DEFAULT_MAX_REQUEST):
+                 max_request: int = DEFAULT_MAX_REQUEST,
+                 on_zero: Callable[[int, int], None] | None = None,
+                 throttle: Callable[[], Awaitable[None]] | None = None):
         NbdServerConnection({export: size}, max_request)   # validates the arguments
         self.socket_path = Path(socket_path)
         self.export = export
@@ -611,6 +618,8 @@ class NbdServer:
         self.on_write = on_write
         self.on_read = on_read
         self.on_flush = on_flush
+        self.on_zero = on_zero
+        self.throttle = throttle
         self.max_request = max_request
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -658,6 +667,8 @@ class NbdServer:
                 data = await reader.read(self.READ_CHUNK)
                 for event in conn.receive(data):
                     out = self._handle(conn, event)
+                    if self.throttle is not None and isinstance(event, (Write, WriteZeroes, Trim)):
+                        await self.throttle()
                     if out:
                         writer.write(out)
                 if conn.state == "closed":
@@ -693,7 +704,8 @@ class NbdServer:
                            may_trim=ev.may_trim, fua=ev.fua)
             else:
                 _log.debug("nbd-trim", offset=ev.offset, length=ev.length, fua=ev.fua)
-            return self._call(conn, ev.handle, self._write_zeroes, ev.offset, ev.length)
+            zero = self.on_zero if self.on_zero is not None else self._write_zeroes
+            return self._call(conn, ev.handle, zero, ev.offset, ev.length)
         if isinstance(ev, Flush):
             _log.debug("nbd-flush")
             if self.on_flush is None:

@@ -18,8 +18,17 @@ is in the frame payload)::
                    (raw_len = count * page_size decoded bytes; with xor they are
                    new XOR previous page contents)
     device   P->B  codec, raw_len; payload: the encoded device state (raw_len > 0)
+    disk     P->B  count, codec, raw_len; payload: count DISK_EXTENT records
+                   (offset uint64 LE, length uint32 LE), then the encoded bytes
+                   of those extents (raw_len decoded bytes)
+    zero     P->B  count; payload: count ZERO_EXTENT records (offset, length, both
+                   uint64 LE): ranges that read as zeroes (holes, write-zeroes,
+                   discards); the backup punches them, no data travels
     end      P->B  epoch, pages (pages in this checkpoint), checksum
     ack      B->P  epoch
+    progress B->P  epoch, bytes (payload bytes of checkpoint `epoch` received so far:
+                   a big checkpoint is still flowing, so the primary's wait for its
+                   ack follows progress rather than one deadline)
     bye      P->B  reason (the primary ends the session on purpose: do not activate)
     handover P->B  epoch, reason (the primary stopped its guest for good right after
                    checkpoint `epoch`, which the backup acknowledged: take over now,
@@ -31,7 +40,8 @@ is in the frame payload)::
                    activates, hands them to the resumed guest again, so that a
                    client's request the lost primary had received is not lost with it.
 
-A checkpoint is ``begin, pages*, disk*, device, end``. A pre-copy round
+A checkpoint is ``begin, pages*, (disk|zero)*, device, end``; disk and zero
+extents of one checkpoint are sorted and disjoint across all its disk and zero frames. A pre-copy round
 (``precopy``: taken while the guest runs, so not a consistent state) has no
 device frame; its disk frames carry the writes so far, in order. The backup
 applies it but stays not resumable. Pre-copy rounds come first in a session, the first of them full;
@@ -42,7 +52,9 @@ hex blake2b (digest_size=16) over, in order:
        with flags = full | precopy << 1,
     2. for each pages frame, its index bytes (uint32 LE) then the NEW page
        contents (after undoing xor),
-    3. the raw (decoded) device state.
+    3. for each disk frame, its extent table then the raw (decoded) data; for
+       each zero frame, its extent table,
+    4. the raw (decoded) device state.
 
 (1) is there so that a corrupted ``full`` flag or ``taken_at`` cannot slip
 through either: every field of a staged checkpoint is covered.
@@ -56,6 +68,13 @@ protocol object is then dead; during the backup's handshake the exception's
 Limits on the backup besides the frame limits in ``wire``: the decoded size of
 one pages or device frame (``raw_len``) is at most ``max_payload`` too (the
 encoder keeps pages frames at or below ``MAX_FRAME_RAW`` decoded bytes).
+
+Streaming (``BackupProtocol(stream=True)``, what the daemon uses): pages and disk
+data are not gathered into the staged checkpoint but handed out frame by frame as
+``PagesReceived``, ``DiskWritten`` and ``DiskZeroed`` events, in stream order, from
+the ``events()`` generator; the daemon applies or stages each before it asks for
+the next, so a later frame's xor base is what the daemon holds. Memory then
+stays at one frame whatever the size of the checkpoint.
 
 A ``bye`` is accepted between checkpoints and inside one (the open checkpoint
 is then abandoned without error): either way the backup gets ``PeerBye``.
@@ -101,10 +120,14 @@ __all__ = [
     "PeerBye",
     "PeerHandover",
     "InputReceived",
+    "PagesReceived",
+    "DiskWritten",
+    "DiskZeroed",
+    "Progress",
     "checkpoint_checksum",
 ]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 CODECS = ("zstd", "none")
 # The encoder keeps the decoded size of one pages frame at or below this, so
 # that a backup with the default max_payload accepts it even if incompressible.
@@ -137,6 +160,13 @@ class Acked:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """The backup has received `bytes` of checkpoint `epoch` so far."""
+    epoch: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class SessionOpened:
     session: str
     ram_size: int
@@ -163,6 +193,8 @@ class StagedCheckpoint:
     disk_extents: np.ndarray = field(default_factory=lambda: np.empty(0, DISK_EXTENT))  # sorted, disjoint
     disk_data: bytes = b""  # the extents' bytes, in order
     precopy: bool = False  # a pre-copy round: pages only, not a resumable state
+    disk_zeroes: np.ndarray = field(default_factory=lambda: np.empty(0, ZERO_EXTENT))
+    pages_received: int = 0  # pages in this checkpoint (streamed ones too)
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,6 +213,29 @@ class PeerHandover:
 
     epoch: int
     reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class PagesReceived:
+    """Streaming: one pages frame of checkpoint `epoch`, decoded (new contents)."""
+    epoch: int
+    indices: np.ndarray  # uint32, strictly increasing
+    pages: np.ndarray    # (len(indices), page_size) uint8
+
+
+@dataclass(frozen=True, eq=False)
+class DiskWritten:
+    """Streaming: one disk frame of checkpoint `epoch`: extents and their bytes."""
+    epoch: int
+    extents: np.ndarray  # DISK_EXTENT
+    data: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class DiskZeroed:
+    """Streaming: one zero frame of checkpoint `epoch`: ranges that read as zeroes."""
+    epoch: int
+    extents: np.ndarray  # ZERO_EXTENT
 
 
 @dataclass(frozen=True, eq=False)
@@ -211,25 +266,29 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
               ("precopy", "bool")),
     "pages": (("count", "int"), ("codec", "str"), ("xor", "bool"), ("raw_len", "int")),
     "disk": (("count", "int"), ("codec", "str"), ("raw_len", "int")),
+    "zero": (("count", "int"),),
     "device": (("codec", "str"), ("raw_len", "int")),
     "end": (("epoch", "int"), ("pages", "int"), ("checksum", "str")),
     "ack": (("epoch", "int"),),
+    "progress": (("epoch", "int"), ("bytes", "int")),
     "bye": (("reason", "str"),),
     "input": (("after_epoch", "int"), ("count", "int")),
     "handover": (("epoch", "int"), ("reason", "str")),
 }
-_WITH_PAYLOAD = frozenset({"pages", "disk", "device", "input"})
-_FROM_PRIMARY = frozenset({"hello", "begin", "pages", "disk", "device", "end", "bye", "input",
-                           "handover"})
+_WITH_PAYLOAD = frozenset({"pages", "disk", "zero", "device", "input"})
+_FROM_PRIMARY = frozenset({"hello", "begin", "pages", "disk", "zero", "device", "end", "bye",
+                           "input", "handover"})
 # Input frames: Ethernet header at least, one jumbo frame with offloads at most.
 MIN_INPUT_FRAME, MAX_INPUT_FRAME = 14, 65536 + 64
 MAX_INPUT_COUNT = 4096
 _INPUT_LEN = struct.Struct("<I")
 # A disk frame's payload starts with `count` of these, then the encoded data.
 DISK_EXTENT = np.dtype([("offset", "<u8"), ("length", "<u4")])
+# A zero frame's payload is `count` of these: no data follows.
+ZERO_EXTENT = np.dtype([("offset", "<u8"), ("length", "<u8")])
 DISK_SECTOR = 512
 MAX_DISK_SIZE = 1 << 50
-_FROM_BACKUP = frozenset({"welcome", "reject", "ack"})
+_FROM_BACKUP = frozenset({"welcome", "reject", "ack", "progress"})
 
 
 def _fields(frame: Frame, sender: str, allowed: frozenset[str]) -> tuple[str, dict]:
@@ -285,6 +344,7 @@ _hash_pool_lock = threading.Lock()
 # the GIL for them), overlapping (de)compression and copying on the calling
 # thread; smaller ones run inline when nothing of that hasher is queued.
 _ASYNC_HASH_MIN = 256 * 1024
+_HASH_BACKLOG = 32 << 20
 
 
 _hash_pool_pid = 0
@@ -305,9 +365,11 @@ def _pool() -> ThreadPoolExecutor:
 class _Hasher:
     """blake2b(digest_size=16) whose big updates run on a worker thread, in
     order (at most one drain task per hasher at a time). The buffers passed in
-    must not change until ``hexdigest`` returns."""
+    must not change until ``hexdigest`` returns. At most ``_HASH_BACKLOG``
+    bytes wait to be hashed: past that ``update`` waits, so a checkpoint's
+    buffers cannot pile up here faster than they are hashed."""
 
-    __slots__ = ("_h", "_queue", "_lock", "_task")
+    __slots__ = ("_h", "_queue", "_lock", "_task", "_queued")
 
     def __init__(self, epoch: int, full: bool, taken_at: float, precopy: bool = False) -> None:
         self._h = hashlib.blake2b(digest_size=16)
@@ -315,6 +377,7 @@ class _Hasher:
         self._queue: deque = deque()
         self._lock = threading.Lock()
         self._task: Future | None = None
+        self._queued = 0
 
     def _drain(self) -> None:
         while True:
@@ -322,26 +385,36 @@ class _Hasher:
                 if not self._queue:
                     self._task = None
                     return
-                data = self._queue.popleft()
+                data, size = self._queue.popleft()
             self._h.update(data)
+            with self._lock:
+                self._queued -= size
 
     def update(self, data) -> None:
+        size = memoryview(data).nbytes
         with self._lock:
             idle = self._task is None
-            if idle and memoryview(data).nbytes < _ASYNC_HASH_MIN:
+            if idle and size < _ASYNC_HASH_MIN:
                 self._h.update(data)  # nothing queued: order is kept
                 return
-            self._queue.append(data)
+            self._queue.append((data, size))
+            self._queued += size
             if idle:
                 self._task = _pool().submit(self._drain)
+            backlog = self._queued > _HASH_BACKLOG
+        if backlog:
+            self._wait()
 
-    def hexdigest(self) -> str:
+    def _wait(self) -> None:
         while True:
             with self._lock:
                 task = self._task
             if task is None:
-                break
+                return
             task.result()
+
+    def hexdigest(self) -> str:
+        self._wait()
         return self._h.hexdigest()
 
 
@@ -462,6 +535,7 @@ class CheckpointEncoder:
         disk_data: bytes = b"",
         disk_synced: bool = False,
         precopy: bool = False,
+        disk_runs=None,
     ) -> Iterator[bytes]:
         """Validate the arguments now, then return an iterator over the encoded
         frames: begin, pages (batches of at most ``batch_pages`` pages), device, end.
@@ -519,78 +593,93 @@ class CheckpointEncoder:
             raise ValueError("disk_data must hold exactly the extents' bytes")
         if len(extents) and (extents["length"] == 0).any() or bool((extents["length"] > MAX_FRAME_RAW).any()):
             raise ValueError(f"disk extents must be 1..{MAX_FRAME_RAW} bytes long")
-        return self._frames(epoch, full, taken_at, idx, pages, prev, device, batch,
-                            extents, bytes(disk_data), bool(disk_synced), bool(precopy))
+        runs = _runs_from(extents, bytes(disk_data)) if disk_runs is None else disk_runs
+        return self._stream(epoch, full, taken_at, _array_batches(idx, pages, prev, batch), device,
+                            runs, bool(disk_synced), bool(precopy), batch)
 
-    def _frames(
-        self,
-        epoch: int,
-        full: bool,
-        taken_at: float,
-        idx: np.ndarray,
-        pages: np.ndarray,
-        prev: np.ndarray | None,
-        device: bytes,
-        batch: int,
-        extents: np.ndarray,
-        disk_data: bytes,
-        disk_synced: bool,
-        precopy: bool = False,
-    ) -> Iterator[bytes]:
-        ps = self.page_size
-        n = len(idx)
+    def precopy_round(self, epoch: int, full: bool, taken_at: float, batches, disk_runs=(),
+                      batch_pages: int = 1024) -> Iterator[bytes]:
+        """A pre-copy round from page batches produced as it goes: `batches` yields
+        (indices, new_pages, previous_pages or None), indices strictly increasing
+        across batches (a full round: every page in order). Nothing here holds more
+        than one batch."""
+        _check_int("epoch", epoch, 1, _MAX_EPOCH)
+        batch = max(1, min(_check_int("batch_pages", batch_pages, 1), MAX_FRAME_RAW // self.page_size))
+        return self._stream(epoch, bool(full), float(taken_at), batches, b"", disk_runs, False,
+                            True, batch)
+
+    def _stream(self, epoch: int, full: bool, taken_at: float, batches, device: bytes, runs,
+                disk_synced: bool, precopy: bool, batch: int) -> Iterator[bytes]:
         h = _new_hasher(epoch, full, taken_at, precopy)
         yield encode_frame({"t": "begin", "epoch": epoch, "full": full, "taken_at": taken_at,
                             "disk_synced": disk_synced, "precopy": precopy})
-        scratch = np.empty((min(batch, n), ps), dtype=np.uint8) if prev is not None else None
-        for start in range(0, n, batch):
-            stop = min(start + batch, n)
-            count = stop - start
-            idx_bytes = memoryview(idx[start:stop]).cast("B")
-            new = pages[start:stop]
-            if scratch is not None:
-                body = np.bitwise_xor(new, prev[start:stop], out=scratch[:count])
-            else:
-                body = new
-            codec, encoded = self._encode(memoryview(body).cast("B"))
-            h.update(idx_bytes)
-            h.update(new)
-            yield encode_frame_parts(
-                {
-                    "t": "pages",
-                    "count": count,
-                    "codec": codec,
-                    "xor": scratch is not None,
-                    "raw_len": count * ps,
-                },
-                idx_bytes,
-                encoded,
-            )
-        yield from self._disk_frames(h, extents, disk_data)
+        n = 0
+        for idx, new, prev in batches:
+            for start in range(0, len(idx), batch):
+                yield self._pages_frame(h, idx[start:start + batch], new[start:start + batch],
+                                        None if prev is None else prev[start:start + batch])
+            n += len(idx)
+        for run in runs:
+            yield self._disk_frame(h, run)
         if not precopy:
             codec, encoded = self._encode(device)
             h.update(device)
             yield encode_frame_parts({"t": "device", "codec": codec, "raw_len": len(device)}, encoded)
         yield encode_frame({"t": "end", "epoch": epoch, "pages": n, "checksum": h.hexdigest()})
 
+    def _pages_frame(self, h: _Hasher, idx: np.ndarray, new: np.ndarray,
+                     prev: np.ndarray | None) -> bytes:
+        """One pages frame; the hasher keeps `new` until its digest is taken."""
+        count, ps = len(idx), self.page_size
+        if new.shape != (count, ps) or (prev is not None and prev.shape != new.shape):
+            raise ValueError(f"a batch of {count} pages has pages of shape {new.shape}")
+        idx_bytes = memoryview(np.ascontiguousarray(idx, dtype=_LE_U32)).cast("B")
+        new = np.ascontiguousarray(new)
+        body = new if prev is None else np.bitwise_xor(new, prev)
+        codec, encoded = self._encode(memoryview(body).cast("B"))
+        h.update(idx_bytes)
+        h.update(new)
+        return encode_frame_parts({"t": "pages", "count": count, "codec": codec,
+                                   "xor": prev is not None, "raw_len": count * ps},
+                                  idx_bytes, encoded)
 
-    def _disk_frames(self, h, extents: np.ndarray, data: bytes) -> Iterator[bytes]:
-        """Disk writes in frames of at most MAX_FRAME_RAW bytes of data."""
-        lengths = extents["length"].astype(np.int64)
-        start = pos = 0
-        while start < len(extents):
-            stop, size = start, 0
-            while stop < len(extents) and (stop == start or size + lengths[stop] <= MAX_FRAME_RAW):
-                size += int(lengths[stop])
-                stop += 1
-            table = memoryview(np.ascontiguousarray(extents[start:stop])).cast("B")
-            chunk = memoryview(data)[pos:pos + size]
-            codec, encoded = self._encode(chunk)
-            h.update(table)
-            h.update(chunk)
-            yield encode_frame_parts({"t": "disk", "count": stop - start, "codec": codec,
-                                      "raw_len": size}, table, encoded)
-            start, pos = stop, pos + size
+    def _disk_frame(self, h: _Hasher, run) -> bytes:
+        """A disk frame for a run with data, a zero frame for one without."""
+        table = memoryview(np.ascontiguousarray(run.table)).cast("B")
+        h.update(table)
+        if run.data is None:
+            return encode_frame_parts({"t": "zero", "count": len(run.table)}, table)
+        chunk = b"".join(run.data)
+        codec, encoded = self._encode(chunk)
+        h.update(chunk)
+        return encode_frame_parts({"t": "disk", "count": len(run.table), "codec": codec,
+                                   "raw_len": len(chunk)}, table, encoded)
+
+
+@dataclass(frozen=True, eq=False)
+class _Run:
+    table: np.ndarray
+    data: list[bytes] | None
+
+
+def _array_batches(idx: np.ndarray, pages: np.ndarray, prev: np.ndarray | None, batch: int):
+    for start in range(0, len(idx), batch):
+        stop = start + batch
+        yield idx[start:stop], pages[start:stop], None if prev is None else prev[start:stop]
+
+
+def _runs_from(extents: np.ndarray, data: bytes) -> list[_Run]:
+    """Data extents and their bytes as runs of at most MAX_FRAME_RAW bytes each."""
+    lengths = extents["length"].astype(np.int64)
+    runs, start, pos = [], 0, 0
+    while start < len(extents):
+        stop, size = start, 0
+        while stop < len(extents) and (stop == start or size + lengths[stop] <= MAX_FRAME_RAW):
+            size += int(lengths[stop])
+            stop += 1
+        runs.append(_Run(extents[start:stop], [data[pos:pos + size]]))
+        start, pos = stop, pos + size
+    return runs
 
 
 class PrimaryProtocol:
@@ -622,7 +711,7 @@ class PrimaryProtocol:
         self._last_sent = epoch
         self._outstanding.append(epoch)
 
-    def receive(self, data: bytes) -> list[Welcome | Rejected | Acked]:
+    def receive(self, data: bytes) -> list[Welcome | Rejected | Acked | Progress]:
         if self._error is not None:
             raise ProtocolError(f"protocol is unusable after an earlier error ({self._error})")
         if self.state == "closed":
@@ -637,8 +726,12 @@ class PrimaryProtocol:
             self.state = "failed"
             raise
 
-    def _handle(self, frame: Frame) -> Welcome | Rejected | Acked:
+    def _handle(self, frame: Frame) -> Welcome | Rejected | Acked | Progress:
         t, f = _fields(frame, "backup", _FROM_BACKUP)
+        if t == "progress":
+            if self.state != "ready" or f["epoch"] not in self._outstanding or f["bytes"] < 0:
+                raise ProtocolError(f"progress of epoch {f['epoch']}, which is not awaiting an ack")
+            return Progress(f["epoch"], f["bytes"])
         if self.state == "rejected":
             raise ProtocolError(f"{t!r} message after the backup rejected the session")
         if t == "welcome":
@@ -693,15 +786,17 @@ class _Open:
 
     __slots__ = ("epoch", "full", "taken_at", "hasher", "received", "last_index", "precopy",
                  "full_pages", "idx_parts", "page_parts", "device", "disk_synced",
-                 "disk_tables", "disk_chunks", "disk_end")
+                 "disk_tables", "disk_chunks", "disk_end", "zero_tables", "bytes")
 
     def __init__(self, epoch: int, full: bool, taken_at: float, npages: int, page_size: int,
-                 disk_synced: bool = False, precopy: bool = False):
+                 disk_synced: bool = False, precopy: bool = False, stream: bool = False):
         self.disk_synced = disk_synced
         self.precopy = precopy
         self.disk_tables: list[np.ndarray] = []
         self.disk_chunks: list[bytes] = []
         self.disk_end = 0  # disk extents must come sorted and disjoint
+        self.zero_tables: list[np.ndarray] = []
+        self.bytes = 0  # payload bytes received
         self.epoch = epoch
         self.full = full
         self.taken_at = taken_at
@@ -709,7 +804,8 @@ class _Open:
         self.received = 0
         self.last_index = -1
         # Lazily committed by the OS: costs nothing until written.
-        self.full_pages = np.empty((npages, page_size), dtype=np.uint8) if full else None
+        self.full_pages = np.empty((npages, page_size), dtype=np.uint8) if full and not stream \
+            else None
         self.idx_parts: list[np.ndarray] = []
         self.page_parts: list[np.ndarray] = []
         self.device: bytes | None = None
@@ -735,10 +831,12 @@ class BackupProtocol:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         disk: bool = False,
         generation: int = 0,
+        stream: bool = False,
     ) -> None:
         if not isinstance(fingerprint, str):
             raise TypeError("fingerprint must be a str")
         self.fingerprint = fingerprint
+        self.stream = stream  # hand out page and disk data per frame (see the module doc)
         # The highest generation known to have held the guest: a primary below it is stale.
         self.generation = _check_int("generation", generation, 0, _MAX_EPOCH)
         self._last_input_epoch = 0
@@ -765,27 +863,45 @@ class BackupProtocol:
 
     # -- public API ---------------------------------------------------------
 
-    def receive(self, data: bytes) -> list[SessionOpened | Send | CheckpointStaged | PeerBye]:
+    def receive(self, data: bytes) -> list:
+        """All the events of `data` (see ``events``)."""
+        return list(self.events(data))
+
+    def events(self, data: bytes) -> Iterator:
+        """The events of `data`, one frame's worth at a time: a streaming daemon
+        applies or stages each data event before it takes the next."""
         if self._error is not None:
             raise ProtocolError(f"protocol is unusable after an earlier error ({self._error})")
         if self.state == "closed":
             raise ProtocolError("receive() after close()")
         handshake = self.state == "await-hello"
         try:
-            events: list = []
             for frame in self._decoder.feed(data):
                 handshake = self.state == "await-hello"
+                events: list = []
                 self._handle(frame, events)
-            return events
+                yield from events
         except ProtocolError as exc:
             self._fail(str(exc))
             if handshake and exc.reply is None:
                 exc.reply = encode_frame({"t": "reject", "reason": str(exc),
                                           "generation": self.generation})
             raise
+        except GeneratorExit:
+            raise
         except BaseException as exc:
             self._fail(f"{type(exc).__name__}: {exc}")
             raise
+
+    @property
+    def receiving(self) -> tuple[int, int] | None:
+        """(epoch, payload bytes so far) of the checkpoint being received, if any."""
+        return (self._open.epoch, self._open.bytes) if self._open is not None else None
+
+    def progress(self, epoch: int, received: int) -> bytes:
+        """A progress frame: the daemon tells the primary a big checkpoint is flowing."""
+        return encode_frame({"t": "progress", "epoch": _check_int("epoch", epoch, 1, _MAX_EPOCH),
+                             "bytes": _check_int("bytes", received, 0)})
 
     def ack(self, epoch: int) -> bytes:
         """The ack frame for a staged checkpoint the daemon has committed.
@@ -879,10 +995,13 @@ class BackupProtocol:
             raise ProtocolError(
                 f"begin of epoch {f['epoch']} while checkpoint {cp.epoch} is still open (no end)"
             )
+        cp.bytes += len(frame.payload)
         if t == "pages":
-            self._pages(cp, f, frame.payload)
+            self._pages(cp, f, frame.payload, events)
         elif t == "disk":
-            self._disk(cp, f, frame.payload)
+            self._disk(cp, f, frame.payload, events)
+        elif t == "zero":
+            self._zero(cp, f, frame.payload, events)
         elif t == "device":
             self._device(cp, f, frame.payload)
         else:
@@ -972,7 +1091,7 @@ class BackupProtocol:
         if f["precopy"] and f["disk_synced"]:
             raise ProtocolError(f"begin: pre-copy round {epoch} claims a synced disk")
         self._open = _Open(epoch, f["full"], f["taken_at"], self.npages, self.page_size,
-                           f["disk_synced"], f["precopy"])
+                           f["disk_synced"], f["precopy"], self.stream)
         self.state = "in-checkpoint"
 
     def _decode(self, what: str, codec: str, data: memoryview, raw_len: int) -> bytes | memoryview:
@@ -1032,13 +1151,13 @@ class BackupProtocol:
                 prev[hit] = sc.pages[pos[hit]]
         return prev
 
-    def _pages(self, cp: _Open, f: dict, payload: bytes) -> None:
+    def _pages(self, cp: _Open, f: dict, payload: bytes, events: list) -> None:
         count, codec, xor, raw_len = f["count"], f["codec"], f["xor"], f["raw_len"]
         ps = self.page_size
         what = f"pages frame in checkpoint {cp.epoch}"
         if cp.device is not None:
             raise ProtocolError(f"{what}: pages after the device frame")
-        if cp.disk_tables:
+        if cp.disk_end:
             raise ProtocolError(f"{what}: pages after a disk frame")
         if not 1 <= count <= self.npages:
             raise ProtocolError(f"{what}: count {count} is out of range (1..{self.npages})")
@@ -1091,13 +1210,15 @@ class BackupProtocol:
             dest[...] = decoded
         cp.hasher.update(idx_bytes)
         cp.hasher.update(dest)
-        if cp.full_pages is None:
+        if self.stream:
+            events.append(PagesReceived(cp.epoch, idx, dest))
+        elif cp.full_pages is None:
             cp.idx_parts.append(idx)
             cp.page_parts.append(dest)
         cp.received += count
         cp.last_index = last
 
-    def _disk(self, cp: _Open, f: dict, payload: bytes) -> None:
+    def _disk(self, cp: _Open, f: dict, payload: bytes, events: list) -> None:
         count, codec, raw_len = f["count"], f["codec"], f["raw_len"]
         what = f"disk frame in checkpoint {cp.epoch}"
         if not self.disk:
@@ -1124,8 +1245,37 @@ class BackupProtocol:
         chunk = data if isinstance(data, bytes) else bytes(data)
         cp.hasher.update(view[:size])
         cp.hasher.update(chunk)
-        cp.disk_tables.append(table.copy())
-        cp.disk_chunks.append(chunk)
+        if self.stream:
+            events.append(DiskWritten(cp.epoch, table.copy(), chunk))
+        else:
+            cp.disk_tables.append(table.copy())
+            cp.disk_chunks.append(chunk)
+        cp.disk_end = int(ends[-1])
+
+    def _zero(self, cp: _Open, f: dict, payload: bytes, events: list) -> None:
+        count = f["count"]
+        what = f"zero frame in checkpoint {cp.epoch}"
+        if not self.disk:
+            raise ProtocolError(f"{what}: this session has no disk")
+        if cp.device is not None:
+            raise ProtocolError(f"{what}: disk zeroes after the device frame")
+        if count < 1 or ZERO_EXTENT.itemsize * count != len(payload):
+            raise ProtocolError(f"{what}: count {count} does not match the {len(payload)}-byte payload")
+        table = np.frombuffer(payload, dtype=ZERO_EXTENT)
+        offs, lens = table["offset"], table["length"]
+        if (lens == 0).any() or (offs > MAX_DISK_SIZE).any() or (lens > MAX_DISK_SIZE).any():
+            raise ProtocolError(f"{what}: an extent is empty or beyond any disk")
+        offs, lens = offs.astype(np.int64), lens.astype(np.int64)
+        ends = offs + lens
+        if offs[0] < cp.disk_end or (count > 1 and (offs[1:] < ends[:-1]).any()):
+            raise ProtocolError(f"{what}: extents are not sorted and disjoint")
+        if int(ends[-1]) > self.disk_size:
+            raise ProtocolError(f"{what}: an extent ends beyond the {self.disk_size}-byte disk")
+        cp.hasher.update(payload)
+        if self.stream:
+            events.append(DiskZeroed(cp.epoch, table.copy()))
+        else:
+            cp.zero_tables.append(table.copy())
         cp.disk_end = int(ends[-1])
 
     def _device(self, cp: _Open, f: dict, payload: bytes) -> None:
@@ -1171,8 +1321,10 @@ class BackupProtocol:
             indices = np.empty(0, dtype=np.uint32)
             pages = np.empty((0, self.page_size), dtype=np.uint8)
         extents = np.concatenate(cp.disk_tables) if cp.disk_tables else np.empty(0, DISK_EXTENT)
+        zeroes = np.concatenate(cp.zero_tables) if cp.zero_tables else np.empty(0, ZERO_EXTENT)
         staged = StagedCheckpoint(cp.epoch, cp.full, cp.taken_at, indices, pages, cp.device or b"",
-                                  cp.disk_synced, extents, b"".join(cp.disk_chunks), cp.precopy)
+                                  cp.disk_synced, extents, b"".join(cp.disk_chunks), cp.precopy,
+                                  zeroes, cp.received)
         self._consistent_staged = self._consistent_staged or not cp.precopy
         self._open = None
         self._last_staged = cp.epoch

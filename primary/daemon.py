@@ -176,7 +176,8 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
     loop.add_signal_handler(signal.SIGUSR1, resume_requested.set)
     disk = None
     if disk_path:
-        disk = DiskReplicator(guest, Path(disk_path), run_dir)
+        disk = DiskReplicator(guest, Path(disk_path), run_dir,
+                              cap=cfg.replication.disk_epoch_cap_mib << 20)
         await disk.start()
     ram = RamView(ram_file, cfg.memory_bytes)
     capture = make_capture(cfg.replication.capture, ram, guest.pid, cfg.replication.compare_threads)
@@ -217,6 +218,8 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
                 "held_output": getattr(netbuf, "stats", None),
                 "input_copied": {"forwarded": replicator.input_forwarded,
                                  "skipped": replicator.input_skipped},
+                "sync": replicator.sync.describe(time.monotonic()),
+                "disk_throttled_s": round(disk.throttled_s, 3) if disk is not None else None,
                 "heartbeat": heartbeat_status(hb), **guest.usage()}
     def drill(phase: str) -> dict:
         point = DRILL_POINTS.get(phase, phase)

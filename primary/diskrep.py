@@ -7,17 +7,25 @@ pause are exactly the epoch's. The job's initial copy arrives the same way and
 fills the backup's replica; a checkpoint taken after the job was ready
 carries a disk the backup may resume. The job is never completed or pivoted;
 each new session starts a new one (a full copy).
+
+Zeroed ranges (the source's holes in the initial copy, write-zeroes, writes of
+all-zero bytes) are kept as extents without data, so the copy of a sparse disk
+costs time and memory in proportion to its allocated data. What an epoch holds
+is capped: past the cap the NBD server delays its replies, so the guest's (or
+the initial copy's) writes wait, as on a full disk queue, and the replicator is
+woken to send what is held. Before a pause the cap is lifted (`stop` drains
+in-flight writes and must not wait for a checkpoint that needs it).
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
-
-import numpy as np
+from typing import Callable
 
 from remus.common import log
-from remus.common.diskset import WriteSet
+from remus.common.diskset import WriteSet, is_zero
 from remus.common.nbd import NbdServer
 from remus.common.qemu import QemuGuest
 
@@ -29,15 +37,23 @@ JOB = "remus-mirror"
 
 
 class DiskReplicator:
-    def __init__(self, guest: QemuGuest, disk: Path, run_dir: Path):
+    def __init__(self, guest: QemuGuest, disk: Path, run_dir: Path, cap: int = 64 << 20,
+                 on_full: Callable[[], None] | None = None):
         self.guest = guest
         self.disk = disk
         self.size = os.path.getsize(disk)
         self.socket_path = run_dir / "nbd.sock"
         self._fd = os.open(disk, os.O_RDONLY)
         self.server = NbdServer(self.socket_path, EXPORT, self.size, on_write=self._on_write,
-                                on_read=self._on_read)
+                                on_read=self._on_read, on_zero=self._on_zero,
+                                throttle=self._throttle)
         self.writes = WriteSet()
+        self.cap = cap            # bytes an epoch may hold before writes wait
+        self.on_full = on_full    # told when writes start waiting: send what is held
+        self.throttled_s = 0.0    # time writes spent waiting for room
+        self._room = asyncio.Event()
+        self._lifted = False      # a pause is draining: accept whatever arrives
+        self._sending: WriteSet | None = None  # sealed, still being sent: counts too
         self.active = False  # a session wants the writes
         self.ready = False   # the job's initial copy is complete
         self._watch: asyncio.Task | None = None
@@ -46,8 +62,49 @@ class DiskReplicator:
         await self.server.start()
 
     def _on_write(self, offset: int, data: bytes) -> None:
-        if self.active:
+        if not self.active:
+            return
+        if is_zero(data):
+            self.writes.add_zeroes(offset, len(data))
+        else:
             self.writes.add(offset, data)
+
+    def _on_zero(self, offset: int, length: int) -> None:
+        if self.active:
+            self.writes.add_zeroes(offset, length)
+
+    @property
+    def held(self) -> int:
+        """Memory held for the backup: this epoch's writes and those still being sent."""
+        return self.writes.cost + (self._sending.cost if self._sending is not None else 0)
+
+    async def _throttle(self) -> None:
+        if self.held < self.cap or self._lifted or not self.active:
+            return
+        t0 = time.monotonic()
+        if self.on_full is not None and self.writes.cost >= self.cap // 2:
+            self.on_full()
+        while self.held >= self.cap and not self._lifted and self.active:
+            self._room.clear()
+            await self._room.wait()
+        self.throttled_s += time.monotonic() - t0
+
+    @property
+    def full(self) -> bool:
+        """Writes wait for room: the held writes should be sent now."""
+        return self.held >= self.cap and self.writes.cost >= self.cap // 2
+
+    def lift_cap(self) -> None:
+        """Before `stop`: in-flight writes must complete for the pause to happen."""
+        self._lifted = True
+        self._room.set()
+
+    async def copy_progress(self) -> tuple[int, int] | None:
+        """(bytes done, bytes to do) of the mirror's initial copy, while it runs."""
+        for job in await self.guest.execute("query-block-jobs"):
+            if job.get("device") == JOB:
+                return int(job.get("offset", 0)), int(job.get("len", 0))
+        return None
 
     def _on_read(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)  # the target mirrors the source
@@ -77,15 +134,25 @@ class DiskReplicator:
                                                     "resumable disk")
                     return
 
-    def seal(self) -> tuple[np.ndarray, bytes, bool]:
-        """At a pause: the epoch's writes, and whether the disk is in sync."""
+    def seal(self) -> tuple[WriteSet, bool]:
+        """At a pause (or a pre-copy round): the writes so far, and whether the disk is
+        in sync. Writes waiting for room go on."""
         ws, self.writes = self.writes, WriteSet()
-        table, data = ws.extents()
-        return table, data, self.ready
+        self._sending = ws
+        self._lifted = False
+        self._room.set()
+        return ws, self.ready
+
+    def sent(self) -> None:
+        """The sealed writes are on the wire: their memory is free."""
+        self._sending = None
+        self._room.set()
 
     async def session_end(self) -> None:
         self.active = False
         self.writes = WriteSet()
+        self._sending = None
+        self._room.set()
         await self._stop_job()
 
     async def _stop_job(self) -> None:

@@ -14,11 +14,13 @@ import secrets
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from remus.common import log, tls
 from remus.common.capture import PAGE_SIZE, Captured
 from remus.common.config import Config
-from remus.common.protocol import Acked, CheckpointEncoder, PrimaryProtocol, Rejected, Welcome
+from remus.common.protocol import (Acked, CheckpointEncoder, PrimaryProtocol, Progress, Rejected,
+                                   Welcome)
 from remus.common.qemu import QemuGuest
 from remus.common.stats import EpochLog, EpochStats
 from remus.common.wire import ProtocolError
@@ -28,6 +30,7 @@ _log = log.get("remus.primary")
 
 READ_CHUNK = 1 << 16
 BATCH_PAGES = 1024  # pages per frame: 4 MiB before compression
+DISK_FRAME_RAW = 4 << 20  # disk data per frame: copies in flight stay small
 DRILL_EXIT = 137     # as if killed
 DRILL_POINTS = {"s": "postsuspend-before", "s2": "postsuspend-after", "r": "preresume-before",
                 "r2": "preresume-after", "c": "commit-before", "c2": "commit-after"}
@@ -57,6 +60,42 @@ class Superseded(Exception):
     def __init__(self, reason: str, generation: int):
         super().__init__(reason)
         self.generation = generation
+
+
+@dataclass
+class SyncProgress:
+    """A session's initial sync, for status: what has gone, how fast, how long to go."""
+    started: float = 0.0
+    ram_total: int = 0
+    disk_size: int = 0
+    rounds: int = 0
+    ram_bytes: int = 0        # pages sent by pre-copy rounds, as raw bytes
+    disk_bytes: int = 0       # disk data sent (zeroed ranges travel without data)
+    wire_bytes: int = 0
+    disk_copy: tuple[int, int] | None = None  # the mirror's (done, total), while it runs
+    done_at: float = 0.0
+
+    def round_done(self, pages: int, disk_bytes: int) -> None:
+        self.rounds += 1
+        self.ram_bytes += pages * PAGE_SIZE
+        self.disk_bytes += disk_bytes
+
+    def describe(self, now: float) -> dict | None:
+        if not self.started:
+            return None
+        elapsed = (self.done_at or now) - self.started
+        rate = self.wire_bytes / elapsed if elapsed > 0 else 0.0
+        out = {"done": bool(self.done_at), "seconds": round(elapsed, 1), "rounds": self.rounds,
+               "ram_bytes_sent": self.ram_bytes, "ram_total": self.ram_total,
+               "disk_bytes_sent": self.disk_bytes, "disk_size": self.disk_size,
+               "wire_bytes": self.wire_bytes, "wire_rate_mib_s": round(rate / (1 << 20), 1),
+               "eta_s": None}
+        if self.disk_copy is not None and not self.done_at:
+            done, total = self.disk_copy
+            out["disk_copied"], out["disk_to_copy"] = done, total
+            if done and total > done:
+                out["eta_s"] = round((total - done) * elapsed / done, 1)
+        return out
 
 
 class Replicator:
@@ -90,6 +129,10 @@ class Replicator:
         self._handover: tuple[asyncio.Future, str] | None = None
         self._wake = asyncio.Event()  # cuts the wait for the next checkpoint short
         self._reader_task: asyncio.Task | None = None
+        self._progress_at = 0.0         # when the backup last said a checkpoint is flowing
+        self.sync = SyncProgress()
+        if disk is not None:
+            disk.on_full = self._wake.set  # the epoch's disk writes reached the cap
 
     async def run(self) -> None:
         backoff = BACKOFF_MIN
@@ -265,7 +308,7 @@ class Replicator:
         try:
             writer.write(self._encoder.hello(self.cfg.fingerprint(), session, self.cfg.memory_bytes,
                                              self.disk.size if self.disk else 0, self.generation))
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), CONNECT_TIMEOUT)
             backup_generation = await asyncio.wait_for(self._handshake(reader, proto),
                                                        CONNECT_TIMEOUT)
         except ssl.SSLError as exc:
@@ -314,6 +357,8 @@ class Replicator:
                     error = SessionLost("backup closed the stream")
                     break
                 for event in proto.receive(data):
+                    if isinstance(event, Progress):
+                        self._progress_at = time.monotonic()
                     if isinstance(event, Acked):
                         fut = self._acks.pop(event.epoch, None)
                         if fut is not None and not fut.done():
@@ -328,12 +373,18 @@ class Replicator:
         interval = self.cfg.replication.interval_ms / 1000
         self.state = "syncing"
         sync_started = time.monotonic()
-        epoch = await self._precopy(proto) if self.cfg.replication.precopy_rounds else 0
+        self.sync = SyncProgress(started=sync_started, ram_total=self.cfg.memory_bytes,
+                                 disk_size=self.disk.size if self.disk else 0)
+        watcher = asyncio.create_task(self._watch_disk_copy())
+        try:
+            epoch = await self._precopy(proto) if self.cfg.replication.precopy_rounds else 0
+        finally:
+            watcher.cancel()
         first = epoch + 1
         next_pause = time.monotonic()
         while True:
             delay = next_pause - time.monotonic()
-            if delay > 0 and self._handover is None:
+            if delay > 0 and self._handover is None and not self._disk_full():
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), delay)
@@ -351,7 +402,9 @@ class Replicator:
                 _log.info("protecting", epoch=epoch, interval_ms=self.cfg.replication.interval_ms,
                           capture=self.capture.name, first_pause_ms=round(st.pause_ms, 1),
                           first_hold_ms=round(st.pause_ms + st.send_ms + st.ack_ms, 1),
-                          sync_s=round(time.monotonic() - sync_started, 3))
+                          sync_s=round(time.monotonic() - sync_started, 3),
+                          sync_wire_bytes=self.sync.wire_bytes)
+                self.sync.done_at = time.monotonic()
             self._maybe_summary()
 
     async def _precopy(self, proto: PrimaryProtocol) -> int:
@@ -369,7 +422,7 @@ class Replicator:
             disk_pending = self.disk is not None and not self.disk.ready
             if (pages <= small or rounds_left <= 0) and not disk_pending:
                 break
-            await asyncio.sleep(interval)  # let the guest dirty a bounded amount
+            await self._wait_or_wake(interval)  # let the guest dirty a bounded amount
             epoch += 1
             pages = await self._precopy_round(proto, epoch, full=False)
             rounds_left -= 1
@@ -377,24 +430,55 @@ class Replicator:
                   seconds=round(time.monotonic() - t0, 3))
         return epoch
 
+    async def _wait_or_wake(self, delay: float) -> None:
+        """Sleep `delay`, or less if the disk's writes reach their cap meanwhile."""
+        if self._disk_full():
+            return
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
+    def _disk_full(self) -> bool:
+        return self.disk is not None and self.disk.full
+
     async def _precopy_round(self, proto: PrimaryProtocol, epoch: int, full: bool) -> int:
-        loop = asyncio.get_running_loop()
+        """One round, read from guest RAM batch by batch as it is sent."""
         started = time.time()
-        captured = await loop.run_in_executor(
-            self._encode_pool, self.capture.full if full else self.capture.capture)
-        await loop.run_in_executor(self._encode_pool, self.capture.after_resume, captured)
-        disk_extents, disk_data = (None, b"")
+        writes = None
         if self.disk is not None:
-            disk_extents, disk_data, _ = self.disk.seal()  # writes so far, in order
-        frames = self._encoder.checkpoint(epoch, full, started, captured.indices,
-                                          captured.new_pages, captured.previous_pages, b"",
-                                          batch_pages=BATCH_PAGES, disk_extents=disk_extents,
-                                          disk_data=disk_data, precopy=True)
-        wire = await self._send(proto, epoch, frames, len(captured.indices) if full else 0)
+            writes, _ = self.disk.seal()  # writes so far, in order
+        pages = [0]
+
+        def batches():
+            for batch in self.capture.precopy_batches(full, BATCH_PAGES):
+                pages[0] += len(batch[0])
+                yield batch
+        frames = self._encoder.precopy_round(epoch, full, started, batches(),
+                                             writes.runs(DISK_FRAME_RAW) if writes is not None else (),
+                                             batch_pages=BATCH_PAGES)
+        wire = await self._send(proto, epoch, frames, self.capture.ram.npages if full else 0)
+        if self.disk is not None:
+            self.disk.sent()
         await self._await_ack(epoch)
-        _log.info("precopy-round", epoch=epoch, pages=len(captured.indices), wire_bytes=wire,
-                  disk_bytes=len(disk_data))
-        return len(captured.indices)
+        disk_bytes = writes.bytes if writes is not None else 0
+        self.sync.round_done(pages[0], disk_bytes)
+        _log.info("precopy-round", epoch=epoch, pages=pages[0], wire_bytes=wire,
+                  disk_bytes=disk_bytes, disk_extents=len(writes) if writes is not None else 0)
+        return pages[0]
+
+    async def _watch_disk_copy(self) -> None:
+        """For status, while the mirror's initial copy runs. Never awaited by the
+        checkpoint loop: QEMU answers no QMP while it waits on a held disk write."""
+        while self.state == "syncing" and self.disk is not None and not self.disk.ready:
+            if not self.disk.full:
+                try:
+                    self.sync.disk_copy = await asyncio.wait_for(self.disk.copy_progress(), 2.0)
+                except Exception as exc:  # noqa: BLE001 - progress is for show
+                    _log.debug("disk-progress-unknown", error=repr(exc))
+            await asyncio.sleep(1.0)
+        self.sync.disk_copy = None
 
     async def _send(self, proto: PrimaryProtocol, epoch: int, frames, progress_of: int) -> int:
         """Queue the frames of checkpoint `epoch`; returns the bytes sent."""
@@ -411,23 +495,46 @@ class Replicator:
                 return wire
             self._writer.write(frame)
             wire += len(frame)
+            self.sync.wire_bytes += len(frame) if self.state == "syncing" else 0
             frames_sent += 1
-            await self._writer.drain()
+            await self._drain()
             if progress_of:
                 shown = self._sync_progress(min(progress_of, (frames_sent - 1) * BATCH_PAGES),
                                             progress_of, shown)
 
-    async def _await_ack(self, epoch: int) -> float:
+    async def _drain(self) -> None:
+        """Wait for the stream to take more; a backup that takes nothing for
+        ack_timeout_ms is lost."""
+        timeout = self.cfg.replication.ack_timeout_ms / 1000
         try:
-            return await asyncio.wait_for(self._acks[epoch], self.cfg.replication.ack_timeout_ms / 1000)
+            await asyncio.wait_for(self._writer.drain(), timeout)
         except asyncio.TimeoutError:
-            raise SessionLost(f"backup did not acknowledge epoch {epoch} within "
+            raise SessionLost(f"backup took no checkpoint data for "
                               f"{self.cfg.replication.ack_timeout_ms} ms") from None
+
+    async def _await_ack(self, epoch: int) -> float:
+        """The ack's arrival time. The deadline is ack_timeout_ms after the send, or
+        after the backup's latest word that the checkpoint is still flowing in."""
+        timeout = self.cfg.replication.ack_timeout_ms / 1000
+        fut = self._acks[epoch]
+        start = time.monotonic()
+        while True:
+            left = max(start, self._progress_at) + timeout - time.monotonic()
+            if left <= 0:
+                raise SessionLost(f"backup did not acknowledge epoch {epoch} within "
+                                  f"{self.cfg.replication.ack_timeout_ms} ms of its last "
+                                  f"progress") from None
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), left)
+            except asyncio.TimeoutError:
+                continue
 
     async def _pause_and_capture(self, epoch: int, full: bool,
                                  resume: bool = True) -> tuple[Captured, bytes, tuple, dict]:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
+        if self.disk is not None:
+            self.disk.lift_cap()  # `stop` waits for in-flight writes: let them land
         await self.guest.stop()
         self.barrier_epoch = epoch  # input handed to the guest from now on is not in `epoch`
         resumed = False
@@ -436,7 +543,7 @@ class Replicator:
             await self.hooks.postsuspend(epoch)
             self.drill_point("postsuspend-after")
             # Stopped and drained: every guest write of this epoch has reached us.
-            disk = self.disk.seal() if self.disk is not None else (None, b"", False)
+            disk = self.disk.seal() if self.disk is not None else (None, False)
             timings: dict = {}
             tc = time.monotonic()
             capture_job = loop.run_in_executor(None, self.capture.full if full else self.capture.capture)
@@ -471,17 +578,19 @@ class Replicator:
                           final: bool = False) -> None:
         loop = asyncio.get_running_loop()
         taken_at = time.time()
-        captured, device_state, (disk_extents, disk_data, disk_synced), timings = \
+        captured, device_state, (writes, disk_synced), timings = \
             await self._pause_and_capture(epoch, full, resume=not final)
         t_send = time.monotonic()
         await loop.run_in_executor(self._encode_pool, self.capture.after_resume, captured)
         assert self._encoder is not None and self._writer is not None
         frames = self._encoder.checkpoint(epoch, full, taken_at, captured.indices, captured.new_pages,
                                           captured.previous_pages, device_state,
-                                          batch_pages=BATCH_PAGES, disk_extents=disk_extents,
-                                          disk_data=disk_data, disk_synced=disk_synced)
+                                          batch_pages=BATCH_PAGES, disk_synced=disk_synced,
+                                          disk_runs=writes.runs(DISK_FRAME_RAW) if writes is not None else ())
         total = len(captured.indices)
         wire = await self._send(proto, epoch, frames, total if full else 0)
+        if self.disk is not None:
+            self.disk.sent()
         sent_at = time.monotonic()
         acked_at = await self._await_ack(epoch)
         self.committed_epoch = epoch
@@ -492,7 +601,8 @@ class Replicator:
         stats = EpochStats(
             epoch=epoch, full=full, taken_at=taken_at, pause_ms=timings["pause_ms"],
             capture_ms=timings.get("capture_ms", 0.0), device_ms=timings["device_ms"],
-            dirty_pages=total, device_bytes=len(device_state), disk_bytes=len(disk_data),
+            dirty_pages=total, device_bytes=len(device_state),
+            disk_bytes=writes.bytes if writes is not None else 0,
             wire_bytes=wire,
             send_ms=(sent_at - t_send) * 1000, ack_ms=(acked_at - sent_at) * 1000)
         self.epochs.add(stats)

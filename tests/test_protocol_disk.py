@@ -100,3 +100,139 @@ def test_corrupt_disk_data_fails_the_checksum():
     frames[i] = bytes(bad)
     with pytest.raises(ProtocolError):
         backup().receive(b"".join(frames))
+
+
+# ---- zeroed ranges and streaming
+
+from remus.common.diskset import WriteSet  # noqa: E402
+from remus.common.protocol import (PROTOCOL_VERSION, ZERO_EXTENT, DiskWritten, DiskZeroed,  # noqa: E402
+                                   PagesReceived,
+                                   PrimaryProtocol, Progress)
+from remus.common.wire import encode_frame  # noqa: E402
+
+
+def zeroes(*pairs):
+    return np.array(list(pairs), dtype=ZERO_EXTENT)
+
+
+def zero_frame(table):
+    return encode_frame_parts({"t": "zero", "count": len(table)},
+                              memoryview(np.ascontiguousarray(table)).cast("B"))
+
+
+def session_with(ws: WriteSet, disk_size=DISK):
+    enc = CheckpointEncoder(PS)
+    pages = np.arange(NPAGES * PS, dtype=np.uint8).reshape(NPAGES, PS)
+    frames = [enc.hello(FP, SESSION, RAM, disk_size)]
+    frames += list(enc.checkpoint(1, True, 1.0, np.arange(NPAGES, dtype=np.uint32), pages, None,
+                                  b"dev", disk_runs=ws.runs(), disk_synced=True))
+    return frames
+
+
+def test_zeroed_ranges_travel_without_data_and_stream_in_order():
+    ws = WriteSet()
+    ws.add_zeroes(0, DISK)           # the whole disk reads as zeroes...
+    ws.add(4096, b"w" * 512)         # ...but for one write in it
+    frames = session_with(ws)
+    assert sum(map(len, frames)) < RAM + 2048  # the megabyte of zeroes costs ~16 bytes a range
+    b = BackupProtocol(FP, RAM, PS, lambda idx: np.zeros((len(idx), PS), np.uint8), disk=True,
+                       stream=True)
+    events = list(b.events(b"".join(frames)))
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["SessionOpened", "Send", "PagesReceived", "DiskZeroed", "DiskWritten",
+                     "DiskZeroed", "CheckpointStaged"]
+    z1, w, z2 = (e for e in events if isinstance(e, (DiskZeroed, DiskWritten)))
+    assert z1.extents.tolist() == [(0, 4096)] and z2.extents.tolist() == [(4608, DISK - 4608)]
+    assert w.extents.tolist() == [(4096, 512)] and w.data == b"w" * 512
+    staged = events[-1].checkpoint
+    assert staged.pages_received == NPAGES and len(staged.pages) == 0  # streamed, not gathered
+    assert len(staged.disk_data) == 0
+
+
+def test_zeroed_ranges_are_gathered_without_streaming():
+    ws = WriteSet()
+    ws.add_zeroes(512, 1024)
+    staged = [e for e in backup().receive(b"".join(session_with(ws)))
+              if isinstance(e, CheckpointStaged)][0].checkpoint
+    assert staged.disk_zeroes.tolist() == [(512, 1024)] and len(staged.disk_extents) == 0
+
+
+@pytest.mark.parametrize("table, message", [
+    (zeroes((DISK - 512, 1024)), "beyond"),
+    (zeroes((0, 1024), (512, 512)), "sorted and disjoint"),
+    (zeroes((4096, 512), (0, 512)), "sorted and disjoint"),
+    (zeroes((0, 0)), "empty"),
+    (zeroes((1 << 62, 512)), "beyond"),
+])
+def test_bad_zero_frames_are_rejected(table, message):
+    b = backup()
+    b.receive(b"".join(session(synced=False)[:3]))
+    with pytest.raises(ProtocolError, match=message):
+        b.receive(zero_frame(table))
+
+
+def test_zero_frame_with_a_torn_table_is_rejected():
+    b = backup()
+    b.receive(b"".join(session(synced=False)[:3]))
+    with pytest.raises(ProtocolError, match="does not match"):
+        b.receive(encode_frame_parts({"t": "zero", "count": 2}, bytes(24)))
+
+
+def test_zero_frames_are_covered_by_the_checksum():
+    ws = WriteSet()
+    ws.add_zeroes(8192, 4096)
+    frames = session_with(ws)
+    i = [FrameDecoder().feed(f)[0].header["t"] for f in frames].index("zero")
+    frames[i] = zero_frame(zeroes((8192, 8192)))  # a wider hole than the primary sent
+    with pytest.raises(ProtocolError, match="checksum"):
+        backup().receive(b"".join(frames))
+
+
+def test_a_streamed_xor_frame_reads_what_the_daemon_applied_before_it():
+    """Pages of checkpoint 2 are xor'ed against checkpoint 1's: a streaming backup that
+    applies each event before taking the next decodes them right from one buffer."""
+    enc = CheckpointEncoder(PS)
+    ram = np.zeros((NPAGES, PS), np.uint8)
+    first = np.full((NPAGES, PS), 3, np.uint8)
+    second = np.full((2, PS), 5, np.uint8)
+    data = enc.hello(FP, SESSION, RAM, DISK) + b"".join(
+        enc.checkpoint(1, True, 1.0, np.arange(NPAGES, dtype=np.uint32), first, None, b"d")) + \
+        b"".join(enc.checkpoint(2, False, 2.0, np.array([1, 6], np.uint32), second, first[[1, 6]], b"d"))
+    b = BackupProtocol(FP, RAM, PS, lambda idx: ram[idx], disk=True, stream=True)
+    for event in b.events(data):
+        if isinstance(event, PagesReceived):
+            ram[event.indices] = event.pages
+        if isinstance(event, CheckpointStaged):
+            b.ack(event.checkpoint.epoch)
+    assert (ram[[1, 6]] == 5).all() and (ram[[0, 2, 3, 4, 5, 7]] == 3).all()
+
+
+def test_precopy_rounds_from_batches_match_array_checkpoints():
+    enc = CheckpointEncoder(PS, "none")
+    pages = np.arange(NPAGES * PS, dtype=np.uint8).reshape(NPAGES, PS)
+    idx = np.arange(NPAGES, dtype=np.uint32)
+    batches = ((idx[a:a + 3], pages[a:a + 3], None) for a in range(0, NPAGES, 3))
+    streamed = list(enc.precopy_round(1, True, 1.0, batches, batch_pages=3))
+    arrays = list(enc.checkpoint(1, True, 1.0, idx, pages, None, b"", batch_pages=3, precopy=True))
+    assert streamed == arrays
+
+
+def test_progress_is_accepted_only_for_a_checkpoint_awaiting_its_ack():
+    p = PrimaryProtocol(SESSION)
+    welcome = encode_frame({"t": "welcome", "version": PROTOCOL_VERSION, "session": SESSION, "generation": 1})
+    p.receive(welcome)
+    p.sent(1)
+    b = backup()
+    assert p.receive(b.progress(1, 4096)) == [Progress(1, 4096)]
+    with pytest.raises(ProtocolError, match="not awaiting"):
+        p.receive(b.progress(2, 1))
+
+
+def test_backup_reports_what_it_is_receiving():
+    b = backup()
+    frames = session(synced=False)
+    b.receive(b"".join(frames[:3]))
+    epoch, received = b.receiving
+    assert epoch == 1 and received > 0
+    b.receive(b"".join(frames[3:]))
+    assert b.receiving is None

@@ -77,3 +77,94 @@ def test_precopy_rounds_leave_the_replica_stale_until_a_consistent_checkpoint(tm
     assert (data[1] == 7).all() and (data[2] == 8).all() and (data[3] == 9).all()
     with pytest.raises(ReplicaError, match="after the replica became resumable"):
         r.commit(4, False, 4.0, np.array([1], np.uint32), full_pages(1)[:1], b"", precopy=True)
+
+
+# ---- streaming while syncing, staging once resumable, sparse disks
+
+from remus.backup.replica import SYNCING, punch_zeroes  # noqa: E402
+from remus.backup.staging import StagedData  # noqa: E402
+from remus.common.protocol import DISK_EXTENT, ZERO_EXTENT  # noqa: E402
+
+DISK = 64 << 20
+
+
+def disk_session(tmp_path):
+    r = Replica(tmp_path)
+    r.begin_session("s1", FP, NPAGES * PAGE_SIZE, PAGE_SIZE, DISK)
+    return r
+
+
+def allocated(path) -> int:
+    import os
+    return os.stat(path).st_blocks * 512
+
+
+def test_a_sync_streams_into_the_replica_and_commits_with_the_device_state(tmp_path):
+    r = disk_session(tmp_path)
+    r.apply_pages(np.arange(NPAGES, dtype=np.uint32), full_pages(4))
+    r.write_disk(np.array([(1 << 20, 4096)], DISK_EXTENT), b"d" * 4096)
+    r.zero_disk(np.array([(0, DISK)], ZERO_EXTENT)[:0])  # nothing to zero is fine
+    r.round_applied(1, True)
+    assert r.state.state == SYNCING and r.state.ram_complete
+    with pytest.raises(ReplicaError):
+        r.check_activatable(FP)
+    r.apply_pages(np.array([2], np.uint32), full_pages(6)[:1])
+    r.commit_streamed(2, False, 5.0, b"dev", True)
+    r.check_activatable(FP)
+    assert (r.pages[2] == 6).all() and (r.pages[3] == 4).all()
+    assert (tmp_path / "device.state").read_bytes() == b"dev"
+    assert (tmp_path / "replica.disk").read_bytes()[1 << 20:(1 << 20) + 4096] == b"d" * 4096
+    with pytest.raises(ReplicaError, match="streamed data into a replica in state committed"):
+        r.apply_pages(np.array([2], np.uint32), full_pages(1)[:1])  # resumable: staging only
+
+
+def test_a_staged_checkpoint_reaches_the_replica_only_at_commit(tmp_path):
+    r = disk_session(tmp_path)
+    r.apply_pages(np.arange(NPAGES, dtype=np.uint32), full_pages(4))
+    r.write_disk(np.array([(0, 8192)], DISK_EXTENT), b"a" * 8192)
+    r.commit_streamed(1, True, 1.0, b"dev1", True)
+    staged = StagedData(tmp_path)
+    staged.add_pages(np.array([5], np.uint32), full_pages(9)[:1])
+    staged.add_disk(np.array([(0, 512), (20 << 20, 512)], DISK_EXTENT), b"b" * 1024)
+    staged.add_zeroes(np.array([(4096, 4096)], ZERO_EXTENT))
+    disk = (tmp_path / "replica.disk").read_bytes()
+    assert disk[:8192] == b"a" * 8192 and (r.pages[5] == 4).all()  # untouched while staged
+    r.commit(2, False, 2.0, np.empty(0, np.uint32), np.empty((0, PAGE_SIZE), np.uint8), b"dev2",
+             staged=staged)
+    staged.discard()
+    disk = (tmp_path / "replica.disk").read_bytes()
+    assert disk[:512] == b"b" * 512 and disk[512:4096] == b"a" * 3584
+    assert disk[4096:8192] == bytes(4096) and disk[20 << 20:(20 << 20) + 512] == b"b" * 512
+    assert (r.pages[5] == 9).all() and r.state.state == "committed" and r.state.epoch == 2
+    assert not list(tmp_path.glob("staging*"))  # the staging file leaves nothing behind
+
+
+def test_zeroed_ranges_are_punched_out_so_the_replica_stays_sparse(tmp_path):
+    r = disk_session(tmp_path)
+    r.write_disk(np.array([(0, 8 << 20)], DISK_EXTENT), b"x" * (8 << 20))
+    assert allocated(tmp_path / "replica.disk") >= 8 << 20
+    r.zero_disk(np.array([(4096, (8 << 20) - 4096), (16 << 20, 48 << 20)], ZERO_EXTENT))
+    assert allocated(tmp_path / "replica.disk") <= 64 << 10
+    data = (tmp_path / "replica.disk").read_bytes()
+    assert data[:4096] == b"x" * 4096 and data[4096:] == bytes(DISK - 4096)
+
+
+def test_punch_falls_back_to_writing_zeroes(tmp_path, monkeypatch):
+    import remus.backup.replica as replica
+    monkeypatch.setattr(replica, "_fallocate", lambda *a: (ctypes_set_errno(95), -1)[1])
+    path = tmp_path / "f"
+    path.write_bytes(b"y" * (3 << 20))
+    import os
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        punch_zeroes(fd, 100, (2 << 20) + 5)
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert data[:100] == b"y" * 100 and data[100:(2 << 20) + 105] == bytes((2 << 20) + 5)
+    assert data[(2 << 20) + 105:] == b"y" * (len(data) - (2 << 20) - 105)
+
+
+def ctypes_set_errno(value: int) -> None:
+    import ctypes
+    ctypes.set_errno(value)
