@@ -7,28 +7,15 @@ bytes here and on the wire, and the backup punches it into its replica.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-from remus.common.protocol import DISK_EXTENT, MAX_FRAME_RAW, ZERO_EXTENT
+from remus.common.protocol import DISK_EXTENT, MAX_FRAME_RAW, ZERO_EXTENT, DiskRun
 
 MAX_EXTENT = 4 << 20   # adjacent writes are merged up to this size
 EXTENT_COST = 128      # what one extent costs in memory here, counted against the cap
 ZERO_RUN_MAX = 4096    # zero extents per frame
-
-
-@dataclass(frozen=True, eq=False)
-class DiskRun:
-    """Sorted, disjoint extents of one kind: `data` holds their bytes in order, or is
-    None for zeroed extents (`table` is then ZERO_EXTENT)."""
-    table: np.ndarray
-    data: list[bytes] | None
-
-    @property
-    def raw_len(self) -> int:
-        return 0 if self.data is None else sum(map(len, self.data))
 
 
 _ZEROS = bytes(MAX_EXTENT)
@@ -36,6 +23,8 @@ _ZEROS = bytes(MAX_EXTENT)
 
 def is_zero(data: bytes) -> bool:
     """All zero bytes? (memcmp against a zero buffer; stops at the first non-zero chunk)"""
+    if data[:64] != _ZEROS[:min(64, len(data))]:
+        return False  # most data: decided without copying the rest
     for k in range(0, len(data), len(_ZEROS)):
         chunk = data[k:k + len(_ZEROS)]
         if chunk != _ZEROS[:len(chunk)]:

@@ -120,6 +120,7 @@ __all__ = [
     "PeerBye",
     "PeerHandover",
     "InputReceived",
+    "DiskRun",
     "PagesReceived",
     "DiskWritten",
     "DiskZeroed",
@@ -213,6 +214,19 @@ class PeerHandover:
 
     epoch: int
     reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class DiskRun:
+    """Sorted, disjoint disk extents of one kind, for one frame: `data` holds their
+    bytes in order (`table` is DISK_EXTENT), or is None for ranges that read as
+    zeroes (`table` is ZERO_EXTENT)."""
+    table: np.ndarray
+    data: list[bytes] | None
+
+    @property
+    def raw_len(self) -> int:
+        return 0 if self.data is None else sum(map(len, self.data))
 
 
 @dataclass(frozen=True, eq=False)
@@ -541,6 +555,10 @@ class CheckpointEncoder:
         frames: begin, pages (batches of at most ``batch_pages`` pages), device, end.
         A ``precopy`` round has no device state (``device_state`` empty).
 
+        The disk's writes come as ``disk_extents`` with ``disk_data``, or as
+        ``disk_runs`` (``DiskRun``s in offset order, zeroed ranges included), which
+        are encoded lazily, a frame at a time.
+
         ``previous_pages`` (same shape as ``new_pages``) turns on xor encoding;
         it must be None for a full checkpoint. Pages whose zstd output would not
         be smaller than the input are sent with codec "none".
@@ -656,19 +674,13 @@ class CheckpointEncoder:
                                    "raw_len": len(chunk)}, table, encoded)
 
 
-@dataclass(frozen=True, eq=False)
-class _Run:
-    table: np.ndarray
-    data: list[bytes] | None
-
-
 def _array_batches(idx: np.ndarray, pages: np.ndarray, prev: np.ndarray | None, batch: int):
     for start in range(0, len(idx), batch):
         stop = start + batch
         yield idx[start:stop], pages[start:stop], None if prev is None else prev[start:stop]
 
 
-def _runs_from(extents: np.ndarray, data: bytes) -> list[_Run]:
+def _runs_from(extents: np.ndarray, data: bytes) -> list["DiskRun"]:
     """Data extents and their bytes as runs of at most MAX_FRAME_RAW bytes each."""
     lengths = extents["length"].astype(np.int64)
     runs, start, pos = [], 0, 0
@@ -677,7 +689,7 @@ def _runs_from(extents: np.ndarray, data: bytes) -> list[_Run]:
         while stop < len(extents) and (stop == start or size + lengths[stop] <= MAX_FRAME_RAW):
             size += int(lengths[stop])
             stop += 1
-        runs.append(_Run(extents[start:stop], [data[pos:pos + size]]))
+        runs.append(DiskRun(extents[start:stop], [data[pos:pos + size]]))
         start, pos = stop, pos + size
     return runs
 

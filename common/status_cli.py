@@ -39,6 +39,25 @@ def collect(cfg, role: str | None) -> dict:
     return out
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.0f} MiB"
+
+
+def sync_line(sync: dict, running: bool) -> str:
+    """The session's initial sync: running (what has gone, how fast, how long to go) or done."""
+    if not running:
+        return (f"  initial sync: done in {sync['seconds']:.1f} s, {sync['rounds']} pre-copy "
+                f"round(s), {_mib(sync['wire_bytes'])} on the wire")
+    parts = [f"  initial sync: {sync['rounds']} round(s), RAM {_mib(sync['ram_bytes_sent'])} sent "
+             f"of {_mib(sync['ram_total'])}"]
+    if sync.get("disk_to_copy"):
+        parts.append(f"disk copy {_mib(sync['disk_copied'])} of {_mib(sync['disk_to_copy'])}")
+    parts.append(f"{_mib(sync['wire_bytes'])} on the wire at {sync['wire_rate_mib_s']:.1f} MiB/s")
+    if sync.get("eta_s") is not None:
+        parts.append(f"ETA {sync['eta_s']:.0f} s")
+    return ", ".join(parts)
+
+
 def render(statuses: dict) -> str:
     if not statuses:
         return "no Remus daemon for this guest runs on this host"
@@ -58,6 +77,9 @@ def render(statuses: dict) -> str:
             lines.append(f"  checkpoints {s['checkpoints_per_s']:.1f}/s  pause p50 {s['pause_p50_ms']:.1f} ms "
                          f"p99 {s['pause_p99_ms']:.1f} ms  {s['bytes_per_s'] / 1024:.0f} KiB/s  "
                          f"ack p50 {s['ack_p50_ms']:.1f} ms")
+            sync = s.get("sync")
+            if sync:
+                lines.append(sync_line(sync, s["state"] == "syncing"))
             held = s.get("held_output")
             if held:
                 lines.append(f"  held output {held['held_frames']} frames, {held['held_bytes']} bytes; "

@@ -90,7 +90,7 @@ class DiskReplicator:
         self.throttled_s += time.monotonic() - t0
 
     @property
-    def full(self) -> bool:
+    def over_cap(self) -> bool:
         """Writes wait for room: the held writes should be sent now."""
         return self.held >= self.cap and self.writes.cost >= self.cap // 2
 

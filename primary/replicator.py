@@ -130,6 +130,7 @@ class Replicator:
         self._wake = asyncio.Event()  # cuts the wait for the next checkpoint short
         self._reader_task: asyncio.Task | None = None
         self._progress_at = 0.0         # when the backup last said a checkpoint is flowing
+        self._handshake_eofs = 0        # handshakes in a row the backup closed
         self.sync = SyncProgress()
         if disk is not None:
             disk.on_full = self._wake.set  # the epoch's disk writes reached the cap
@@ -332,13 +333,15 @@ class Replicator:
         while True:
             data = await reader.read(READ_CHUNK)
             if not data:
-                if self.tls_context is not None:
+                self._handshake_eofs += 1
+                if self.tls_context is not None and self._handshake_eofs >= 3:
                     # A backup that refuses our certificate closes without an alert
                     # (asyncio drops it), so this is all we learn; its log says why.
-                    raise BackupRefused("backup closed the connection during the handshake; "
-                                        "over TLS that is how it refuses our certificate (not "
-                                        "from its CA?): see its tls-handshake-failed or "
-                                        "stream-refused log line")
+                    raise BackupRefused(
+                        f"backup closed the connection during the handshake "
+                        f"{self._handshake_eofs} times in a row; over TLS that is how it "
+                        f"refuses our certificate: see its tls-handshake-failed or "
+                        f"stream-refused log line (a busy or restarting backup closes too)")
                 raise SessionLost("backup closed the connection during the handshake")
             for event in proto.receive(data):
                 if isinstance(event, Rejected):
@@ -346,6 +349,7 @@ class Replicator:
                         raise Superseded(event.reason, event.generation)
                     raise BackupRefused(event.reason)
                 if isinstance(event, Welcome):
+                    self._handshake_eofs = 0
                     return event.generation
 
     async def _read_acks(self, reader: asyncio.StreamReader, proto: PrimaryProtocol) -> None:
@@ -441,7 +445,7 @@ class Replicator:
             pass
 
     def _disk_full(self) -> bool:
-        return self.disk is not None and self.disk.full
+        return self.disk is not None and self.disk.over_cap
 
     async def _precopy_round(self, proto: PrimaryProtocol, epoch: int, full: bool) -> int:
         """One round, read from guest RAM batch by batch as it is sent."""
@@ -472,7 +476,7 @@ class Replicator:
         """For status, while the mirror's initial copy runs. Never awaited by the
         checkpoint loop: QEMU answers no QMP while it waits on a held disk write."""
         while self.state == "syncing" and self.disk is not None and not self.disk.ready:
-            if not self.disk.full:
+            if not self.disk.over_cap:
                 try:
                     self.sync.disk_copy = await asyncio.wait_for(self.disk.copy_progress(), 2.0)
                 except Exception as exc:  # noqa: BLE001 - progress is for show

@@ -1008,6 +1008,61 @@ def test_qemu_honours_max_block_but_sends_one_big_discard(sockdir, caplog):
 
 
 @needs_qemu_io
+def test_zeroes_and_discards_of_a_20_gib_export_reach_on_zero_without_data(sockdir):
+    """A hole or a guest's wipe of a big disk must not become bytes in memory."""
+    size = 20 << 30
+    zeroed: list[tuple[int, int]] = []
+    writes: list[int] = []
+    lt = LoopThread()
+    server = NbdServer(sockdir / "z", "d", size, lambda o, d: writes.append(len(d)),
+                       on_zero=lambda o, n: zeroed.append((o, n)))
+    lt.run(server.start())
+    try:
+        cmds = [c for k in range(20) for c in ("-c", f"write -z {k}G 1G", "-c", f"discard {k}G 1G")]
+        qemu(QEMU_IO, "-f", "raw", f"nbd+unix:///d?socket={server.socket_path}", *cmds,
+             "-c", "write -P 1 4096 512", timeout=120)
+    finally:
+        lt.run(server.close())
+        lt.stop()
+    assert writes == [512]
+    assert sum(n for _, n in zeroed) == 2 * size and len(zeroed) < 2000
+
+
+@needs_qemu_io
+def test_a_slow_throttle_holds_the_write_reply(sockdir):
+    size = 4 << 20
+    disk = Disk(size)
+    gate = None
+    lt = LoopThread()
+
+    async def make_gate():
+        return asyncio.Event()
+    gate = lt.run(make_gate())
+
+    async def throttle():
+        await gate.wait()
+    server = NbdServer(sockdir / "t", "d", size, disk.on_write, throttle=throttle)
+    lt.run(server.start())
+    try:
+        proc = subprocess.Popen([QEMU_IO, "-f", "raw", f"nbd+unix:///d?socket={server.socket_path}",
+                                 "-c", "write -P 2 0 4096"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 10
+        while not disk.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert disk.calls, "the write never reached the server"
+        time.sleep(0.3)  # the write has arrived; its reply must still be held
+        assert proc.poll() is None, "qemu-io finished while the throttle held the reply"
+        lt.loop.call_soon_threadsafe(gate.set)
+        out, _ = proc.communicate(timeout=10)
+        assert proc.returncode == 0, out
+    finally:
+        lt.run(server.close())
+        lt.stop()
+    assert disk.image[:4096] == b"\x02" * 4096
+
+
+@needs_qemu_io
 def test_qemu_io_out_of_range_is_an_error_for_qemu(served):
     disk, url, _ = served
     proc = subprocess.run([QEMU_IO, "-f", "raw", url, "-c", "write -P 1 4194304 512"],

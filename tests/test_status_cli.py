@@ -31,3 +31,18 @@ def test_render_says_when_the_standby_guest_failed_to_launch():
 def test_render_reports_unreachable_daemons_and_none():
     assert "no answer" in render({"backup": {"role": "backup", "error": "no answer on x: refused"}})
     assert "no Remus daemon" in render({})
+
+
+def test_render_shows_a_running_sync_with_rate_and_eta():
+    from remus.primary.replicator import SyncProgress
+    sync = SyncProgress(started=100.0, ram_total=2 << 30, disk_size=20 << 30)
+    sync.round_done(262144, 8 << 20)
+    sync.wire_bytes = 300 << 20
+    sync.disk_copy = (1 << 30, 4 << 30)
+    status = {**PRIMARY, "state": "syncing", "sync": sync.describe(110.0)}
+    text = render({"primary": status})
+    assert ("initial sync: 1 round(s), RAM 1,024 MiB sent of 2,048 MiB, disk copy 1,024 MiB of "
+            "4,096 MiB, 300 MiB on the wire at 30.0 MiB/s, ETA 30 s") in text
+    sync.done_at = 112.0
+    done = render({"primary": {**PRIMARY, "sync": sync.describe(200.0)}})
+    assert "initial sync: done in 12.0 s, 1 pre-copy round(s), 300 MiB on the wire" in done
