@@ -20,7 +20,7 @@ from remus.backup.staging import StagedData
 from remus.backup.standby import Launched, StandbyGuest, discard_launch, launch_guest
 from remus.common import log, sdnotify, tls
 from remus.common.capture import PAGE_SIZE
-from remus.common.config import Config, ConfigError, load
+from remus.common.config import Config, ConfigError, load, read_only_media
 from remus.common.node import Node
 from remus.common.fencing import Fencer, fence_with_retry
 from remus.common.heartbeat import HeartbeatError, LinkDown, LinkUp, PeerBack, PeerBeat, PeerLost
@@ -71,6 +71,7 @@ class Backup:
         self.last_fencing: str | None = None
         self.inputs = InputLog(INPUT_LOG_CAP)  # for the current session
         self._replica_io = ThreadPoolExecutor(1, thread_name_prefix="replica")
+        self.media: list[tuple[str, str]] = []  # read-only media here: (file, "SIZE:SHA256")
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "%s:%d" % writer.get_extra_info("peername")[:2]
@@ -117,8 +118,9 @@ class Backup:
                      writer: asyncio.StreamWriter) -> str | None:
         """Returns why the primary is presumed lost, or None if it is not."""
         proto = BackupProtocol(self.fingerprint, self.cfg.memory_bytes, PAGE_SIZE,
-                               self._read_previous, disk=bool(self.cfg.guest.disk),
-                               generation=self.replica.state.generation, stream=True)
+                               self._read_previous, disks=len(self.cfg.mirrored_disks),
+                               generation=self.replica.state.generation, stream=True,
+                               media=self.media)
         stream_timeout = self.cfg.replication.stream_timeout_ms / 1000
         progress_every = min(PROGRESS_EVERY_S, self.cfg.replication.ack_timeout_ms / 4000)
         last_progress = time.monotonic()
@@ -186,19 +188,19 @@ class Backup:
                 conn.staged.add_pages(event.indices, event.pages)
         elif isinstance(event, DiskWritten):
             await self._io(self.replica.write_disk if streaming else conn.staged.add_disk,
-                           event.extents, event.data)
+                           event.disk, event.extents, event.data)
         elif isinstance(event, DiskZeroed):
             if streaming:
-                await self._io(self.replica.zero_disk, event.extents)
+                await self._io(self.replica.zero_disk, event.disk, event.extents)
             else:
-                conn.staged.add_zeroes(event.extents)
+                conn.staged.add_zeroes(event.disk, event.extents)
         elif isinstance(event, InputReceived):
             if conn is self.current:
                 self.inputs.add(event.after_epoch, event.frames)
         elif isinstance(event, Send):
             writer.write(event.data)
         elif isinstance(event, SessionOpened):
-            await self._open_session(conn, event.session, event.disk_size)
+            await self._open_session(conn, event.session, event.disk_sizes)
         elif isinstance(event, CheckpointStaged):
             await self._commit(conn, proto, writer, event.checkpoint, streaming)
         elif isinstance(event, PeerBye):
@@ -247,7 +249,7 @@ class Backup:
     def _read_previous(self, indices):
         return self.replica.read_pages(indices)
 
-    async def _open_session(self, conn: Connection, session: str, disk_size: int) -> None:
+    async def _open_session(self, conn: Connection, session: str, disk_sizes) -> None:
         old = self.current
         if old is not None and old is not conn:
             old.superseded = True
@@ -259,7 +261,7 @@ class Backup:
         self.inputs.clear()
         self.judge.session_started()
         await self._io(self.replica.begin_session, session, self.fingerprint,
-                       self.cfg.memory_bytes, PAGE_SIZE, disk_size)
+                       self.cfg.memory_bytes, PAGE_SIZE, disk_sizes)
         _log.info("session-start", session=session, peer=conn.peer,
                   detail="replica is stale until the full sync commits")
 
@@ -386,6 +388,7 @@ async def serve_as_backup(node: Node, cfg: Config, activate_now: bool = False) -
                      f"{cfg.backup.address} can feed the replica (unsafe)")
     judge = FailoverJudge(hb is not None, grace_s(cfg))
     backup = Backup(cfg, replica, judge, tls_context, PEER[node.host])
+    backup.media = await asyncio.to_thread(read_only_media, cfg)
     stop = node.stop
     metrics = node.metrics
     host, port = cfg.backup_endpoint
@@ -550,8 +553,9 @@ async def run_active(node: Node, cfg: Config, replica: Replica, guest: QemuGuest
             for task in (exited, stopped, newer):
                 task.cancel()
             sender = cfg.reversed()
+            replicas = replica.disk_files(len(cfg.mirrored_disks)) if cfg.mirrored_disks else []
             return await protect(node, sender, guest, netbuf, replica.ram_file,
-                                 str(replica.disk_file) if cfg.guest.disk else None, generation)
+                                 [str(p) for p in replicas], generation)
         _log.warning("guest-exit", status=exited.result(), reason=guest.shutdown_reason)
         return 0 if guest.shutdown_reason == "guest-shutdown" else 1
     finally:

@@ -21,14 +21,14 @@ import json
 import mmap
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from remus.common.capture import PAGE_SIZE
 
-FORMAT = 1
+FORMAT = 2  # 1: a single disk_size instead of disk_sizes
 
 EMPTY = "empty"          # nothing received yet
 SYNCING = "syncing"      # a session started; its first consistent checkpoint is not committed
@@ -72,7 +72,7 @@ class ReplicaState:
     committed_at: float = 0.0
     ram_size: int = 0
     page_size: int = PAGE_SIZE
-    disk_size: int = 0
+    disk_sizes: list = field(default_factory=list)  # one per mirrored disk
     disk_synced: bool = False  # the disk's initial copy had completed at `epoch`
     generation: int = 1        # rises at every activation; a lower one never holds the guest
     ram_complete: bool = False  # every page was written in this session (a full round)
@@ -87,12 +87,12 @@ class Replica:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ram_file = self.dir / "replica.ram"
         self.device_file = self.dir / "device.state"
-        self.disk_file = self.dir / "replica.disk"
+        self.disk_file = self.dir / "replica.disk"  # the first mirrored disk's
         self.record_file = self.dir / "replica.json"
         self.state = self._read_record()
         self._map: mmap.mmap | None = None
         self.pages: np.ndarray | None = None
-        self._disk_fd: int | None = None
+        self._disk_fds: list[int] = []
 
     def _read_record(self) -> ReplicaState:
         try:
@@ -101,7 +101,11 @@ class Replica:
             return ReplicaState()
         except (OSError, ValueError) as exc:
             raise ReplicaError(f"replica record {self.record_file} unreadable: {exc}") from None
-        if data.pop("format", None) != FORMAT:
+        fmt = data.pop("format", None)
+        if fmt == 1:  # one disk at most: its size was disk_size
+            size = data.pop("disk_size", 0)
+            data["disk_sizes"] = [size] if size else []
+        elif fmt != FORMAT:
             raise ReplicaError(f"replica record {self.record_file} has an unknown format")
         try:
             return ReplicaState(**data)
@@ -123,19 +127,23 @@ class Replica:
 
     # --- receiving -------------------------------------------------------
     def begin_session(self, session: str, fingerprint: str, ram_size: int, page_size: int,
-                      disk_size: int = 0) -> None:
+                      disk_sizes=()) -> None:
         """A new session supersedes whatever the replica held: it is stale from now on."""
         self._set(state=SYNCING, session=session, fingerprint=fingerprint, epoch=0,
                   taken_at=0.0, committed_at=0.0, ram_size=ram_size, page_size=page_size,
-                  disk_size=disk_size, disk_synced=False, ram_complete=False)
+                  disk_sizes=list(disk_sizes), disk_synced=False, ram_complete=False)
         self._open_ram(ram_size)
         self._close_disk()
-        if disk_size:
+        for path, size in zip(self.disk_files(len(disk_sizes)), disk_sizes):
             # The session's mirror copies the whole disk again; start from an empty,
             # sparse file (a hole reads as zeroes).
-            with open(self.disk_file, "wb") as f:
-                f.truncate(disk_size)
-            self._disk_fd = os.open(self.disk_file, os.O_WRONLY)
+            with open(path, "wb") as f:
+                f.truncate(size)
+            self._disk_fds.append(os.open(path, os.O_WRONLY))
+
+    def disk_files(self, count: int) -> list[Path]:
+        """The replica files of the guest's `count` mirrored disks, in order."""
+        return [self.disk_file, *(self.dir / f"replica.disk{i}" for i in range(1, count))][:count]
 
     def _open_ram(self, size: int) -> None:
         if self._map is not None and len(self._map) == size:
@@ -163,13 +171,13 @@ class Replica:
         self._check_syncing()
         self.pages[indices] = pages
 
-    def write_disk(self, extents, data: bytes) -> None:
+    def write_disk(self, disk: int, extents, data: bytes) -> None:
         self._check_syncing()
-        self._write_extents(extents, memoryview(data))
+        self._write_extents(disk, extents, memoryview(data))
 
-    def zero_disk(self, extents) -> None:
+    def zero_disk(self, disk: int, extents) -> None:
         self._check_syncing()
-        self._zero_extents(extents)
+        self._zero_extents(disk, extents)
 
     def round_applied(self, epoch: int, full: bool) -> None:
         """A streamed pre-copy round is complete."""
@@ -216,9 +224,9 @@ class Replica:
     def _apply(self, full, indices, pages, disk_extents, disk_data, disk_zeroes, staged) -> None:
         self._apply_pages(full, indices, pages)
         if disk_extents is not None and len(disk_extents):
-            self._write_extents(disk_extents, memoryview(disk_data))
+            self._write_extents(0, disk_extents, memoryview(disk_data))
         if disk_zeroes is not None and len(disk_zeroes):
-            self._zero_extents(disk_zeroes)
+            self._zero_extents(0, disk_zeroes)
         if staged is not None:
             staged.apply(self.pages, self._write_extents, self._zero_extents)
 
@@ -234,17 +242,16 @@ class Replica:
         elif len(indices):
             self.pages[indices] = pages
 
-    def _write_extents(self, extents, data: memoryview) -> None:
-        assert self._disk_fd is not None, "no disk in this session"
-        pos = 0
+    def _write_extents(self, disk: int, extents, data: memoryview) -> None:
+        fd, pos = self._disk_fds[disk], 0
         for offset, length in extents.tolist():
-            os.pwrite(self._disk_fd, data[pos:pos + length], offset)
+            os.pwrite(fd, data[pos:pos + length], offset)
             pos += length
 
-    def _zero_extents(self, extents) -> None:
-        assert self._disk_fd is not None, "no disk in this session"
+    def _zero_extents(self, disk: int, extents) -> None:
+        fd = self._disk_fds[disk]
         for offset, length in extents.tolist():
-            punch_zeroes(self._disk_fd, offset, length)
+            punch_zeroes(fd, offset, length)
 
     # --- activation ------------------------------------------------------
     def check_activatable(self, fingerprint: str) -> None:
@@ -252,7 +259,7 @@ class Replica:
         if s.state == COMMITTED and s.fingerprint == fingerprint:
             if not self.ram_file.exists() or not self.device_file.exists():
                 raise ReplicaError("replica record says committed but its files are missing")
-            if s.disk_size and not s.disk_synced:
+            if s.disk_sizes and not s.disk_synced:
                 raise ReplicaError("the replica disk is incomplete: the disk's initial copy had "
                                    f"not finished at the last committed epoch {s.epoch}")
             return
@@ -275,9 +282,9 @@ class Replica:
         self._set(state=ACTIVATED, generation=generation or self.state.generation + 1)
 
     def _close_disk(self) -> None:
-        if self._disk_fd is not None:
-            os.close(self._disk_fd)
-            self._disk_fd = None
+        for fd in self._disk_fds:
+            os.close(fd)
+        self._disk_fds = []
 
     def close(self) -> None:
         self._close_disk()

@@ -21,8 +21,8 @@ class StagedData:
     def __init__(self, directory: Path):
         self.dir = directory
         self._pages: list[tuple[np.ndarray, np.ndarray]] = []
-        self._disk: list[tuple[np.ndarray, int, int]] = []  # table, file position, bytes
-        self._zeroes: list[np.ndarray] = []
+        self._disk: list[tuple[int, np.ndarray, int, int]] = []  # disk, table, file position, bytes
+        self._zeroes: list[tuple[int, np.ndarray]] = []
         self._file = None
         self._end = 0
 
@@ -33,29 +33,29 @@ class StagedData:
     def add_pages(self, indices: np.ndarray, pages: np.ndarray) -> None:
         self._pages.append((indices, pages))
 
-    def add_disk(self, extents: np.ndarray, data: bytes) -> None:
+    def add_disk(self, disk: int, extents: np.ndarray, data: bytes) -> None:
         if self._file is None:
             self._file = tempfile.TemporaryFile(dir=self.dir, prefix="staging-")
         view, pos, fd = memoryview(data), 0, self._file.fileno()
         while pos < len(view):
             pos += os.pwrite(fd, view[pos:], self._end + pos)
-        self._disk.append((extents, self._end, len(data)))
+        self._disk.append((disk, extents, self._end, len(data)))
         self._end += len(data)
 
-    def add_zeroes(self, extents: np.ndarray) -> None:
-        self._zeroes.append(extents)
+    def add_zeroes(self, disk: int, extents: np.ndarray) -> None:
+        self._zeroes.append((disk, extents))
 
     def apply(self, ram_pages: np.ndarray, write_extents: Callable, zero_extents: Callable) -> None:
         """Into the replica: pages, disk data, zeroed ranges (all disjoint, so in any order)."""
         for indices, pages in self._pages:
             ram_pages[indices] = pages
-        for extents, pos, size in self._disk:
+        for disk, extents, pos, size in self._disk:
             data = os.pread(self._file.fileno(), size, pos)
             if len(data) != size:
                 raise OSError(f"staging file in {self.dir} is short at {pos}: {len(data)} of {size}")
-            write_extents(extents, memoryview(data))
-        for extents in self._zeroes:
-            zero_extents(extents)
+            write_extents(disk, extents, memoryview(data))
+        for disk, extents in self._zeroes:
+            zero_extents(disk, extents)
 
     def discard(self) -> None:
         self._pages.clear()

@@ -66,7 +66,7 @@ async def launch_guest(cfg: Config, replica: Replica) -> Launched:
             await netbuf.start()
             net_args = netbuf.qemu_netdev_args(cfg.network.mac)
         await guest.launch(incoming=True, net_args=net_args,
-                           disk=str(replica.disk_file) if cfg.guest.disk else None,
+                           replicas=[str(p) for p in replica.disk_files(len(cfg.mirrored_disks))],
                            host_forward=False)
     except BaseException:
         await Launched(guest, netbuf, 0.0).discard()

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from remus.common.disks import DiskConfigError, parse_disks
+
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the key."""
@@ -113,7 +115,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "qemu_binary": Key(str, "qemu-system-x86_64", None, "QEMU executable"),
         "ram_dir": Key(str, "/dev/shm", None, "where the primary keeps the guest RAM file (tmpfs)"),
         "disk": Key(str, "", None, "raw disk image of the guest on the primary (optional); "
-                                   "replicated to the backup's state directory"),
+                                   "replicated to the backup's state directory. For several "
+                                   "disks, qcow2 or read-only media use [[disk]] tables instead"),
         "extra_args": Key(list, [], _str_list, "extra QEMU arguments, appended verbatim"),
     },
     "network": {
@@ -234,6 +237,12 @@ class Config:
     raw: dict = field(repr=False)
     fencing: Any = None  # remus.common.fencing.FencingPlan
     reversed_roles: bool = False  # see reversed()
+    disks: tuple = ()  # remus.common.disks.DiskSpec, in the guest's order
+
+    @property
+    def mirrored_disks(self) -> tuple:
+        """The writable disks: each is mirrored to the backup, all in one checkpoint."""
+        return tuple(d for d in self.disks if not d.readonly)
 
     @property
     def fence_plan(self):
@@ -276,7 +285,7 @@ class Config:
         """
         shape = {
             "guest": {**{k: self.guest.values[k] for k in ("name", "memory_mib", "cpus", "extra_args")},
-                      "disk": bool(self.guest.values["disk"])},
+                      "disks": [d.shape() for d in self.disks]},
             "network": {k: self.network.values[k] for k in ("mode", "mac")},
         }
         blob = json.dumps(shape, sort_keys=True).encode()
@@ -308,8 +317,9 @@ def _check_value(section: str, key: str, spec: Key, value: Any) -> Any:
 
 def parse(data: dict, path: Path) -> Config:
     for section in data:
-        if section not in SCHEMA and section != "fencing":
-            raise ConfigError(f"unknown section [{section}] (known: {', '.join(SCHEMA)}, fencing)")
+        if section not in SCHEMA and section not in ("fencing", "disk"):
+            raise ConfigError(f"unknown section [{section}] (known: {', '.join(SCHEMA)}, "
+                              f"fencing, [[disk]])")
     sections: dict[str, Section] = {}
     for section, keys in SCHEMA.items():
         given = data.get(section, {})
@@ -358,7 +368,20 @@ def parse(data: dict, path: Path) -> Config:
             net.values["tap"] = ("rm-" + sections["guest"].name)[:15]
     from remus.common import fencing  # its parser raises ConfigError itself
     plan = fencing.parse(data.get("fencing"), base)
-    return Config(path=path, raw=data, fencing=plan, **sections)
+    try:
+        disks = parse_disks(data.get("disk"), sections["guest"].disk, base)
+    except DiskConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return Config(path=path, raw=data, fencing=plan, disks=disks, **sections)
+
+
+def read_only_media(cfg: Config) -> list[tuple[str, str]]:
+    """(file, "SIZE:SHA256") of each read-only medium; ConfigError if one is unreadable."""
+    from remus.common.disks import read_only_media as digests
+    try:
+        return digests(cfg.disks)
+    except DiskConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load(path: str | os.PathLike) -> Config:

@@ -81,10 +81,10 @@ class WriteSet:
         self._data[i:j] = [d for _, _, d in new]
         self.bytes += sum(len(d) for _, _, d in new if d is not None)
 
-    def runs(self, max_raw: int = MAX_FRAME_RAW) -> Iterator[DiskRun]:
+    def runs(self, max_raw: int = MAX_FRAME_RAW, disk: int = 0) -> Iterator[DiskRun]:
         """The extents in offset order, as runs of one kind: data runs of at most
         `max_raw` bytes (adjacent writes merged up to MAX_EXTENT), zero runs of at
-        most ZERO_RUN_MAX extents (adjacent ones merged)."""
+        most ZERO_RUN_MAX extents (adjacent ones merged); all tagged as mirrored `disk`."""
         kind: str | None = None
         rows: list[list[int]] = []
         chunks: list[bytes] = []
@@ -93,7 +93,7 @@ class WriteSet:
             this = "zero" if d0 is None else "data"
             if this != kind or (this == "zero" and len(rows) >= ZERO_RUN_MAX):
                 if rows:
-                    yield _run(kind, rows, chunks)
+                    yield _run(kind, rows, chunks, disk)
                 kind, rows, chunks, size = this, [], [], 0
             if d0 is None:
                 if rows and rows[-1][0] + rows[-1][1] == s0:
@@ -104,7 +104,7 @@ class WriteSet:
             for k in range(0, n0, MAX_EXTENT):  # a big write becomes several extents
                 s, d = s0 + k, d0[k:k + MAX_EXTENT]
                 if size + len(d) > max_raw and rows:
-                    yield _run(kind, rows, chunks)
+                    yield _run(kind, rows, chunks, disk)
                     rows, chunks, size = [], [], 0
                 if rows and rows[-1][0] + rows[-1][1] == s and rows[-1][1] + len(d) <= MAX_EXTENT:
                     rows[-1][1] += len(d)
@@ -113,10 +113,28 @@ class WriteSet:
                 chunks.append(d)
                 size += len(d)
         if rows:
-            yield _run(kind, rows, chunks)
+            yield _run(kind, rows, chunks, disk)
 
 
-def _run(kind: str | None, rows: list[list[int]], chunks: list[bytes]) -> DiskRun:
+def _run(kind: str | None, rows: list[list[int]], chunks: list[bytes], disk: int) -> DiskRun:
     if kind == "zero":
-        return DiskRun(np.array([tuple(r) for r in rows], dtype=ZERO_EXTENT), None)
-    return DiskRun(np.array([tuple(r) for r in rows], dtype=DISK_EXTENT), chunks)
+        return DiskRun(np.array([tuple(r) for r in rows], dtype=ZERO_EXTENT), None, disk)
+    return DiskRun(np.array([tuple(r) for r in rows], dtype=DISK_EXTENT), chunks, disk)
+
+
+class SealedWrites:
+    """The writes of one epoch on every mirrored disk, in disk order."""
+
+    def __init__(self, sets: list[WriteSet]):
+        self.sets = sets
+
+    @property
+    def bytes(self) -> int:
+        return sum(ws.bytes for ws in self.sets)
+
+    def __len__(self) -> int:
+        return sum(len(ws) for ws in self.sets)
+
+    def runs(self, max_raw: int = MAX_FRAME_RAW) -> Iterator[DiskRun]:
+        for disk, ws in enumerate(self.sets):
+            yield from ws.runs(max_raw, disk)

@@ -8,7 +8,9 @@ Messages (header "t"; every other field is in the msgpack header, bulk data
 is in the frame payload)::
 
     hello    P->B  version, fingerprint, session (32 lowercase hex), ram_size, page_size,
-                   disk_size, generation (the generation at which the sender holds the guest)
+                   disk_sizes (one per mirrored disk, in the guest's order), media (size
+                   and sha256 of each read-only medium, "SIZE:HEX"), generation (the
+                   generation at which the sender holds the guest)
     welcome  B->P  version, session, generation (the highest this backup knows of)
     reject   B->P  reason, generation (as in welcome; a primary below it must stand down)
     begin    P->B  epoch (>= 1), full, taken_at (unix time the guest was paused, or
@@ -18,10 +20,11 @@ is in the frame payload)::
                    (raw_len = count * page_size decoded bytes; with xor they are
                    new XOR previous page contents)
     device   P->B  codec, raw_len; payload: the encoded device state (raw_len > 0)
-    disk     P->B  count, codec, raw_len; payload: count DISK_EXTENT records
+    disk     P->B  disk (index into disk_sizes), count, codec, raw_len; payload:
+                   count DISK_EXTENT records
                    (offset uint64 LE, length uint32 LE), then the encoded bytes
                    of those extents (raw_len decoded bytes)
-    zero     P->B  count; payload: count ZERO_EXTENT records (offset, length, both
+    zero     P->B  disk, count; payload: count ZERO_EXTENT records (offset, length, both
                    uint64 LE): ranges that read as zeroes (holes, write-zeroes,
                    discards); the backup punches them, no data travels
     end      P->B  epoch, pages (pages in this checkpoint), checksum
@@ -40,8 +43,9 @@ is in the frame payload)::
                    activates, hands them to the resumed guest again, so that a
                    client's request the lost primary had received is not lost with it.
 
-A checkpoint is ``begin, pages*, (disk|zero)*, device, end``; disk and zero
-extents of one checkpoint are sorted and disjoint across all its disk and zero frames. A pre-copy round
+A checkpoint is ``begin, pages*, (disk|zero)*, device, end``; its disk and zero
+frames come in disk order, and within one disk their extents are sorted and
+disjoint across all its disk and zero frames. A pre-copy round
 (``precopy``: taken while the guest runs, so not a consistent state) has no
 device frame; its disk frames carry the writes so far, in order. The backup
 applies it but stays not resumable. Pre-copy rounds come first in a session, the first of them full;
@@ -69,10 +73,10 @@ Limits on the backup besides the frame limits in ``wire``: the decoded size of
 one pages or device frame (``raw_len``) is at most ``max_payload`` too (the
 encoder keeps pages frames at or below ``MAX_FRAME_RAW`` decoded bytes).
 
-Streaming (``BackupProtocol(stream=True)``, what the daemon uses): pages and disk
-data are not gathered into the staged checkpoint but handed out frame by frame as
-``PagesReceived``, ``DiskWritten`` and ``DiskZeroed`` events, in stream order, from
-the ``events()`` generator; the daemon applies or stages each before it asks for
+Disk data is handed out frame by frame as ``DiskWritten`` and ``DiskZeroed``
+events, in stream order. Streaming (``BackupProtocol(stream=True)``, what the
+daemon uses): pages are not gathered into the staged checkpoint either but handed
+out the same way as ``PagesReceived``, from the ``events()`` generator; the daemon applies or stages each before it asks for
 the next, so a later frame's xor base is what the daemon holds. Memory then
 stays at one frame whatever the size of the checkpoint.
 
@@ -172,7 +176,7 @@ class SessionOpened:
     session: str
     ram_size: int
     page_size: int
-    disk_size: int = 0
+    disk_sizes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -191,10 +195,7 @@ class StagedCheckpoint:
     pages: np.ndarray  # (len(indices), page_size) uint8, NEW contents
     device_state: bytes
     disk_synced: bool = False
-    disk_extents: np.ndarray = field(default_factory=lambda: np.empty(0, DISK_EXTENT))  # sorted, disjoint
-    disk_data: bytes = b""  # the extents' bytes, in order
     precopy: bool = False  # a pre-copy round: pages only, not a resumable state
-    disk_zeroes: np.ndarray = field(default_factory=lambda: np.empty(0, ZERO_EXTENT))
     pages_received: int = 0  # pages in this checkpoint (streamed ones too)
 
 
@@ -223,6 +224,7 @@ class DiskRun:
     zeroes (`table` is ZERO_EXTENT)."""
     table: np.ndarray
     data: list[bytes] | None
+    disk: int = 0  # which mirrored disk
 
     @property
     def raw_len(self) -> int:
@@ -239,16 +241,18 @@ class PagesReceived:
 
 @dataclass(frozen=True, eq=False)
 class DiskWritten:
-    """Streaming: one disk frame of checkpoint `epoch`: extents and their bytes."""
+    """One disk frame of checkpoint `epoch`: extents of mirrored disk `disk` and their bytes."""
     epoch: int
+    disk: int
     extents: np.ndarray  # DISK_EXTENT
     data: bytes
 
 
 @dataclass(frozen=True, eq=False)
 class DiskZeroed:
-    """Streaming: one zero frame of checkpoint `epoch`: ranges that read as zeroes."""
+    """One zero frame of checkpoint `epoch`: ranges of disk `disk` that read as zeroes."""
     epoch: int
+    disk: int
     extents: np.ndarray  # ZERO_EXTENT
 
 
@@ -271,7 +275,8 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
         ("session", "str"),
         ("ram_size", "int"),
         ("page_size", "int"),
-        ("disk_size", "int"),
+        ("disk_sizes", "intlist"),
+        ("media", "strlist"),
         ("generation", "int"),
     ),
     "welcome": (("version", "int"), ("session", "str"), ("generation", "int")),
@@ -279,8 +284,8 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
     "begin": (("epoch", "int"), ("full", "bool"), ("taken_at", "float"), ("disk_synced", "bool"),
               ("precopy", "bool")),
     "pages": (("count", "int"), ("codec", "str"), ("xor", "bool"), ("raw_len", "int")),
-    "disk": (("count", "int"), ("codec", "str"), ("raw_len", "int")),
-    "zero": (("count", "int"),),
+    "disk": (("disk", "int"), ("count", "int"), ("codec", "str"), ("raw_len", "int")),
+    "zero": (("disk", "int"), ("count", "int")),
     "device": (("codec", "str"), ("raw_len", "int")),
     "end": (("epoch", "int"), ("pages", "int"), ("checksum", "str")),
     "ack": (("epoch", "int"),),
@@ -302,6 +307,7 @@ DISK_EXTENT = np.dtype([("offset", "<u8"), ("length", "<u4")])
 ZERO_EXTENT = np.dtype([("offset", "<u8"), ("length", "<u8")])
 DISK_SECTOR = 512
 MAX_DISK_SIZE = 1 << 50
+MAX_DISKS = 16
 _FROM_BACKUP = frozenset({"welcome", "reject", "ack", "progress"})
 
 
@@ -325,6 +331,10 @@ def _fields(frame: Frame, sender: str, allowed: frozenset[str]) -> tuple[str, di
             ok = isinstance(value, bool)
         elif kind == "str":
             ok = isinstance(value, str)
+        elif kind in ("intlist", "strlist"):
+            item = str if kind == "strlist" else int
+            ok = isinstance(value, list) and len(value) <= MAX_DISKS and all(
+                isinstance(x, item) and not isinstance(x, bool) for x in value)
         else:  # float: an int is accepted too; must be finite
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if ok:
@@ -482,8 +492,8 @@ class CheckpointEncoder:
         self.level = level
         self._cctx = zstandard.ZstdCompressor(level=level) if compression == "zstd" else None
 
-    def hello(self, fingerprint: str, session: str, ram_size: int, disk_size: int = 0,
-              generation: int = 1) -> bytes:
+    def hello(self, fingerprint: str, session: str, ram_size: int, disk_sizes=(),
+              generation: int = 1, media=()) -> bytes:
         if not isinstance(fingerprint, str):
             raise TypeError("fingerprint must be a str")
         if not isinstance(session, str) or not _SESSION_RE.fullmatch(session):
@@ -499,7 +509,8 @@ class CheckpointEncoder:
                 "session": session,
                 "ram_size": ram_size,
                 "page_size": self.page_size,
-                "disk_size": _check_int("disk_size", disk_size, 0, MAX_DISK_SIZE),
+                "disk_sizes": [_check_int("disk_size", d, 1, MAX_DISK_SIZE) for d in disk_sizes],
+                "media": [str(m) for m in media],
                 "generation": _check_int("generation", generation, 1, _MAX_EPOCH),
             }
         )
@@ -666,12 +677,13 @@ class CheckpointEncoder:
         table = memoryview(np.ascontiguousarray(run.table)).cast("B")
         h.update(table)
         if run.data is None:
-            return encode_frame_parts({"t": "zero", "count": len(run.table)}, table)
+            return encode_frame_parts({"t": "zero", "disk": run.disk, "count": len(run.table)},
+                                      table)
         chunk = b"".join(run.data)
         codec, encoded = self._encode(chunk)
         h.update(chunk)
-        return encode_frame_parts({"t": "disk", "count": len(run.table), "codec": codec,
-                                   "raw_len": len(chunk)}, table, encoded)
+        return encode_frame_parts({"t": "disk", "disk": run.disk, "count": len(run.table),
+                                   "codec": codec, "raw_len": len(chunk)}, table, encoded)
 
 
 def _array_batches(idx: np.ndarray, pages: np.ndarray, prev: np.ndarray | None, batch: int):
@@ -798,16 +810,13 @@ class _Open:
 
     __slots__ = ("epoch", "full", "taken_at", "hasher", "received", "last_index", "precopy",
                  "full_pages", "idx_parts", "page_parts", "device", "disk_synced",
-                 "disk_tables", "disk_chunks", "disk_end", "zero_tables", "bytes")
+                 "disk_at", "bytes")
 
     def __init__(self, epoch: int, full: bool, taken_at: float, npages: int, page_size: int,
                  disk_synced: bool = False, precopy: bool = False, stream: bool = False):
         self.disk_synced = disk_synced
         self.precopy = precopy
-        self.disk_tables: list[np.ndarray] = []
-        self.disk_chunks: list[bytes] = []
-        self.disk_end = 0  # disk extents must come sorted and disjoint
-        self.zero_tables: list[np.ndarray] = []
+        self.disk_at = (-1, 0)  # (disk, end of its last extent): frames come in that order
         self.bytes = 0  # payload bytes received
         self.epoch = epoch
         self.full = full
@@ -841,9 +850,10 @@ class BackupProtocol:
         page_size: int,
         read_previous: Callable[[np.ndarray], np.ndarray],
         max_payload: int = DEFAULT_MAX_PAYLOAD,
-        disk: bool = False,
+        disks: int = 0,
         generation: int = 0,
         stream: bool = False,
+        media: tuple[tuple[str, str], ...] = (),
     ) -> None:
         if not isinstance(fingerprint, str):
             raise TypeError("fingerprint must be a str")
@@ -853,8 +863,9 @@ class BackupProtocol:
         self.generation = _check_int("generation", generation, 0, _MAX_EPOCH)
         self._last_input_epoch = 0
         self._consistent_staged = False  # a non-pre-copy checkpoint was staged
-        self.disk = disk  # whether the guest has a replicated disk
-        self.disk_size = 0
+        self.disks = disks  # how many mirrored disks the guest has
+        self.media = tuple(media)  # (file, "SIZE:SHA256") of each read-only medium here
+        self.disk_sizes: tuple[int, ...] = ()
         self.page_size = _check_int("page_size", page_size, 1)
         self.ram_size = _check_int("ram_size", ram_size, page_size)
         if ram_size % page_size:
@@ -1037,19 +1048,22 @@ class BackupProtocol:
             raise ProtocolError(
                 f"page_size mismatch: primary has {f['page_size']}, this backup has {self.page_size}"
             )
-        disk_size = f["disk_size"]
-        if (disk_size > 0) != self.disk:
+        disk_sizes = tuple(f["disk_sizes"])
+        if len(disk_sizes) != self.disks:
             raise ProtocolError(
-                f"disk mismatch: primary {'has a disk' if disk_size else 'has no disk'}, this "
-                f"backup {'expects one' if self.disk else 'expects none'}")
-        if not 0 <= disk_size <= MAX_DISK_SIZE or disk_size % DISK_SECTOR:
-            raise ProtocolError(f"disk_size {disk_size} is not a whole number of sectors up to 1 PiB")
+                f"disk mismatch: primary mirrors {len(disk_sizes)} disk(s), this backup expects "
+                f"{self.disks}")
+        for i, size in enumerate(disk_sizes):
+            if not 0 < size <= MAX_DISK_SIZE or size % DISK_SECTOR:
+                raise ProtocolError(f"disk {i}: size {size} is not a whole number of sectors up "
+                                    f"to 1 PiB")
+        self._check_media(f["media"])
         if f["generation"] < max(self.generation, 1):
             raise ProtocolError(
                 f"stale primary: it holds the guest at generation {f['generation']}, but "
                 f"generation {self.generation} has held it since (a failover happened); "
                 f"the old copy must not be protected")
-        self.disk_size = disk_size
+        self.disk_sizes = disk_sizes
         session = f["session"]
         if not _SESSION_RE.fullmatch(session):
             raise ProtocolError(f"session must be 32 lowercase hex digits, got {session!r:.80}")
@@ -1057,7 +1071,19 @@ class BackupProtocol:
         self.state = "idle"
         welcome = encode_frame({"t": "welcome", "version": PROTOCOL_VERSION, "session": session,
                                 "generation": self.generation})
-        return [SessionOpened(session, self.ram_size, self.page_size, disk_size), Send(welcome)]
+        return [SessionOpened(session, self.ram_size, self.page_size, disk_sizes), Send(welcome)]
+
+    def _check_media(self, theirs: list[str]) -> None:
+        """Read-only media are not replicated: both hosts must hold the same content."""
+        if len(theirs) != len(self.media):
+            raise ProtocolError(f"read-only media mismatch: primary has {len(theirs)}, this "
+                                f"backup {len(self.media)}")
+        for i, (mine, (name, digest)) in enumerate(zip(theirs, self.media)):
+            if mine != digest:
+                raise ProtocolError(
+                    f"read-only medium #{i + 1} ({name} on this backup) differs between the "
+                    f"hosts: primary has size:sha256 {mine:.80}, this backup {digest}; copy the "
+                    f"same file to both hosts")
 
     def _input(self, f: dict, payload: bytes) -> InputReceived:
         after, count = f["after_epoch"], f["count"]
@@ -1096,7 +1122,7 @@ class BackupProtocol:
             raise ProtocolError(
                 f"begin: epoch {epoch} does not follow the last staged epoch {self._last_staged}"
             )
-        if f["disk_synced"] and not self.disk:
+        if f["disk_synced"] and not self.disks:
             raise ProtocolError(f"begin: epoch {epoch} claims a synced disk in a session without one")
         if f["precopy"] and self._consistent_staged:
             raise ProtocolError(f"begin: pre-copy round {epoch} after the first consistent checkpoint")
@@ -1169,7 +1195,7 @@ class BackupProtocol:
         what = f"pages frame in checkpoint {cp.epoch}"
         if cp.device is not None:
             raise ProtocolError(f"{what}: pages after the device frame")
-        if cp.disk_end:
+        if cp.disk_at[0] >= 0:
             raise ProtocolError(f"{what}: pages after a disk frame")
         if not 1 <= count <= self.npages:
             raise ProtocolError(f"{what}: count {count} is out of range (1..{self.npages})")
@@ -1233,10 +1259,6 @@ class BackupProtocol:
     def _disk(self, cp: _Open, f: dict, payload: bytes, events: list) -> None:
         count, codec, raw_len = f["count"], f["codec"], f["raw_len"]
         what = f"disk frame in checkpoint {cp.epoch}"
-        if not self.disk:
-            raise ProtocolError(f"{what}: this session has no disk")
-        if cp.device is not None:
-            raise ProtocolError(f"{what}: disk writes after the device frame")
         size = DISK_EXTENT.itemsize * count
         if not 1 <= count or size > len(payload):
             raise ProtocolError(f"{what}: count {count} does not fit the {len(payload)}-byte payload")
@@ -1248,29 +1270,16 @@ class BackupProtocol:
         lens = table["length"].astype(np.int64)
         if int(lens.sum()) != raw_len or (lens == 0).any():
             raise ProtocolError(f"{what}: extent lengths do not add up to raw_len {raw_len}")
-        ends = offs + lens
-        if offs[0] < cp.disk_end or (count > 1 and (offs[1:] < ends[:-1]).any()):
-            raise ProtocolError(f"{what}: extents are not sorted and disjoint")
-        if int(ends[-1]) > self.disk_size or (offs < 0).any():
-            raise ProtocolError(f"{what}: an extent ends beyond the {self.disk_size}-byte disk")
+        self._place(cp, f["disk"], offs, offs + lens, what)
         data = self._decode(what, codec, view[size:], raw_len)
         chunk = data if isinstance(data, bytes) else bytes(data)
         cp.hasher.update(view[:size])
         cp.hasher.update(chunk)
-        if self.stream:
-            events.append(DiskWritten(cp.epoch, table.copy(), chunk))
-        else:
-            cp.disk_tables.append(table.copy())
-            cp.disk_chunks.append(chunk)
-        cp.disk_end = int(ends[-1])
+        events.append(DiskWritten(cp.epoch, f["disk"], table.copy(), chunk))
 
     def _zero(self, cp: _Open, f: dict, payload: bytes, events: list) -> None:
         count = f["count"]
         what = f"zero frame in checkpoint {cp.epoch}"
-        if not self.disk:
-            raise ProtocolError(f"{what}: this session has no disk")
-        if cp.device is not None:
-            raise ProtocolError(f"{what}: disk zeroes after the device frame")
         if count < 1 or ZERO_EXTENT.itemsize * count != len(payload):
             raise ProtocolError(f"{what}: count {count} does not match the {len(payload)}-byte payload")
         table = np.frombuffer(payload, dtype=ZERO_EXTENT)
@@ -1278,17 +1287,27 @@ class BackupProtocol:
         if (lens == 0).any() or (offs > MAX_DISK_SIZE).any() or (lens > MAX_DISK_SIZE).any():
             raise ProtocolError(f"{what}: an extent is empty or beyond any disk")
         offs, lens = offs.astype(np.int64), lens.astype(np.int64)
-        ends = offs + lens
-        if offs[0] < cp.disk_end or (count > 1 and (offs[1:] < ends[:-1]).any()):
-            raise ProtocolError(f"{what}: extents are not sorted and disjoint")
-        if int(ends[-1]) > self.disk_size:
-            raise ProtocolError(f"{what}: an extent ends beyond the {self.disk_size}-byte disk")
+        self._place(cp, f["disk"], offs, offs + lens, what)
         cp.hasher.update(payload)
-        if self.stream:
-            events.append(DiskZeroed(cp.epoch, table.copy()))
-        else:
-            cp.zero_tables.append(table.copy())
-        cp.disk_end = int(ends[-1])
+        events.append(DiskZeroed(cp.epoch, f["disk"], table.copy()))
+
+    def _place(self, cp: _Open, disk: int, offs: np.ndarray, ends: np.ndarray, what: str) -> None:
+        """Extents of `disk` must fit it and follow the checkpoint's earlier ones."""
+        if not self.disks:
+            raise ProtocolError(f"{what}: this session has no disk")
+        if cp.device is not None:
+            raise ProtocolError(f"{what}: disk data after the device frame")
+        if not 0 <= disk < len(self.disk_sizes):
+            raise ProtocolError(f"{what}: disk {disk} is not one of the "
+                                f"{len(self.disk_sizes)} mirrored disks")
+        last_disk, last_end = cp.disk_at
+        start = last_end if disk == last_disk else 0
+        if disk < last_disk or offs[0] < start or (len(offs) > 1 and (offs[1:] < ends[:-1]).any()):
+            raise ProtocolError(f"{what}: extents are not sorted and disjoint")
+        if int(ends[-1]) > self.disk_sizes[disk] or (offs < 0).any():
+            raise ProtocolError(f"{what}: an extent ends beyond disk {disk}'s "
+                                f"{self.disk_sizes[disk]} bytes")
+        cp.disk_at = (disk, int(ends[-1]))
 
     def _device(self, cp: _Open, f: dict, payload: bytes) -> None:
         codec, raw_len = f["codec"], f["raw_len"]
@@ -1332,11 +1351,8 @@ class BackupProtocol:
         else:
             indices = np.empty(0, dtype=np.uint32)
             pages = np.empty((0, self.page_size), dtype=np.uint8)
-        extents = np.concatenate(cp.disk_tables) if cp.disk_tables else np.empty(0, DISK_EXTENT)
-        zeroes = np.concatenate(cp.zero_tables) if cp.zero_tables else np.empty(0, ZERO_EXTENT)
         staged = StagedCheckpoint(cp.epoch, cp.full, cp.taken_at, indices, pages, cp.device or b"",
-                                  cp.disk_synced, extents, b"".join(cp.disk_chunks), cp.precopy,
-                                  zeroes, cp.received)
+                                  cp.disk_synced, cp.precopy, cp.received)
         self._consistent_staged = self._consistent_staged or not cp.precopy
         self._open = None
         self._last_staged = cp.epoch

@@ -73,15 +73,43 @@ def tap_fd_args(fd: int, mac: str) -> list[str]:
             "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile="]
 
 
-def disk_args(path: str) -> list[str]:
-    """The guest disk: a raw file as node `disk0`, the node a mirror job copies from."""
-    return ["-blockdev", f"driver=file,filename={path},node-name=disk0file",
-            "-blockdev", "driver=raw,file=disk0file,node-name=disk0",
-            "-device", "virtio-blk-pci,drive=disk0,id=disk0dev"]
+def _opt(value: str) -> str:
+    """A value inside a QEMU option string: commas are doubled."""
+    return value.replace(",", ",,")
+
+
+def disk_node(index: int) -> str:
+    """The block node of the guest's disk `index`: what a mirror job copies from."""
+    return f"disk{index}"
+
+
+def disk_args(disks, replicas: list[str] | None = None) -> list[str]:
+    """Each disk as a file node and a format node `disk<i>`, and its device. `replicas`:
+    the backup's raw replica files of the mirrored (writable) disks, in order, used
+    in their place; read-only media are used where the config says on both hosts."""
+    args: list[str] = []
+    mirrored = iter(replicas) if replicas is not None else None
+    if any(d.bus == "virtio-scsi" for d in disks):
+        args += ["-device", "virtio-scsi-pci,id=scsi0"]
+    for i, d in enumerate(disks):
+        path, fmt = d.path, d.format
+        if mirrored is not None and not d.readonly:
+            path, fmt = next(mirrored), "raw"
+        ro = ",read-only=on" if d.readonly else ""
+        node = disk_node(i)
+        args += ["-blockdev", f"driver=file,filename={_opt(path)},node-name={node}file{ro}",
+                 "-blockdev", f"driver={fmt},file={node}file,node-name={node}{ro}"]
+        serial = f",serial={d.serial}" if d.serial else ""
+        if d.bus == "virtio-scsi":
+            kind = "scsi-cd" if d.readonly else "scsi-hd"
+            args += ["-device", f"{kind},drive={node},bus=scsi0.0,id={node}dev{serial}"]
+        else:
+            args += ["-device", f"virtio-blk-pci,drive={node},id={node}dev{serial}"]
+    return args
 
 
 def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = False,
-                  net_args: list[str] | None = None, disk: str | None = None,
+                  net_args: list[str] | None = None, replicas: list[str] | None = None,
                   host_forward: bool = True) -> list[str]:
     """`net_args` gives the NIC for bridged mode; the device (and so the
     migrated state) is the same on both hosts, only the backend differs.
@@ -112,8 +140,7 @@ def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = F
         if not net_args:
             raise GuestError("bridged network mode needs a NIC backend from the daemon")
         cmd += net_args
-    if disk:
-        cmd += disk_args(disk)
+    cmd += disk_args(cfg.disks, replicas)
     cmd += list(g.extra_args)
     if incoming:
         cmd += ["-incoming", "defer"]
@@ -145,12 +172,13 @@ class QemuGuest:
         return self.proc.pid
 
     async def launch(self, incoming: bool = False, net_args: list[str] | None = None,
-                     pass_fds: tuple[int, ...] = (), disk: str | None = None,
+                     pass_fds: tuple[int, ...] = (), replicas: list[str] | None = None,
                      host_forward: bool = True) -> None:
-        """`disk`: the guest's disk image on this host (the primary's own, or the replica)."""
+        """`replicas`: on a host running the guest from its replica, the replica files of
+        the mirrored disks, in order (None: the disks the config names)."""
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         self.paths.qmp_socket.unlink(missing_ok=True)
-        cmd = build_command(self.cfg, self.paths, self.accel, incoming, net_args, disk,
+        cmd = build_command(self.cfg, self.paths, self.accel, incoming, net_args, replicas,
                             host_forward)
         _log.info("qemu-launch", accel=self.accel, why=self.accel_reason, incoming=incoming,
                   cmd=shlex.join(cmd))
@@ -162,6 +190,12 @@ class QemuGuest:
         self.process = psutil.Process(self.proc.pid)
         self.process.cpu_percent()  # start the CPU usage window
         await self._connect_qmp()
+
+    async def node_sizes(self) -> dict[str, int]:
+        """Each block node's size as the guest sees it (a qcow2 image's virtual size)."""
+        nodes = await self.execute("query-named-block-nodes", {"flat": True})
+        return {n["node-name"]: int(n["image"]["virtual-size"]) for n in nodes
+                if "image" in n and "node-name" in n}
 
     async def _connect_qmp(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from remus.common import log, sdnotify, tls
 from remus.common.capture import RamView, make_capture
-from remus.common.config import ConfigError, load
+from remus.common.config import ConfigError, load, read_only_media
 from remus.common.heartbeat import HeartbeatError, LinkDown, PeerLost
 from remus.common.node import Node
 from remus.common.peering import PEER, grace_s, heartbeat_status
 from remus.common.qemu import GuestError, GuestPaths, QemuGuest
 from remus.common.stats import EpochLog
 from remus.common.waiting import cancel_and_wait
-from remus.primary.diskrep import DiskReplicator
+from remus.primary.diskrep import MirroredDisks
 from remus.primary.hooks import Hooks
 from remus.primary.netbuf import UserspaceNetBuffer
 from remus.primary.replicator import DRILL_POINTS, Replicator, Superseded
@@ -141,9 +141,9 @@ async def boot_and_protect(node: Node, cfg, generation: int, args) -> int:
         if args.no_net:
             _log.warning("output-buffering-disabled", detail="--no-net: guest output leaves at "
                          "once; a failover can take back replies that clients saw (unsafe)")
-        await guest.launch(net_args=net_args, disk=cfg.guest.disk or None)
-        return await protect(node, cfg, guest, netbuf, ram_file, cfg.guest.disk or None,
-                             generation, stats=args.stats)
+        await guest.launch(net_args=net_args)
+        return await protect(node, cfg, guest, netbuf, ram_file,
+                             [d.path for d in cfg.mirrored_disks], generation, stats=args.stats)
     finally:
         guest.kill()
         if netbuf is not None:
@@ -152,7 +152,7 @@ async def boot_and_protect(node: Node, cfg, generation: int, args) -> int:
 
 
 async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
-                  disk_path: str | None, generation: int, stats: Path | None = None) -> int:
+                  disk_paths: list[str], generation: int, stats: Path | None = None) -> int:
     """Checkpoint the running `guest` to `cfg`'s backup until the guest ends, the
     operator stops us, or a newer generation holds the guest. Returns the exit code.
 
@@ -175,10 +175,10 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
     resume_requested = asyncio.Event()
     loop.add_signal_handler(signal.SIGUSR1, resume_requested.set)
     disk = None
-    if disk_path:
-        disk = DiskReplicator(guest, Path(disk_path), run_dir,
-                              cap=cfg.replication.disk_epoch_cap_mib << 20)
-        await disk.start()
+    if disk_paths:
+        disk = await MirroredDisks.create(guest, cfg, disk_paths, run_dir,
+                                          cfg.replication.disk_epoch_cap_mib << 20)
+    media = await asyncio.to_thread(read_only_media, cfg)
     ram = RamView(ram_file, cfg.memory_bytes)
     capture = make_capture(cfg.replication.capture, ram, guest.pid, cfg.replication.compare_threads)
     _log.info("primary-start", guest=cfg.guest.name, memory_mib=cfg.guest.memory_mib,
@@ -187,7 +187,7 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
               qemu_pid=guest.pid, generation=generation)
     hooks = Hooks([netbuf] if netbuf else [])
     replicator = Replicator(cfg, guest, capture, hooks, epochs, disk, generation, tls_context,
-                            PEER[node.host])
+                            PEER[node.host], media)
     if isinstance(netbuf, UserspaceNetBuffer):
         netbuf.inbound_listener = replicator.forward_input
     rep = asyncio.create_task(replicator.run(), name="replicator")

@@ -19,34 +19,34 @@ in-flight writes and must not wait for a checkpoint that needs it).
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
 from remus.common import log
-from remus.common.diskset import WriteSet, is_zero
+from remus.common.diskset import SealedWrites, WriteSet, is_zero
 from remus.common.nbd import NbdServer
-from remus.common.qemu import QemuGuest
+from remus.common.qemu import QemuGuest, disk_node
 
 _log = log.get("remus.disk")
 
 EXPORT = "remus"
-TARGET_NODE = "remus-target"
-JOB = "remus-mirror"
 
 
 class DiskReplicator:
-    def __init__(self, guest: QemuGuest, disk: Path, run_dir: Path, cap: int = 64 << 20,
-                 on_full: Callable[[], None] | None = None):
+    """One mirrored disk: the mirror job from guest node `node` and its NBD target."""
+
+    def __init__(self, guest: QemuGuest, disk: Path, run_dir: Path, size: int, node: str = "disk0",
+                 index: int = 0, cap: int = 64 << 20, on_full: Callable[[], None] | None = None):
         self.guest = guest
         self.disk = disk
-        self.size = os.path.getsize(disk)
-        self.socket_path = run_dir / "nbd.sock"
-        self._fd = os.open(disk, os.O_RDONLY)
+        self.node = node
+        self.size = size  # what the guest sees (a qcow2 file's virtual size)
+        self.job = f"remus-mirror{index}"
+        self.target = f"remus-target{index}"
+        self.socket_path = run_dir / f"nbd{index}.sock"
         self.server = NbdServer(self.socket_path, EXPORT, self.size, on_write=self._on_write,
-                                on_read=self._on_read, on_zero=self._on_zero,
-                                throttle=self._throttle)
+                                on_zero=self._on_zero, throttle=self._throttle)
         self.writes = WriteSet()
         self.cap = cap            # bytes an epoch may hold before writes wait
         self.on_full = on_full    # told when writes start waiting: send what is held
@@ -102,12 +102,9 @@ class DiskReplicator:
     async def copy_progress(self) -> tuple[int, int] | None:
         """(bytes done, bytes to do) of the mirror's initial copy, while it runs."""
         for job in await self.guest.execute("query-block-jobs"):
-            if job.get("device") == JOB:
+            if job.get("device") == self.job:
                 return int(job.get("offset", 0)), int(job.get("len", 0))
         return None
-
-    def _on_read(self, offset: int, length: int) -> bytes:
-        return os.pread(self._fd, length, offset)  # the target mirrors the source
 
     async def session_start(self) -> None:
         """Start a fresh mirror: its initial copy refills the backup's replica."""
@@ -116,22 +113,22 @@ class DiskReplicator:
         self.ready = False
         self.active = True
         await self.guest.execute("blockdev-add", {
-            "driver": "nbd", "node-name": TARGET_NODE, "export": EXPORT,
+            "driver": "nbd", "node-name": self.target, "export": EXPORT,
             "server": {"type": "unix", "path": str(self.socket_path)}})
         self._watch = asyncio.create_task(self._wait_ready())
         await self.guest.execute("blockdev-mirror", {
-            "job-id": JOB, "device": "disk0", "target": TARGET_NODE, "sync": "full",
+            "job-id": self.job, "device": self.node, "target": self.target, "sync": "full",
             "copy-mode": "write-blocking"})
-        _log.info("disk-sync-start", disk=str(self.disk), size=self.size)
+        _log.info("disk-sync-start", disk=str(self.disk), node=self.node, size=self.size)
 
     async def _wait_ready(self) -> None:
         assert self.guest.qmp is not None
         with self.guest.qmp.listener(("BLOCK_JOB_READY",)) as listener:
             async for event in listener:
-                if event.get("data", {}).get("device") == JOB:
+                if event.get("data", {}).get("device") == self.job:
                     self.ready = True
-                    _log.info("disk-synced", detail="mirror ready: later checkpoints carry a "
-                                                    "resumable disk")
+                    _log.info("disk-synced", disk=str(self.disk),
+                              detail="mirror ready: later checkpoints carry a resumable disk")
                     return
 
     def seal(self) -> tuple[WriteSet, bool]:
@@ -160,19 +157,92 @@ class DiskReplicator:
             self._watch.cancel()
             self._watch = None
         jobs = await self.guest.execute("query-block-jobs")
-        if any(j.get("device") == JOB for j in jobs):
+        if any(j.get("device") == self.job for j in jobs):
             # Cancelling a ready mirror completes it without switching the guest over.
-            await self.guest.execute("block-job-cancel", {"device": JOB, "force": True})
+            await self.guest.execute("block-job-cancel", {"device": self.job, "force": True})
             for _ in range(500):
                 jobs = await self.guest.execute("query-block-jobs")
-                if not any(j.get("device") == JOB for j in jobs):
+                if not any(j.get("device") == self.job for j in jobs):
                     break
                 await asyncio.sleep(0.01)
         nodes = await self.guest.execute("query-named-block-nodes", {"flat": True})
-        if any(n.get("node-name") == TARGET_NODE for n in nodes):
-            await self.guest.execute("blockdev-del", {"node-name": TARGET_NODE})
+        if any(n.get("node-name") == self.target for n in nodes):
+            await self.guest.execute("blockdev-del", {"node-name": self.target})
 
     async def close(self) -> None:
         self.active = False
         await self.server.close()
-        os.close(self._fd)
+
+
+class MirroredDisks:
+    """Every writable disk of the guest, mirrored together: one seal per pause gives
+    the epoch's writes of all of them, for one checkpoint. The cap is shared."""
+
+    def __init__(self, disks: list[DiskReplicator]):
+        self.disks = disks
+
+    @classmethod
+    async def create(cls, guest: QemuGuest, cfg, sources: list[str], run_dir: Path,
+                     cap: int) -> "MirroredDisks":
+        """`sources`: this host's files of the mirrored disks, in order (the config's on a
+        first primary, the replicas on a host re-protecting the guest it took over)."""
+        nodes = [disk_node(i) for i, d in enumerate(cfg.disks) if not d.readonly]
+        sizes = await guest.node_sizes()
+        share = max(1 << 20, cap // max(1, len(nodes)))
+        disks = [DiskReplicator(guest, Path(src), run_dir, sizes[node], node, j, share)
+                 for j, (src, node) in enumerate(zip(sources, nodes))]
+        for d in disks:
+            await d.start()
+        return cls(disks)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [d.size for d in self.disks]
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def ready(self) -> bool:
+        return all(d.ready for d in self.disks)
+
+    @property
+    def over_cap(self) -> bool:
+        return any(d.over_cap for d in self.disks)
+
+    @property
+    def throttled_s(self) -> float:
+        return sum(d.throttled_s for d in self.disks)
+
+    def set_on_full(self, callback: Callable[[], None]) -> None:
+        for d in self.disks:
+            d.on_full = callback
+
+    def lift_cap(self) -> None:
+        for d in self.disks:
+            d.lift_cap()
+
+    def seal(self) -> tuple[SealedWrites, bool]:
+        sealed = [d.seal() for d in self.disks]
+        return SealedWrites([ws for ws, _ in sealed]), all(ready for _, ready in sealed)
+
+    def sent(self) -> None:
+        for d in self.disks:
+            d.sent()
+
+    async def copy_progress(self) -> tuple[int, int] | None:
+        parts = [p for p in [await d.copy_progress() for d in self.disks] if p is not None]
+        return (sum(p[0] for p in parts), sum(p[1] for p in parts)) if parts else None
+
+    async def session_start(self) -> None:
+        for d in self.disks:
+            await d.session_start()
+
+    async def session_end(self) -> None:
+        for d in self.disks:
+            await d.session_end()
+
+    async def close(self) -> None:
+        for d in self.disks:
+            await d.close()

@@ -101,12 +101,13 @@ class SyncProgress:
 class Replicator:
     def __init__(self, cfg: Config, guest: QemuGuest, capture, hooks: Hooks, epochs: EpochLog,
                  disk=None, generation: int = 1, tls_context: ssl.SSLContext | None = None,
-                 peer_node: str = "backup"):
+                 peer_node: str = "backup", media: list[tuple[str, str]] = ()):
         self.cfg = cfg
         self.generation = generation
         self.tls_context = tls_context  # None: plain TCP ([tls] insecure = true)
         self.peer_node = peer_node      # whose certificate the backup must present
-        self.disk = disk  # DiskReplicator, or None for a disk-less guest
+        self.disk = disk  # MirroredDisks, or None without a writable disk
+        self.media = list(media)  # (file, "SIZE:SHA256") of each read-only medium
         self.guest = guest
         self.capture = capture
         self.hooks = hooks
@@ -133,7 +134,7 @@ class Replicator:
         self._handshake_eofs = 0        # handshakes in a row the backup closed
         self.sync = SyncProgress()
         if disk is not None:
-            disk.on_full = self._wake.set  # the epoch's disk writes reached the cap
+            disk.set_on_full(self._wake.set)  # the epoch's disk writes reached the cap
 
     async def run(self) -> None:
         backoff = BACKOFF_MIN
@@ -308,7 +309,8 @@ class Replicator:
         self._encoder = CheckpointEncoder(PAGE_SIZE, rep.compression, rep.zstd_level)
         try:
             writer.write(self._encoder.hello(self.cfg.fingerprint(), session, self.cfg.memory_bytes,
-                                             self.disk.size if self.disk else 0, self.generation))
+                                             self.disk.sizes if self.disk else (), self.generation,
+                                             [digest for _, digest in self.media]))
             await asyncio.wait_for(writer.drain(), CONNECT_TIMEOUT)
             backup_generation = await asyncio.wait_for(self._handshake(reader, proto),
                                                        CONNECT_TIMEOUT)

@@ -169,7 +169,7 @@ def opened() -> Daemon:
 
 def hello_frame(**changes) -> bytes:
     h = {"t": "hello", "version": PROTOCOL_VERSION, "fingerprint": FP, "session": SESSION,
-         "ram_size": RAM, "page_size": PS, "disk_size": 0, "generation": 1}
+         "ram_size": RAM, "page_size": PS, "disk_sizes": [], "media": [], "generation": 1}
     h.update(changes)
     return frame(h)
 
@@ -204,6 +204,9 @@ def test_handshake_roundtrip():
         ({"version": "1"}, "'version' must be a int"),
         ({"ram_size": True}, "'ram_size' must be a int"),
         ({"extra": 1}, "unknown field"),
+        ({"disk_sizes": [1 << 20]}, "disk mismatch: primary mirrors 1 disk"),
+        ({"disk_sizes": "x"}, "'disk_sizes' must be a intlist"),
+        ({"media": ["1:ab"]}, "read-only media mismatch: primary has 1, this backup 0"),
     ],
 )
 def test_hello_rejected_with_reply(changes, message):

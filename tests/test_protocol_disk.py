@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from remus.common.protocol import (DISK_EXTENT, BackupProtocol, CheckpointEncoder, CheckpointStaged,
-                                   SessionOpened)
+                                   DiskRun, DiskWritten, SessionOpened)
 from remus.common.wire import FrameDecoder, ProtocolError, encode_frame_parts
 
 FP = "fp"
@@ -20,25 +20,31 @@ def extents(*pairs):
 def session(disk_size=DISK, extents_=None, data=b"", synced=True):
     enc = CheckpointEncoder(PS)
     pages = np.arange(NPAGES * PS, dtype=np.uint8).reshape(NPAGES, PS)
-    frames = [enc.hello(FP, SESSION, RAM, disk_size)]
+    frames = [enc.hello(FP, SESSION, RAM, [disk_size] if disk_size else [])]
     frames += list(enc.checkpoint(1, True, 1.0, np.arange(NPAGES, dtype=np.uint32), pages, None, b"dev",
                                   disk_extents=extents_, disk_data=data, disk_synced=synced))
     return frames
 
 
-def backup(disk=True):
-    return BackupProtocol(FP, RAM, PS, lambda idx: np.zeros((len(idx), PS), np.uint8), disk=disk)
+def backup(disk=True, disks=None):
+    return BackupProtocol(FP, RAM, PS, lambda idx: np.zeros((len(idx), PS), np.uint8),
+                          disks=int(disk) if disks is None else disks)
 
 
-def test_disk_writes_are_staged_with_the_checkpoint():
+def written(events) -> tuple[list, bytes]:
+    """The disk extents and data of a checkpoint's DiskWritten events, joined."""
+    ws = [e for e in events if isinstance(e, DiskWritten)]
+    return [tuple(x) for w in ws for x in w.extents.tolist()], b"".join(w.data for w in ws)
+
+
+def test_disk_writes_come_with_the_checkpoint():
     data = b"a" * 512 + b"b" * 1024
     b = backup()
     events = b.receive(b"".join(session(extents_=extents((0, 512), (4096, 1024)), data=data)))
-    assert isinstance(events[0], SessionOpened) and events[0].disk_size == DISK
+    assert isinstance(events[0], SessionOpened) and events[0].disk_sizes == (DISK,)
     staged = [e for e in events if isinstance(e, CheckpointStaged)][0].checkpoint
     assert staged.disk_synced
-    assert staged.disk_extents.tolist() == [(0, 512), (4096, 1024)]
-    assert staged.disk_data == data
+    assert written(events) == ([(0, 512), (4096, 1024)], data)
 
 
 def test_many_extents_split_into_several_frames(monkeypatch):
@@ -48,12 +54,11 @@ def test_many_extents_split_into_several_frames(monkeypatch):
     data = bytes(range(256)) * 40
     frames = session(extents_=table, data=data)
     assert sum(FrameDecoder().feed(f)[0].header["t"] == "disk" for f in frames) == 5
-    staged = [e for e in backup().receive(b"".join(frames)) if isinstance(e, CheckpointStaged)][0]
-    assert staged.checkpoint.disk_data == data
+    assert written(backup().receive(b"".join(frames)))[1] == data
 
 
 @pytest.mark.parametrize("disk_size, expect_disk, message", [
-    (DISK, False, "disk mismatch"),
+    (DISK, False, "disk mismatch: primary mirrors 1 disk\\(s\\), this backup expects 0"),
     (0, True, "disk mismatch"),
     (1000, True, "whole number of sectors"),
 ])
@@ -63,13 +68,14 @@ def test_hello_disk_mismatch(disk_size, expect_disk, message):
         backup(expect_disk).receive(frames[0])
 
 
-def disk_frame(table, data):
-    return encode_frame_parts({"t": "disk", "count": len(table), "codec": "none", "raw_len": len(data)},
+def disk_frame(table, data, disk=0):
+    return encode_frame_parts({"t": "disk", "disk": disk, "count": len(table), "codec": "none",
+                               "raw_len": len(data)},
                               memoryview(np.ascontiguousarray(table)).cast("B"), data)
 
 
 @pytest.mark.parametrize("table, data, message", [
-    (extents((DISK - 512, 1024)), b"x" * 1024, "beyond"),
+    (extents((DISK - 512, 1024)), b"x" * 1024, "beyond disk 0's"),
     (extents((0, 1024), (512, 512)), b"x" * 1536, "sorted and disjoint"),
     (extents((4096, 512), (0, 512)), b"x" * 1024, "sorted and disjoint"),
     (extents((0, 512)), b"x" * 100, "do not add up"),
@@ -104,7 +110,7 @@ def test_corrupt_disk_data_fails_the_checksum():
 
 # ---- zeroed ranges and streaming
 
-from remus.common.diskset import WriteSet  # noqa: E402
+from remus.common.diskset import SealedWrites, WriteSet  # noqa: E402
 from remus.common.protocol import (PROTOCOL_VERSION, ZERO_EXTENT, DiskWritten, DiskZeroed,  # noqa: E402
                                    PagesReceived,
                                    PrimaryProtocol, Progress)
@@ -115,17 +121,18 @@ def zeroes(*pairs):
     return np.array(list(pairs), dtype=ZERO_EXTENT)
 
 
-def zero_frame(table):
-    return encode_frame_parts({"t": "zero", "count": len(table)},
+def zero_frame(table, disk=0):
+    return encode_frame_parts({"t": "zero", "disk": disk, "count": len(table)},
                               memoryview(np.ascontiguousarray(table)).cast("B"))
 
 
-def session_with(ws: WriteSet, disk_size=DISK):
+def session_with(*sets: WriteSet, disk_size=DISK):
     enc = CheckpointEncoder(PS)
     pages = np.arange(NPAGES * PS, dtype=np.uint8).reshape(NPAGES, PS)
-    frames = [enc.hello(FP, SESSION, RAM, disk_size)]
+    frames = [enc.hello(FP, SESSION, RAM, [disk_size] * len(sets))]
     frames += list(enc.checkpoint(1, True, 1.0, np.arange(NPAGES, dtype=np.uint32), pages, None,
-                                  b"dev", disk_runs=ws.runs(), disk_synced=True))
+                                  b"dev", disk_runs=SealedWrites(list(sets)).runs(),
+                                  disk_synced=True))
     return frames
 
 
@@ -135,7 +142,7 @@ def test_zeroed_ranges_travel_without_data_and_stream_in_order():
     ws.add(4096, b"w" * 512)         # ...but for one write in it
     frames = session_with(ws)
     assert sum(map(len, frames)) < RAM + 2048  # the megabyte of zeroes costs ~16 bytes a range
-    b = BackupProtocol(FP, RAM, PS, lambda idx: np.zeros((len(idx), PS), np.uint8), disk=True,
+    b = BackupProtocol(FP, RAM, PS, lambda idx: np.zeros((len(idx), PS), np.uint8), disks=1,
                        stream=True)
     events = list(b.events(b"".join(frames)))
     kinds = [type(e).__name__ for e in events]
@@ -146,19 +153,35 @@ def test_zeroed_ranges_travel_without_data_and_stream_in_order():
     assert w.extents.tolist() == [(4096, 512)] and w.data == b"w" * 512
     staged = events[-1].checkpoint
     assert staged.pages_received == NPAGES and len(staged.pages) == 0  # streamed, not gathered
-    assert len(staged.disk_data) == 0
 
 
-def test_zeroed_ranges_are_gathered_without_streaming():
-    ws = WriteSet()
-    ws.add_zeroes(512, 1024)
-    staged = [e for e in backup().receive(b"".join(session_with(ws)))
-              if isinstance(e, CheckpointStaged)][0].checkpoint
-    assert staged.disk_zeroes.tolist() == [(512, 1024)] and len(staged.disk_extents) == 0
+def test_several_disks_in_one_checkpoint_come_in_disk_order():
+    system, data = WriteSet(), WriteSet()
+    system.add(0, b"s" * 512)
+    data.add_zeroes(0, 4096)
+    data.add(8192, b"d" * 512)
+    events = backup(disks=2).receive(b"".join(session_with(system, data)))
+    disk_events = [(type(e).__name__, e.disk, e.extents.tolist()) for e in events
+                   if hasattr(e, "disk")]
+    assert disk_events == [("DiskWritten", 0, [(0, 512)]), ("DiskZeroed", 1, [(0, 4096)]),
+                           ("DiskWritten", 1, [(8192, 512)])]
+
+
+def test_a_disk_index_out_of_range_or_out_of_order_is_rejected():
+    b = backup(disks=2)
+    frames = session_with(WriteSet(), WriteSet())
+    b.receive(b"".join(frames[:3]))
+    with pytest.raises(ProtocolError, match="disk 2 is not one of the 2 mirrored disks"):
+        b.receive(zero_frame(zeroes((0, 512)), disk=2))
+    b = backup(disks=2)
+    b.receive(b"".join(frames[:3]))
+    b.receive(zero_frame(zeroes((4096, 512)), disk=1))
+    with pytest.raises(ProtocolError, match="not sorted and disjoint"):
+        b.receive(disk_frame(extents((8192, 512)), b"x" * 512, disk=0))  # disk 0 after disk 1
 
 
 @pytest.mark.parametrize("table, message", [
-    (zeroes((DISK - 512, 1024)), "beyond"),
+    (zeroes((DISK - 512, 1024)), "beyond disk 0's"),
     (zeroes((0, 1024), (512, 512)), "sorted and disjoint"),
     (zeroes((4096, 512), (0, 512)), "sorted and disjoint"),
     (zeroes((0, 0)), "empty"),
@@ -175,7 +198,7 @@ def test_zero_frame_with_a_torn_table_is_rejected():
     b = backup()
     b.receive(b"".join(session(synced=False)[:3]))
     with pytest.raises(ProtocolError, match="does not match"):
-        b.receive(encode_frame_parts({"t": "zero", "count": 2}, bytes(24)))
+        b.receive(encode_frame_parts({"t": "zero", "disk": 0, "count": 2}, bytes(24)))
 
 
 def test_zero_frames_are_covered_by_the_checksum():
@@ -195,10 +218,10 @@ def test_a_streamed_xor_frame_reads_what_the_daemon_applied_before_it():
     ram = np.zeros((NPAGES, PS), np.uint8)
     first = np.full((NPAGES, PS), 3, np.uint8)
     second = np.full((2, PS), 5, np.uint8)
-    data = enc.hello(FP, SESSION, RAM, DISK) + b"".join(
+    data = enc.hello(FP, SESSION, RAM, [DISK]) + b"".join(
         enc.checkpoint(1, True, 1.0, np.arange(NPAGES, dtype=np.uint32), first, None, b"d")) + \
         b"".join(enc.checkpoint(2, False, 2.0, np.array([1, 6], np.uint32), second, first[[1, 6]], b"d"))
-    b = BackupProtocol(FP, RAM, PS, lambda idx: ram[idx], disk=True, stream=True)
+    b = BackupProtocol(FP, RAM, PS, lambda idx: ram[idx], disks=1, stream=True)
     for event in b.events(data):
         if isinstance(event, PagesReceived):
             ram[event.indices] = event.pages

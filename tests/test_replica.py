@@ -90,7 +90,7 @@ DISK = 64 << 20
 
 def disk_session(tmp_path):
     r = Replica(tmp_path)
-    r.begin_session("s1", FP, NPAGES * PAGE_SIZE, PAGE_SIZE, DISK)
+    r.begin_session("s1", FP, NPAGES * PAGE_SIZE, PAGE_SIZE, [DISK, DISK])
     return r
 
 
@@ -102,8 +102,9 @@ def allocated(path) -> int:
 def test_a_sync_streams_into_the_replica_and_commits_with_the_device_state(tmp_path):
     r = disk_session(tmp_path)
     r.apply_pages(np.arange(NPAGES, dtype=np.uint32), full_pages(4))
-    r.write_disk(np.array([(1 << 20, 4096)], DISK_EXTENT), b"d" * 4096)
-    r.zero_disk(np.array([(0, DISK)], ZERO_EXTENT)[:0])  # nothing to zero is fine
+    r.write_disk(0, np.array([(1 << 20, 4096)], DISK_EXTENT), b"d" * 4096)
+    r.write_disk(1, np.array([(0, 512)], DISK_EXTENT), b"e" * 512)
+    r.zero_disk(0, np.array([(0, DISK)], ZERO_EXTENT)[:0])  # nothing to zero is fine
     r.round_applied(1, True)
     assert r.state.state == SYNCING and r.state.ram_complete
     with pytest.raises(ReplicaError):
@@ -114,6 +115,9 @@ def test_a_sync_streams_into_the_replica_and_commits_with_the_device_state(tmp_p
     assert (r.pages[2] == 6).all() and (r.pages[3] == 4).all()
     assert (tmp_path / "device.state").read_bytes() == b"dev"
     assert (tmp_path / "replica.disk").read_bytes()[1 << 20:(1 << 20) + 4096] == b"d" * 4096
+    assert (tmp_path / "replica.disk1").read_bytes()[:513] == b"e" * 512 + b"\0"
+    assert r.disk_files(2) == [tmp_path / "replica.disk", tmp_path / "replica.disk1"]
+    assert r.disk_files(0) == []
     with pytest.raises(ReplicaError, match="streamed data into a replica in state committed"):
         r.apply_pages(np.array([2], np.uint32), full_pages(1)[:1])  # resumable: staging only
 
@@ -121,12 +125,13 @@ def test_a_sync_streams_into_the_replica_and_commits_with_the_device_state(tmp_p
 def test_a_staged_checkpoint_reaches_the_replica_only_at_commit(tmp_path):
     r = disk_session(tmp_path)
     r.apply_pages(np.arange(NPAGES, dtype=np.uint32), full_pages(4))
-    r.write_disk(np.array([(0, 8192)], DISK_EXTENT), b"a" * 8192)
+    r.write_disk(0, np.array([(0, 8192)], DISK_EXTENT), b"a" * 8192)
     r.commit_streamed(1, True, 1.0, b"dev1", True)
     staged = StagedData(tmp_path)
     staged.add_pages(np.array([5], np.uint32), full_pages(9)[:1])
-    staged.add_disk(np.array([(0, 512), (20 << 20, 512)], DISK_EXTENT), b"b" * 1024)
-    staged.add_zeroes(np.array([(4096, 4096)], ZERO_EXTENT))
+    staged.add_disk(0, np.array([(0, 512), (20 << 20, 512)], DISK_EXTENT), b"b" * 1024)
+    staged.add_disk(1, np.array([(4096, 3)], DISK_EXTENT), b"xyz")
+    staged.add_zeroes(0, np.array([(4096, 4096)], ZERO_EXTENT))
     disk = (tmp_path / "replica.disk").read_bytes()
     assert disk[:8192] == b"a" * 8192 and (r.pages[5] == 4).all()  # untouched while staged
     r.commit(2, False, 2.0, np.empty(0, np.uint32), np.empty((0, PAGE_SIZE), np.uint8), b"dev2",
@@ -135,15 +140,16 @@ def test_a_staged_checkpoint_reaches_the_replica_only_at_commit(tmp_path):
     disk = (tmp_path / "replica.disk").read_bytes()
     assert disk[:512] == b"b" * 512 and disk[512:4096] == b"a" * 3584
     assert disk[4096:8192] == bytes(4096) and disk[20 << 20:(20 << 20) + 512] == b"b" * 512
+    assert (tmp_path / "replica.disk1").read_bytes()[4096:4099] == b"xyz"
     assert (r.pages[5] == 9).all() and r.state.state == "committed" and r.state.epoch == 2
     assert not list(tmp_path.glob("staging*"))  # the staging file leaves nothing behind
 
 
 def test_zeroed_ranges_are_punched_out_so_the_replica_stays_sparse(tmp_path):
     r = disk_session(tmp_path)
-    r.write_disk(np.array([(0, 8 << 20)], DISK_EXTENT), b"x" * (8 << 20))
+    r.write_disk(0, np.array([(0, 8 << 20)], DISK_EXTENT), b"x" * (8 << 20))
     assert allocated(tmp_path / "replica.disk") >= 8 << 20
-    r.zero_disk(np.array([(4096, (8 << 20) - 4096), (16 << 20, 48 << 20)], ZERO_EXTENT))
+    r.zero_disk(0, np.array([(4096, (8 << 20) - 4096), (16 << 20, 48 << 20)], ZERO_EXTENT))
     assert allocated(tmp_path / "replica.disk") <= 64 << 10
     data = (tmp_path / "replica.disk").read_bytes()
     assert data[:4096] == b"x" * 4096 and data[4096:] == bytes(DISK - 4096)
@@ -168,3 +174,12 @@ def test_punch_falls_back_to_writing_zeroes(tmp_path, monkeypatch):
 def ctypes_set_errno(value: int) -> None:
     import ctypes
     ctypes.set_errno(value)
+
+
+def test_a_record_of_the_single_disk_format_still_reads(tmp_path):
+    import json
+    (tmp_path / "replica.json").write_text(json.dumps({
+        "format": 1, "state": "committed", "fingerprint": FP, "session": "s", "epoch": 3,
+        "taken_at": 1.0, "committed_at": 2.0, "ram_size": 4096, "page_size": 4096,
+        "disk_size": 1 << 20, "disk_synced": True, "generation": 2, "ram_complete": True}))
+    assert Replica(tmp_path).state.disk_sizes == [1 << 20]
