@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from remus.common.disks import DiskConfigError, parse_disks
+from remus.common.disks import DiskConfigError, DiskSpec, parse_disks
 
 
 class ConfigError(ValueError):
@@ -80,6 +80,12 @@ def _mac(v: str) -> str:
     return v
 
 
+def _cpu_model(v: str) -> str:
+    if v and not re.match(r"^[A-Za-z0-9_.+-]{1,64}$", v):
+        raise ValueError("a QEMU CPU model name such as x86-64-v2, Skylake-Server or host")
+    return v
+
+
 def _ifname(v: str) -> str:
     if v and (len(v) > 15 or not re.match(r"^[A-Za-z0-9_.-]+$", v)):
         raise ValueError("an interface name: at most 15 letters, digits, '_', '.', '-'")
@@ -108,9 +114,22 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "name": Key(str, None, _name, "name of the protected VM"),
         "memory_mib": Key(int, 128, _range(16, 1 << 20), "guest RAM in MiB"),
         "cpus": Key(int, 1, _range(1, 64), "virtual CPUs"),
-        "kernel": Key(str, None, None, "kernel image booted with -kernel"),
-        "initrd": Key(str, "", None, "initramfs passed with -initrd (optional)"),
-        "append": Key(str, "console=ttyS0", None, "kernel command line"),
+        "kernel": Key(str, "", None, "kernel image booted with -kernel; empty: the guest boots "
+                                     "from its first disk through its firmware"),
+        "initrd": Key(str, "", None, "initramfs passed with -initrd (optional, with kernel)"),
+        "append": Key(str, "console=ttyS0", None, "kernel command line (with kernel)"),
+        "firmware": Key(str, "bios", _choice("bios", "uefi"),
+                        "bios: SeaBIOS; uefi: OVMF, whose variable store (uefi_vars) is "
+                        "guest state and is replicated like a disk"),
+        "uefi_code": Key(str, "/usr/share/OVMF/OVMF_CODE_4M.fd", None,
+                         "uefi: the OVMF code image (read-only; the same on both hosts)"),
+        "uefi_vars": Key(str, "", None,
+                         "uefi: this VM's variable store, a copy of OVMF_VARS_4M.fd (its boot "
+                         "entries); mirrored to the backup"),
+        "machine": Key(str, "q35", _choice("q35", "pc"), "QEMU machine type"),
+        "cpu_model": Key(str, "", _cpu_model,
+                         "CPU model, e.g. x86-64-v2 (what both hosts can run); empty: 'host' "
+                         "under KVM (both hosts' CPUs must match), QEMU's default under TCG"),
         "accel": Key(str, "auto", _choice("auto", "kvm", "tcg"), "KVM where usable (auto), or forced"),
         "qemu_binary": Key(str, "qemu-system-x86_64", None, "QEMU executable"),
         "ram_dir": Key(str, "/dev/shm", None, "where the primary keeps the guest RAM file (tmpfs)"),
@@ -284,7 +303,9 @@ class Config:
         timings and paths may differ between the two hosts' copies.
         """
         shape = {
-            "guest": {**{k: self.guest.values[k] for k in ("name", "memory_mib", "cpus", "extra_args")},
+            "guest": {**{k: self.guest.values[k] for k in ("name", "memory_mib", "cpus", "extra_args",
+                                                           "firmware", "machine", "cpu_model")},
+                      "kernel": bool(self.guest.values["kernel"]),
                       "disks": [d.shape() for d in self.disks]},
             "network": {k: self.network.values[k] for k in ("mode", "mac")},
         }
@@ -353,7 +374,7 @@ def parse(data: dict, path: Path) -> Config:
                           "backup.crt, backup.tls.key (made by `remusctl keys generate --dir "
                           "/etc/remus/keys --node primary --node backup`), or [tls] insecure = "
                           "true for plain TCP (unauthenticated, unencrypted)")
-    for key in ("kernel", "initrd", "disk"):
+    for key in ("kernel", "initrd", "disk", "uefi_code", "uefi_vars"):
         value = sections["guest"].values[key]
         if value and not os.path.isabs(value):
             sections["guest"].values[key] = str((base / value).resolve())
@@ -372,7 +393,30 @@ def parse(data: dict, path: Path) -> Config:
         disks = parse_disks(data.get("disk"), sections["guest"].disk, base)
     except DiskConfigError as exc:
         raise ConfigError(str(exc)) from None
+    disks += _boot_checks(sections["guest"], disks)
     return Config(path=path, raw=data, fencing=plan, disks=disks, **sections)
+
+
+def _boot_checks(guest: Section, disks: tuple) -> tuple:
+    """What the guest boots from; with UEFI its variable store, as one more mirrored
+    (pflash) disk."""
+    if not guest.kernel:
+        if guest.initrd:
+            raise ConfigError("[guest] initrd: only with [guest] kernel (a guest booting from "
+                              "its disk has its initramfs there)")
+        if not disks:
+            raise ConfigError("[guest] kernel: required unless the guest boots from a disk "
+                              "([[disk]] or [guest] disk)")
+    if guest.firmware != "uefi":
+        if guest.uefi_vars:
+            raise ConfigError("[guest] uefi_vars: only with firmware = \"uefi\"")
+        return ()
+    if guest.machine != "q35":
+        raise ConfigError("[guest] firmware = \"uefi\": needs machine = \"q35\"")
+    if not guest.uefi_vars:
+        raise ConfigError("[guest] uefi_vars: required with firmware = \"uefi\": this VM's copy "
+                          "of /usr/share/OVMF/OVMF_VARS_4M.fd")
+    return (DiskSpec(guest.uefi_vars, bus="pflash"),)
 
 
 def read_only_media(cfg: Config) -> list[tuple[str, str]]:

@@ -109,11 +109,13 @@ class Pair:
 
     def __init__(self, image, workdir: Path, lan: Lan | None = None, disk_mib: int = 0,
                  extra_config: str = "", insecure: bool = False, memory_mib: int = 128,
-                 **replication):
+                 guest_config: str = "", kernel_boot: bool = True, **replication):
         """Without `lan`: both daemons on this host, guest NIC in QEMU user mode with a
         host forward. With `lan`: daemons on the namespace hosts, guest bridged and
-        its output buffered. The stream runs over TLS with material in workdir/keys
-        (the heartbeat's keys too, see ha_config), or plain TCP with `insecure`."""
+        its output buffered. `kernel_boot=False`: no -kernel, the guest boots from its
+        first disk (see boot_append); `guest_config`: more [guest] lines. The stream
+        runs over TLS with material in workdir/keys (the heartbeat's keys too, see
+        ha_config), or plain TCP with `insecure`."""
         self.workdir = workdir
         self.insecure = insecure
         self.keys = make_keys(workdir)
@@ -138,16 +140,18 @@ class Pair:
             with open(self.disk, "wb") as f:
                 f.truncate(disk_mib << 20)
             disk = f'disk = "{self.disk}"'
+        self.boot_append = f"console=ttyS0 quiet panic=-1 remus.ip={ip} remus.gw={gw}"
+        kernel = (f'kernel = "{image.kernel}"\ninitrd = "{image.initrd}"\n'
+                  f'append = "{self.boot_append}"') if kernel_boot else ""
         self.config = workdir / "guest.toml"
         self.config.write_text(f"""
 [guest]
 name = "demo"
 memory_mib = {memory_mib}
-kernel = "{image.kernel}"
-initrd = "{image.initrd}"
-append = "console=ttyS0 quiet panic=-1 remus.ip={ip} remus.gw={gw}"
+{kernel}
 ram_dir = "{self.ram_dir}"
 {disk}
+{guest_config}
 [network]
 {network}
 [replication]

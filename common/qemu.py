@@ -83,10 +83,12 @@ def disk_node(index: int) -> str:
     return f"disk{index}"
 
 
-def disk_args(disks, replicas: list[str] | None = None) -> list[str]:
+def disk_args(disks, replicas: list[str] | None = None, boot: bool = False) -> list[str]:
     """Each disk as a file node and a format node `disk<i>`, and its device. `replicas`:
     the backup's raw replica files of the mirrored (writable) disks, in order, used
-    in their place; read-only media are used where the config says on both hosts."""
+    in their place; read-only media are used where the config says on both hosts.
+    A pflash disk (UEFI variables) gets no device: the machine's pflash1 takes it.
+    `boot`: the firmware boots from the first disk."""
     args: list[str] = []
     mirrored = iter(replicas) if replicas is not None else None
     if any(d.bus == "virtio-scsi" for d in disks):
@@ -99,13 +101,26 @@ def disk_args(disks, replicas: list[str] | None = None) -> list[str]:
         node = disk_node(i)
         args += ["-blockdev", f"driver=file,filename={_opt(path)},node-name={node}file{ro}",
                  "-blockdev", f"driver={fmt},file={node}file,node-name={node}{ro}"]
+        if d.bus == "pflash":
+            continue
         serial = f",serial={d.serial}" if d.serial else ""
+        if boot:
+            serial += ",bootindex=0"
+            boot = False
         if d.bus == "virtio-scsi":
             kind = "scsi-cd" if d.readonly else "scsi-hd"
             args += ["-device", f"{kind},drive={node},bus=scsi0.0,id={node}dev{serial}"]
         else:
             args += ["-device", f"virtio-blk-pci,drive={node},id={node}dev{serial}"]
     return args
+
+
+def uefi_machine_props(cfg: Config) -> str:
+    """The machine's flash: OVMF's code, and the VM's variable store (a mirrored disk)."""
+    if cfg.guest.firmware != "uefi":
+        return ""
+    vars_node = disk_node(next(i for i, d in enumerate(cfg.disks) if d.bus == "pflash"))
+    return f",pflash0=uefi-code,pflash1={vars_node}"
 
 
 def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = False,
@@ -120,17 +135,23 @@ def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = F
     cmd = [
         g.qemu_binary, "-name", g.name, "-nodefaults", "-no-user-config",
         "-display", "none", "-accel", accel,
-        "-machine", "q35,memory-backend=mem",
-        "-object", f"memory-backend-file,id=mem,size={mem},mem-path={paths.ram_file},share=on",
+        "-machine", f"{g.machine},memory-backend=mem{uefi_machine_props(cfg)}",
+        "-object", f"memory-backend-file,id=mem,size={mem},mem-path={_opt(str(paths.ram_file))},"
+                   "share=on",
         "-m", mem, "-smp", str(g.cpus),
-        "-kernel", g.kernel, "-append", g.append,
         "-serial", f"file:{paths.serial_log}",
         "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
     ]
-    if accel == "kvm":
-        cmd += ["-cpu", "host"]
-    if g.initrd:
-        cmd += ["-initrd", g.initrd]
+    if g.kernel:
+        cmd += ["-kernel", g.kernel, "-append", g.append]
+        if g.initrd:
+            cmd += ["-initrd", g.initrd]
+    if g.cpu_model or accel == "kvm":
+        cmd += ["-cpu", g.cpu_model or "host"]
+    if g.firmware == "uefi":
+        cmd += ["-blockdev", f"driver=file,filename={_opt(g.uefi_code)},node-name=uefi-codefile,"
+                             "read-only=on",
+                "-blockdev", "driver=raw,file=uefi-codefile,node-name=uefi-code,read-only=on"]
     net = cfg.network
     if net.mode == "user":
         fwd = "".join(f",hostfwd={rule}" for rule in net.host_forward) if host_forward else ""
@@ -140,7 +161,7 @@ def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = F
         if not net_args:
             raise GuestError("bridged network mode needs a NIC backend from the daemon")
         cmd += net_args
-    cmd += disk_args(cfg.disks, replicas)
+    cmd += disk_args(cfg.disks, replicas, boot=not g.kernel)
     cmd += list(g.extra_args)
     if incoming:
         cmd += ["-incoming", "defer"]

@@ -1,14 +1,18 @@
-"""A guest with the disks operators give VMs: a qcow2 system disk, a raw data disk
-and a read-only seed image. Both writable disks are mirrored and commit in one
-checkpoint; the seed is not replicated. The guest writes each numbered record
-to both disks before reporting it; the primary is killed at random moments,
-and after each failover both replica disks hold every reported record."""
+"""A guest shaped like operators' VMs: 2 vCPUs, booted through its firmware
+(SeaBIOS, and UEFI with OVMF) from a qcow2 system disk, a raw data disk and a
+read-only seed image. Both writable disks (and UEFI's variable store) are
+mirrored and commit in one checkpoint; the seed is not replicated. The guest
+writes each numbered record to both disks before reporting it; the primary is
+killed at random moments, and after each failover both replica disks hold
+every reported record."""
 import random
-import subprocess
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 
+from remus.common.boot_disk import make_boot_disk
 from remus.common.localpair import Pair, wait_until
 from remus.common.netns import Lan
 from remus.common.probe import read_replies
@@ -35,9 +39,11 @@ def records_on_disk(path) -> int:
             n += 1
 
 
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+
+
 def disks_config(workdir, rng: random.Random) -> str:
     system, data, seed = workdir / "system.qcow2", workdir / "data.raw", workdir / "seed.img"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(system), "64M"], check=True)
     with open(data, "wb") as f:
         f.truncate(32 * MiB)
     seed.write_bytes(rng.randbytes(MiB))
@@ -58,24 +64,43 @@ readonly = true
 """
 
 
-def test_two_mirrored_disks_and_a_read_only_seed_fail_over_with_every_record(
-        guest_image, lan, tmp_path):
+def firmware_pair(image, lan, workdir, firmware: str, rng: random.Random) -> Pair:
+    guest = "cpus = 2"
+    if firmware == "uefi":
+        shutil.copy(OVMF_VARS, workdir / "vars.fd")
+        guest += f'\nfirmware = "uefi"\nuefi_vars = "{workdir / "vars.fd"}"'
+    # syslinux.efi cannot place the 14 MiB kernel in a 128 MiB guest under OVMF.
+    pair = Pair(image, workdir, lan=lan, kernel_boot=False, guest_config=guest,
+                extra_config=disks_config(workdir, rng),
+                memory_mib=256 if firmware == "uefi" else 128)
+    make_boot_disk(image, workdir / "system.qcow2", pair.boot_append, fmt="qcow2")
+    return pair
+
+
+@pytest.mark.parametrize("firmware, runs", [("bios", 5), ("uefi", 2)])
+def test_a_firmware_booted_guest_with_two_disks_and_a_seed_fails_over_with_every_record(
+        guest_image, lan, tmp_path, firmware, runs):
+    if firmware == "uefi" and not Path(OVMF_VARS).exists():
+        pytest.skip("OVMF is not installed (Debian package ovmf)")
     rng = random.Random(13)
-    for run in range(5):
+    for run in range(runs):
         workdir = tmp_path / f"run{run}"
         workdir.mkdir()
-        pair = Pair(guest_image, workdir, lan=lan, extra_config=disks_config(workdir, rng))
+        pair = firmware_pair(guest_image, lan, workdir, firmware, rng)
         try:
             pair.start_backup()
             pair.start_primary()
-            pair.primary.wait_for(r"protecting epoch=\d+", 60)
-            wait_until(lambda: pair.primary.log().count("disk-synced") == 2, 60,
-                       "both mirrors' initial copies")
+            pair.primary.wait_for(r"protecting epoch=\d+", 120)
+            mirrors = 3 if firmware == "uefi" else 2  # UEFI's variable store is mirrored too
+            wait_until(lambda: pair.primary.log().count("disk-synced") == mirrors, 120,
+                       "the mirrors' initial copies")
             wait_until(lambda: pair.replica_record().get("disk_synced"), 30,
                        "a committed checkpoint with both disks in sync")
-            assert pair.replica_record()["disk_sizes"] == [64 * MiB, 32 * MiB]
+            sizes = pair.replica_record()["disk_sizes"]
+            assert sizes[:2] == [64 * MiB, 32 * MiB] and len(sizes) == mirrors, sizes
             backup_dir = workdir / "backup"
-            assert not (backup_dir / "replica.disk2").exists(), "the read-only seed was replicated"
+            assert not (backup_dir / f"replica.disk{mirrors}").exists(), \
+                "the read-only seed was replicated"
             wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
             probe = pair.start_probe("record2")
             wait_until(lambda: len(read_replies(probe.log())) >= 3, 30, "the first records")
@@ -86,6 +111,9 @@ def test_two_mirrored_disks_and_a_read_only_seed_fail_over_with_every_record(
             pair.backup.wait_for(r"activated epoch=", 60)
             in_ram = int(wait_until(lambda: pair.try_get("disklast"), 30, "the guest's RAM counter"))
             pair.backup.stop()
+            if firmware == "uefi":  # OVMF wrote its boot variables at boot: they came along
+                assert (backup_dir / "replica.disk2").read_bytes() == (workdir / "vars.fd").read_bytes()
+                assert (workdir / "vars.fd").read_bytes() != Path(OVMF_VARS).read_bytes()
             system = records_on_disk(backup_dir / "replica.disk")
             data = records_on_disk(backup_dir / "replica.disk1")
             assert min(system, data) >= reported, (
