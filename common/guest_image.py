@@ -299,6 +299,8 @@ def read_initramfs(path: Path) -> dict[str, tuple[int, bytes]]:
 
 # -- demo config --------------------------------------------------------------
 
+DEMO_APPEND = "console=ttyS0 quiet panic=-1 remus.ip=10.0.2.15/24 remus.gw=10.0.2.2"
+
 def write_demo_config(image: GuestImage, path: Path, cache_dir: Path, port_base: int = 8080) -> Path:
     """A config for the demo guest on one host (primary and backup on 127.0.0.1), and
     the TLS material for its checkpoint stream in <cache>/keys."""
@@ -313,7 +315,7 @@ memory_mib = 128
 cpus = 1
 kernel = {q(str(Path(image.kernel).resolve()))}
 initrd = {q(str(Path(image.initrd).resolve()))}
-append = "console=ttyS0 quiet panic=-1 remus.ip=10.0.2.15/24 remus.gw=10.0.2.2"
+append = {q(DEMO_APPEND)}
 accel = "auto"
 
 [network]
@@ -363,6 +365,14 @@ def add_build_parser(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if a cached image matches")
     p.add_argument("--config-out", type=Path, default=None, help="config file to write (default: <cache>/demo.toml)")
     p.add_argument("--port-base", type=_port, default=8080, help="host port forwarded to guest port 80 (default 8080)")
+    p.add_argument("--boot-disk", type=Path, default=None, metavar="FILE",
+                   help="also write a disk the guest boots from through its firmware (SeaBIOS "
+                        "or UEFI): partition table, SYSLINUX, kernel and initramfs")
+    p.add_argument("--boot-format", choices=("raw", "qcow2"), default="raw",
+                   help="format of --boot-disk (default raw)")
+    p.add_argument("--boot-append", default=DEMO_APPEND,
+                   help="kernel command line written into --boot-disk (default: the demo "
+                        "config's, for QEMU user networking)")
     p.set_defaults(func=run_build)
 
 
@@ -377,4 +387,13 @@ def run_build(args) -> int:
     print(f"kernel: {image.kernel}")
     print(f"initrd: {image.initrd}")
     print(f"config: {cfg.resolve()}")
+    if args.boot_disk is not None:
+        from remus.common.boot_disk import make_boot_disk
+        try:
+            disk = make_boot_disk(image, args.boot_disk.resolve(), args.boot_append,
+                                  fmt=args.boot_format)
+        except BuildError as exc:
+            print(f"remusctl guest build: {exc}", file=sys.stderr)
+            return 1
+        print(f"boot disk ({args.boot_format}): {disk}")
     return 0

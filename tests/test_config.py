@@ -117,3 +117,109 @@ def test_a_standby_qemu_binds_user_networking_host_ports_only_when_asked(tmp_pat
     assert "hostfwd=tcp:127.0.0.1:8080-:80" in " ".join(build_command(cfg, paths, "tcg"))
     standby = " ".join(build_command(cfg, paths, "tcg", incoming=True, host_forward=False))
     assert "hostfwd" not in standby and "-netdev user,id=n0 " in standby
+
+
+# ---- disks, firmware, machine and CPU
+
+DISKS = BASE.replace('kernel = "vmlinuz"\n', "") + """
+[[disk]]
+path = "system.qcow2"
+format = "qcow2"
+serial = "system"
+[[disk]]
+path = "/srv/data.raw"
+bus = "virtio-scsi"
+[[disk]]
+path = "seed.iso"
+readonly = true
+"""
+
+
+def command(cfg, tmp_path, **kw) -> str:
+    from remus.common.qemu import GuestPaths, build_command
+    return " ".join(build_command(cfg, GuestPaths(run_dir=tmp_path, ram_file=tmp_path / "r,am"),
+                                  "tcg", **kw))
+
+
+def test_disks_boot_from_the_first_and_replicas_replace_only_the_mirrored(tmp_path):
+    cfg = load(write(tmp_path, DISKS))
+    assert [d.path for d in cfg.mirrored_disks] == [str(tmp_path / "system.qcow2"), "/srv/data.raw"]
+    cmd = command(cfg, tmp_path)
+    assert "-kernel" not in cmd and "mem-path=" + str(tmp_path / "r,,am") in cmd
+    assert (f"driver=file,filename={tmp_path / 'system.qcow2'},node-name=disk0file "
+            "-blockdev driver=qcow2,file=disk0file,node-name=disk0 -device "
+            "virtio-blk-pci,drive=disk0,id=disk0dev,serial=system,bootindex=0") in cmd
+    assert "-device virtio-scsi-pci,id=scsi0" in cmd and "scsi-hd,drive=disk1,bus=scsi0.0" in cmd
+    assert f"filename={tmp_path / 'seed.iso'},node-name=disk2file,read-only=on" in cmd
+    on_backup = command(cfg, tmp_path, replicas=["/b/replica.disk", "/b/replica.disk1"])
+    assert "filename=/b/replica.disk,node-name=disk0file -blockdev driver=raw," in on_backup
+    assert "filename=/b/replica.disk1,node-name=disk1file" in on_backup
+    assert f"filename={tmp_path / 'seed.iso'}" in on_backup  # read-only media stay as they are
+
+
+def test_uefi_mirrors_its_variable_store_on_pflash1(tmp_path):
+    cfg = load(write(tmp_path, DISKS.replace('name = "demo"', 'name = "demo"\nfirmware = "uefi"\n'
+                                                                'uefi_vars = "vars.fd"')))
+    assert cfg.mirrored_disks[-1].path == str(tmp_path / "vars.fd")
+    assert cfg.mirrored_disks[-1].bus == "pflash"
+    cmd = command(cfg, tmp_path)
+    assert "-machine q35,memory-backend=mem,pflash0=uefi-code,pflash1=disk3" in cmd
+    assert "OVMF_CODE_4M.fd,node-name=uefi-codefile,read-only=on" in cmd
+    assert "drive=disk3" not in cmd  # no device of its own
+
+
+def test_machine_cpu_model_and_firmware_shape_the_fingerprint(tmp_path):
+    base = load(write(tmp_path, DISKS)).fingerprint()
+    for change in ('machine = "pc"', 'cpu_model = "x86-64-v2"', 'cpus = 2'):
+        cfg = load(write(tmp_path, DISKS.replace('name = "demo"', f'name = "demo"\n{change}')))
+        assert cfg.fingerprint() != base, change
+    cfg = load(write(tmp_path, DISKS.replace('name = "demo"', 'name = "demo"\ncpu_model = "x86-64-v2"')))
+    assert "-cpu x86-64-v2" in command(cfg, tmp_path)
+    moved = load(write(tmp_path, DISKS.replace("/srv/data.raw", "/elsewhere/data.raw")))
+    assert moved.fingerprint() == base  # paths may differ between the hosts
+
+
+@pytest.mark.parametrize("change, named", [
+    ('[[disk]]\npath = "x"\nformat = "vmdk"\n', "[[disk]] #4 format: must be one of raw, qcow2"),
+    ('[[disk]]\npath = "x"\nbus = "ide"\n', "[[disk]] #4 bus: must be one of virtio-blk"),
+    ('[[disk]]\nformat = "raw"\n', "[[disk]] #4 path: required"),
+    ('[[disk]]\npath = "x"\nsize = 3\n', "[[disk]] #4 size: unknown key"),
+    ('[[disk]]\npath = "x"\nserial = "system"\n', "two disks have the same serial"),
+    ('[[disk]]\npath = "x"\nserial = "has space"\n', "[[disk]] #4 serial"),
+    ('[[disk]]\npath = "x"\nreadonly = "yes"\n', "[[disk]] #4 readonly: expected true or false"),
+])
+def test_bad_disks_name_the_entry_and_key(tmp_path, change, named):
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, DISKS + change))
+    assert named in str(err.value)
+
+
+@pytest.mark.parametrize("text, named", [
+    (BASE.replace('kernel = "vmlinuz"', ""), "[guest] kernel: required unless the guest boots"),
+    (BASE.replace('kernel = "vmlinuz"', 'initrd = "i"') + '[[disk]]\npath = "d"\n',
+     "[guest] initrd: only with [guest] kernel"),
+    (BASE.replace('name = "demo"', 'name = "demo"\nfirmware = "uefi"'), "[guest] uefi_vars: required"),
+    (BASE.replace('name = "demo"', 'name = "demo"\nuefi_vars = "v"'), "[guest] uefi_vars: only with"),
+    (BASE.replace('name = "demo"', 'name = "demo"\nfirmware = "uefi"\nmachine = "pc"\n'
+                                   'uefi_vars = "v"'), 'needs machine = "q35"'),
+    (BASE.replace('name = "demo"', 'name = "demo"\ncpu_model = "x y"'), "[guest] cpu_model"),
+    (BASE.replace('name = "demo"', 'name = "demo"\nmachine = "virt"'), "[guest] machine"),
+    (BASE.replace('name = "demo"', 'name = "demo"\ndisk = "d"') + '[[disk]]\npath = "e"\n',
+     "[guest] disk and [[disk]] both given"),
+    (BASE + "[disk]\npath = 'x'\n", "[[disk]] must be an array of tables"),
+])
+def test_boot_and_firmware_errors_name_the_key(tmp_path, text, named):
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, text))
+    assert named in str(err.value)
+
+
+def test_read_only_media_are_digested_and_a_missing_one_is_named(tmp_path):
+    from remus.common.config import read_only_media
+    (tmp_path / "seed.iso").write_bytes(b"seed")
+    cfg = load(write(tmp_path, DISKS))
+    assert read_only_media(cfg) == [(str(tmp_path / "seed.iso"), "4:" + __import__(
+        "hashlib").sha256(b"seed").hexdigest())]
+    (tmp_path / "seed.iso").unlink()
+    with pytest.raises(ConfigError, match=r"seed.iso: cannot read this read-only medium"):
+        read_only_media(cfg)

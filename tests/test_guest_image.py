@@ -230,3 +230,32 @@ def test_build_error_is_reported(tmp_path, monkeypatch, capsys):
     args = argparse.Namespace(cache=tmp_path, force=False, config_out=None, port_base=8080)
     assert gi.run_build(args) == 1
     assert "apt-cache not found" in capsys.readouterr().err
+
+
+def test_boot_disk_has_an_active_partition_syslinux_and_the_command_line(tmp_path):
+    from remus.common import boot_disk
+    if any(shutil.which(t) is None for t in boot_disk.TOOLS):
+        pytest.skip("syslinux, mtools, dosfstools or fdisk missing (scripts/install-deps)")
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
+    kernel.write_bytes(b"K" * 5000)
+    initrd.write_bytes(b"I" * 3000)
+    image = gi.GuestImage(kernel, initrd, "test")
+    raw = boot_disk.make_boot_disk(image, tmp_path / "d.raw", "console=ttyS0 remus.ip=1.2.3.4/24")
+    data = raw.read_bytes()
+    assert len(data) == 64 << 20 and data[510:512] == b"\x55\xaa"
+    assert data[:440] == boot_disk.MBR_CODE.read_bytes()[:440]
+    status, ptype, start = data[446], data[450], struct.unpack_from("<I", data, 454)[0]
+    assert (status, ptype, start) == (0x80, 0xEF, boot_disk.START_SECTOR)
+    fs = f"{raw}@@{boot_disk.START_SECTOR * 512}"
+    env = {"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}
+    listing = subprocess.run(["mdir", "-a", "-b", "-i", fs, "::/"], capture_output=True,
+                             text=True, env=env).stdout
+    for name in ("VMLINUZ", "INITRD.IMG", "SYSLINUX.CFG", "LDLINUX.SYS", "LDLINUX.C32"):
+        assert name.lower() in listing.lower(), listing
+    cfg = subprocess.run(["mtype", "-i", fs, "::/EFI/BOOT/syslinux.cfg"], capture_output=True,
+                         text=True, env=env).stdout
+    assert "APPEND initrd=/initrd.img console=ttyS0 remus.ip=1.2.3.4/24" in cfg
+    copied = subprocess.run(["mtype", "-i", fs, "::/vmlinuz"], capture_output=True, env=env).stdout
+    assert copied == kernel.read_bytes()
+    qcow = boot_disk.make_boot_disk(image, tmp_path / "d.qcow2", "x", fmt="qcow2")
+    assert qcow.read_bytes()[:4] == b"QFI\xfb"
