@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     from remus.common import fencing
     fencing.add_fence_test_parser(sub)
 
-    from remus.common import drill, reprotect_cli, status_cli
+    from remus.common import drill, libvirt_import, reprotect_cli, status_cli
+    libvirt_import.add_import_parser(sub)
     status_cli.add_parsers(sub)
     drill.add_parser(sub)
     reprotect_cli.add_parser(sub)

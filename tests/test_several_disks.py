@@ -123,3 +123,60 @@ def test_a_firmware_booted_guest_with_two_disks_and_a_seed_fails_over_with_every
                 f"run {run}: RAM says {in_ram}, the disks hold 1..{system} and 1..{data}")
         finally:
             pair.cleanup()
+
+
+DOMAIN = """<domain type='kvm'>
+  <name>web1</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu placement='static'>2</vcpu>
+  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type><boot dev='hd'/></os>
+  <cpu mode='host-model'/>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/><source file='{workdir}/system.qcow2'/>
+      <target dev='vda' bus='virtio'/><serial>system</serial>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/><source file='{workdir}/data.raw'/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/><source file='{workdir}/seed.img'/>
+      <target dev='sda' bus='sata'/><readonly/>
+    </disk>
+    <interface type='bridge'>
+      <mac address='52:54:00:12:34:56'/><source bridge='{bridge}'/><model type='virtio'/>
+    </interface>
+    <serial type='pty'><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def test_the_toml_remusctl_import_libvirt_writes_protects_the_vm(guest_image, lan, tmp_path):
+    from remus.common.libvirt_import import import_domain
+    rng = random.Random(21)
+    pair = firmware_pair(guest_image, lan, tmp_path, "bios", rng)
+    toml = import_domain(DOMAIN.format(workdir=tmp_path, bridge=lan.bridge), lan.addr["primary"],
+                         f"{lan.addr['backup']}:{pair.stream_port}", str(pair.keys),
+                         str(tmp_path))
+    pair.config.write_text(toml.replace("[guest]\n", f'[guest]\nram_dir = "{pair.ram_dir}"\n'))
+    try:
+        pair.start_backup()
+        pair.start_primary()
+        pair.primary.wait_for(r"protecting epoch=\d+", 120)
+        wait_until(lambda: pair.replica_record().get("disk_synced"), 60, "both disks in sync")
+        wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
+        probe = pair.start_probe("record2")
+        wait_until(lambda: len(read_replies(probe.log())) >= 3, 30, "the first records")
+        probe.kill9()
+        pair.primary.kill9()
+        reported = max(v for _, v in read_replies(probe.log()))
+        pair.backup.wait_for(r"activated epoch=", 60)
+        wait_until(lambda: pair.try_get("disklast"), 30, "the resumed guest")
+        pair.backup.stop()
+        for replica in ("replica.disk", "replica.disk1"):
+            assert records_on_disk(tmp_path / "backup" / replica) >= reported, replica
+    finally:
+        pair.cleanup()
