@@ -240,6 +240,18 @@ state_dir = "{workdir / 'backup'}"
         shutil.rmtree(self.ram_dir, ignore_errors=True)
 
 
+def records_on_disk(path, sector: int = 512) -> int:
+    """The highest N such that the guest's records 1..N (cgi-bin/record, record2: record
+    N in sector N) are all on the disk image at `path`."""
+    n = 0
+    with open(path, "rb") as f:
+        while True:
+            f.seek((n + 1) * sector)
+            if f.read(12) != b"REC%08d\n" % (n + 1):
+                return n
+            n += 1
+
+
 def rss_anon(pid: int) -> int:
     """Anonymous resident memory of a process, in bytes (0 once it is gone)."""
     try:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from remus.common.localpair import MemoryWatch, Pair, wait_until
+from remus.common.localpair import MemoryWatch, Pair, records_on_disk, wait_until
 from remus.common.netns import Lan
 from remus.common.probe import read_replies
 
@@ -20,7 +20,6 @@ DISK_MIB = 20 << 10
 DATA_AT = [(k * 1536 + 100) * MiB for k in range(13)]  # 8 MiB of data at each
 ZERO_AT_MIB, ZERO_MIB = 64, 128                         # the region the guest wipes
 BOUND = 256 * MiB                                       # beyond guest RAM (compare's shadow)
-SECTOR = 512
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +44,6 @@ def region(path, at: int, size: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(at)
         return f.read(size)
-
-
-def records_on_disk(path) -> int:
-    n = 0
-    with open(path, "rb") as f:
-        while True:
-            f.seek((n + 1) * SECTOR)
-            if f.read(12) != b"REC%08d\n" % (n + 1):
-                return n
-            n += 1
 
 
 def test_a_20_gib_sparse_disk_syncs_fails_over_and_stays_within_a_fixed_memory_bound(

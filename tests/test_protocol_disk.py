@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from remus.common.protocol import (DISK_EXTENT, BackupProtocol, CheckpointEncoder, CheckpointStaged,
-                                   DiskRun, DiskWritten, SessionOpened)
+                                   DiskWritten, SessionOpened)
 from remus.common.wire import FrameDecoder, ProtocolError, encode_frame_parts
 
 FP = "fp"
@@ -111,7 +111,7 @@ def test_corrupt_disk_data_fails_the_checksum():
 # ---- zeroed ranges and streaming
 
 from remus.common.diskset import SealedWrites, WriteSet  # noqa: E402
-from remus.common.protocol import (PROTOCOL_VERSION, ZERO_EXTENT, DiskWritten, DiskZeroed,  # noqa: E402
+from remus.common.protocol import (PROTOCOL_VERSION, ZERO_EXTENT, DiskZeroed,  # noqa: E402
                                    PagesReceived,
                                    PrimaryProtocol, Progress)
 from remus.common.wire import encode_frame  # noqa: E402

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 
 from remus.common.boot_disk import make_boot_disk
-from remus.common.localpair import Pair, wait_until
+from remus.common.localpair import Pair, records_on_disk, wait_until
 from remus.common.netns import Lan
 from remus.common.probe import read_replies
 
 pytestmark = pytest.mark.integration
 
-SECTOR = 512
 MiB = 1 << 20
 
 
@@ -27,16 +26,6 @@ MiB = 1 << 20
 def lan():
     with Lan() as lan:
         yield lan
-
-
-def records_on_disk(path) -> int:
-    n = 0
-    with open(path, "rb") as f:
-        while True:
-            f.seek((n + 1) * SECTOR)
-            if f.read(12) != b"REC%08d\n" % (n + 1):
-                return n
-            n += 1
 
 
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
