@@ -66,14 +66,14 @@ def _choice(*options: str) -> Callable[[Any], Any]:
 
 
 def _name(v: str) -> str:
-    if not _NAME_RE.match(v):
+    if not _NAME_RE.fullmatch(v):
         raise ValueError("letters, digits, '.', '_' and '-' only, at most 63")
     return v
 
 
 def _mac(v: str) -> str:
     v = v.lower()
-    if not _MAC_RE.match(v):
+    if not _MAC_RE.fullmatch(v):
         raise ValueError("expected a MAC address like 52:54:00:12:34:56")
     if int(v[:2], 16) & 1:
         raise ValueError("a multicast MAC cannot be a NIC address")
@@ -81,13 +81,13 @@ def _mac(v: str) -> str:
 
 
 def _cpu_model(v: str) -> str:
-    if v and not re.match(r"^[A-Za-z0-9_.+-]{1,64}$", v):
+    if v and not re.fullmatch(r"[A-Za-z0-9_.+-]{1,64}", v):
         raise ValueError("a QEMU CPU model name such as x86-64-v2, Skylake-Server or host")
     return v
 
 
 def _ifname(v: str) -> str:
-    if v and (len(v) > 15 or not re.match(r"^[A-Za-z0-9_.-]+$", v)):
+    if v and (len(v) > 15 or not re.fullmatch(r"[A-Za-z0-9_.-]+", v)):
         raise ValueError("an interface name: at most 15 letters, digits, '_', '.', '-'")
     return v
 

@@ -74,7 +74,7 @@ def _one(number: int, entry: dict, base: Path) -> DiskSpec:
                                       f"(got {entry[key]!r})")
             values[key] = entry[key]
     if "serial" in entry:
-        if not isinstance(entry["serial"], str) or not _SERIAL_RE.match(entry["serial"]):
+        if not isinstance(entry["serial"], str) or not _SERIAL_RE.fullmatch(entry["serial"]):
             raise DiskConfigError(f"{where} serial: 1 to 20 letters, digits, '_', '.', '-' "
                                   f"(got {entry['serial']!r})")
         values["serial"] = entry["serial"]

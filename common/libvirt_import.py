@@ -91,7 +91,7 @@ class Importer:
 
     def _basics(self) -> None:
         name = (self.root.findtext("name") or "").strip()
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", name):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name):
             self.refuse(f"<name>{name}</name>: Remus needs letters, digits, '.', '_' and '-'")
         memory = _size(self.root.find("memory"), "memory")
         if memory % (1 << 20):

@@ -223,3 +223,11 @@ def test_read_only_media_are_digested_and_a_missing_one_is_named(tmp_path):
     (tmp_path / "seed.iso").unlink()
     with pytest.raises(ConfigError, match=r"seed.iso: cannot read this read-only medium"):
         read_only_media(cfg)
+
+
+@pytest.mark.parametrize("key, value", [("name", "demo\\n"), ("cpu_model", "x86-64-v2\\n")])
+def test_a_trailing_newline_is_not_part_of_a_valid_name(tmp_path, key, value):
+    text = BASE.replace('name = "demo"', f'name = "demo"\n{key} = "{value}"') if key != "name" \
+        else BASE.replace('name = "demo"', f'name = "{value}"')
+    with pytest.raises(ConfigError, match=rf"\[guest\] {key}"):
+        load(write(tmp_path, text))
