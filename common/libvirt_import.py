@@ -47,23 +47,23 @@ LEFT_OUT = {"graphics", "video", "input", "console", "serial", "channel", "emula
             "controller", "rng", "audio", "parallel"}
 
 
-class ImportError_(ValueError):
+class UnsupportedDomain(ValueError):
     """The domain cannot be protected as it is; the message has one line per reason."""
 
 
 def _size(node: ET.Element | None, what: str) -> int:
     if node is None or not (node.text or "").strip().isdigit():
-        raise ImportError_(f"<{what}>: missing or not a number")
+        raise UnsupportedDomain(f"<{what}>: missing or not a number")
     unit = node.get("unit", "KiB").lower()
     if unit not in UNITS:
-        raise ImportError_(f"<{what} unit='{node.get('unit')}'>: unknown unit")
+        raise UnsupportedDomain(f"<{what} unit='{node.get('unit')}'>: unknown unit")
     return int(node.text.strip()) * UNITS[unit]
 
 
 class Importer:
     def __init__(self, root: ET.Element):
         if root.tag != "domain":
-            raise ImportError_(f"not a libvirt domain: the root element is <{root.tag}>")
+            raise UnsupportedDomain(f"not a libvirt domain: the root element is <{root.tag}>")
         self.root = root
         self.refusals: list[str] = []
         self.notes: list[str] = []
@@ -87,7 +87,7 @@ class Importer:
                             "file of its own)" if tag == "memoryBacking" else
                             f"<{tag}>: not supported")
         if self.refusals:
-            raise ImportError_("\n".join(self.refusals))
+            raise UnsupportedDomain("\n".join(self.refusals))
 
     def _basics(self) -> None:
         name = (self.root.findtext("name") or "").strip()
@@ -254,18 +254,18 @@ def render(imp: Importer, primary: str, backup: str, tls_dir: str, state: str) -
 
 def import_domain(xml_text: str, primary: str, backup: str, tls_dir: str = "/etc/remus/keys",
                   state: str = "/var/lib/remus", where: Path = Path("imported.toml")) -> str:
-    """The TOML for a libvirt domain; ImportError_ lists every reason it cannot be."""
+    """The TOML for a libvirt domain; UnsupportedDomain lists every reason it cannot be."""
     try:
         root = ET.fromstring(xml_text)
     except ET.ParseError as exc:
-        raise ImportError_(f"not well-formed XML: {exc}") from None
+        raise UnsupportedDomain(f"not well-formed XML: {exc}") from None
     imp = Importer(root)
     imp.run()
     text = render(imp, primary, backup, tls_dir, state)
     try:
         config.parse(tomllib.loads(text), where)
     except config.ConfigError as exc:
-        raise ImportError_(f"the imported config does not load: {exc}") from None
+        raise UnsupportedDomain(f"the imported config does not load: {exc}") from None
     return text
 
 
@@ -293,7 +293,7 @@ def run_import(args) -> int:
     try:
         toml = import_domain(text, args.primary, args.backup, args.tls_dir, args.state,
                              args.output or Path("imported.toml"))
-    except ImportError_ as exc:
+    except UnsupportedDomain as exc:
         for line in str(exc).splitlines():
             print(f"remusctl import libvirt: {line}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from remus.common import ctl
-from remus.common.libvirt_import import ImportError_, import_domain
+from remus.common.libvirt_import import UnsupportedDomain, import_domain
 
 DATA = Path(__file__).parent / "data" / "libvirt"
 ARGS = {"primary": "10.0.0.1", "backup": "10.0.0.2:7788"}
@@ -58,7 +58,7 @@ def test_a_bios_domain_with_a_named_cpu_model_and_user_networking():
 
 
 def test_everything_that_cannot_be_protected_is_refused_one_line_each():
-    with pytest.raises(ImportError_) as err:
+    with pytest.raises(UnsupportedDomain) as err:
         import_domain((DATA / "refused.xml").read_text(), **ARGS)
     lines = str(err.value).splitlines()
     expected = ["<disk target='vda'>: type 'network'", "<disk target='sda'>: bus 'sata'",
@@ -86,21 +86,21 @@ def test_single_refusals(edit, message):
     if message is None:
         import_domain(xml, **ARGS)
         return
-    with pytest.raises(ImportError_, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UnsupportedDomain, match=message.replace("(", r"\(").replace(")", r"\)")):
         import_domain(xml, **ARGS)
 
 
 def test_a_uefi_domain_without_its_nvram_is_refused():
     xml = (DATA / "web-uefi.xml").read_text()
     start, end = xml.index("<nvram"), xml.index("</nvram>") + len("</nvram>")
-    with pytest.raises(ImportError_, match="<nvram>: a UEFI guest needs its NVRAM file"):
+    with pytest.raises(UnsupportedDomain, match="<nvram>: a UEFI guest needs its NVRAM file"):
         import_domain(xml[:start] + xml[end:], **ARGS)
 
 
 def test_not_xml_or_not_a_domain():
-    with pytest.raises(ImportError_, match="not well-formed XML"):
+    with pytest.raises(UnsupportedDomain, match="not well-formed XML"):
         import_domain("<domain>", **ARGS)
-    with pytest.raises(ImportError_, match="not a libvirt domain"):
+    with pytest.raises(UnsupportedDomain, match="not a libvirt domain"):
         import_domain("<network/>", **ARGS)
 
 
