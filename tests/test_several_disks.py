@@ -1,12 +1,13 @@
 """A guest shaped like operators' VMs: 2 vCPUs, booted through its firmware
-(SeaBIOS, and UEFI with OVMF) from a qcow2 system disk, a raw data disk and a
-read-only seed image. Both writable disks (and UEFI's variable store) are
-mirrored and commit in one checkpoint; the seed is not replicated. The guest
-writes each numbered record to both disks before reporting it; the primary is
-killed at random moments, and after each failover both replica disks hold
-every reported record."""
+(SeaBIOS, and UEFI with OVMF) from a qcow2 system disk (with SeaBIOS, an
+overlay on a raw backing file), a raw data disk and a read-only seed image.
+Both writable disks (and UEFI's variable store) are mirrored and commit in one
+checkpoint; the seed is not replicated. The guest writes each numbered record
+to both disks before reporting it; the primary is killed at random moments,
+and after each failover both replica disks hold every reported record."""
 import random
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -62,7 +63,12 @@ def firmware_pair(image, lan, workdir, firmware: str, rng: random.Random) -> Pai
     pair = Pair(image, workdir, lan=lan, kernel_boot=False, guest_config=guest,
                 extra_config=disks_config(workdir, rng),
                 memory_mib=256 if firmware == "uefi" else 128)
-    make_boot_disk(image, workdir / "system.qcow2", pair.boot_append, fmt="qcow2")
+    if firmware == "uefi":
+        make_boot_disk(image, workdir / "system.qcow2", pair.boot_append, fmt="qcow2")
+    else:  # a qcow2 overlay on the raw boot disk: the mirror reads through the chain
+        make_boot_disk(image, workdir / "base.raw", pair.boot_append)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                        str(workdir / "base.raw"), str(workdir / "system.qcow2")], check=True)
     return pair
 
 
@@ -103,6 +109,9 @@ def test_a_firmware_booted_guest_with_two_disks_and_a_seed_fails_over_with_every
             if firmware == "uefi":  # OVMF wrote its boot variables at boot: they came along
                 assert (backup_dir / "replica.disk2").read_bytes() == (workdir / "vars.fd").read_bytes()
                 assert (workdir / "vars.fd").read_bytes() != Path(OVMF_VARS).read_bytes()
+            if firmware == "bios":  # the boot sector lives in the backing file only
+                with open(backup_dir / "replica.disk", "rb") as f:
+                    assert f.read(512) == (workdir / "base.raw").read_bytes()[:512]
             system = records_on_disk(backup_dir / "replica.disk")
             data = records_on_disk(backup_dir / "replica.disk1")
             assert min(system, data) >= reported, (
