@@ -31,7 +31,6 @@ from remus.common.protocol import (BackupProtocol, CheckpointStaged, DiskWritten
 from remus.common.qemu import GuestError, QemuGuest
 from remus.common.tap import send_to_guest
 from remus.common.wire import ProtocolError
-from remus.primary.netbuf import UserspaceNetBuffer
 
 _log = log.get("remus.backup")
 
@@ -196,7 +195,7 @@ class Backup:
                 conn.staged.add_zeroes(event.disk, event.extents)
         elif isinstance(event, InputReceived):
             if conn is self.current:
-                self.inputs.add(event.after_epoch, event.frames)
+                self.inputs.add(event.after_epoch, event.frames, event.nic)
         elif isinstance(event, Send):
             writer.write(event.data)
         elif isinstance(event, SessionOpened):
@@ -285,7 +284,7 @@ async def prepare_guest(cfg: Config, replica: Replica,
     t1 = time.monotonic()
     try:
         if netbuf is not None:
-            await netbuf.attach(cfg.network.bridge)
+            await netbuf.attach()
         await guest.load_device_state(replica.device_file)
     except BaseException:
         await launched.discard()
@@ -310,10 +309,12 @@ async def resume_guest(cfg: Config, replica: Replica, guest: QemuGuest, netbuf, 
     await guest.cont()
     resumed = time.monotonic()
     replayed = 0
-    if replay and isinstance(netbuf, UserspaceNetBuffer):
-        replayed = netbuf.to_guest(replay)  # straight into QEMU's NIC stream
-    elif replay and cfg.network.mode == "bridged":
-        replayed = await asyncio.to_thread(send_to_guest, cfg.network.tap, replay)
+    if replay and netbuf is not None and netbuf.userspace:
+        replayed = netbuf.to_guest(replay)  # straight into QEMU's NIC streams
+    elif replay and netbuf is not None:
+        for index, nic in enumerate(cfg.nics):
+            frames = [frame for i, frame in replay if i == index]
+            replayed += await asyncio.to_thread(send_to_guest, nic.tap, frames) if frames else 0
     t3 = time.monotonic()
     if cfg.network.mode != "none":
         await guest.announce()

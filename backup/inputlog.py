@@ -15,27 +15,27 @@ from collections import deque
 class InputLog:
     def __init__(self, cap_bytes: int):
         self.cap_bytes = cap_bytes
-        self._groups: deque[tuple[int, list[bytes]]] = deque()  # (after_epoch, frames), in order
+        self._groups: deque[tuple[int, int, list[bytes]]] = deque()  # (after_epoch, nic, frames)
         self.held_bytes = 0
         self.dropped_frames = 0
 
-    def add(self, after_epoch: int, frames: list[bytes]) -> None:
+    def add(self, after_epoch: int, frames: list[bytes], nic: int = 0) -> None:
         size = sum(map(len, frames))
         if self.held_bytes + size > self.cap_bytes:
             self.dropped_frames += len(frames)  # the client's TCP will resend them
             return
-        self._groups.append((after_epoch, frames))
+        self._groups.append((after_epoch, nic, frames))
         self.held_bytes += size
 
     def committed(self, epoch: int) -> None:
         """Checkpoint `epoch` is committed: input from before its barrier is in it."""
         while self._groups and self._groups[0][0] < epoch:
-            _, frames = self._groups.popleft()
+            _, _, frames = self._groups.popleft()
             self.held_bytes -= sum(map(len, frames))
 
-    def replay(self, epoch: int) -> list[bytes]:
-        """The frames to hand to a guest resumed from checkpoint `epoch`, in order."""
-        return [f for after, frames in self._groups if after >= epoch for f in frames]
+    def replay(self, epoch: int) -> list[tuple[int, bytes]]:
+        """(NIC, frame) to hand to a guest resumed from checkpoint `epoch`, in order."""
+        return [(nic, f) for after, nic, frames in self._groups if after >= epoch for f in frames]
 
     def clear(self) -> None:
         self._groups.clear()

@@ -64,7 +64,7 @@ async def launch_guest(cfg: Config, replica: Replica) -> Launched:
         net_args = None
         if netbuf is not None:
             await netbuf.start()
-            net_args = netbuf.qemu_netdev_args(cfg.network.mac)
+            net_args = netbuf.qemu_netdev_args()
         await guest.launch(incoming=True, net_args=net_args,
                            replicas=[str(p) for p in replica.disk_files(len(cfg.mirrored_disks))],
                            host_forward=False)

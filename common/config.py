@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from remus.common.disks import DiskConfigError, DiskSpec, parse_disks
+from remus.common.nics import NicConfigError, parse_nics
 
 
 class ConfigError(ValueError):
@@ -257,6 +258,7 @@ class Config:
     fencing: Any = None  # remus.common.fencing.FencingPlan
     reversed_roles: bool = False  # see reversed()
     disks: tuple = ()  # remus.common.disks.DiskSpec, in the guest's order
+    nics: tuple = ()   # remus.common.nics.NicSpec, in the guest's order (bridged mode)
 
     @property
     def mirrored_disks(self) -> tuple:
@@ -307,7 +309,8 @@ class Config:
                                                            "firmware", "machine", "cpu_model")},
                       "kernel": bool(self.guest.values["kernel"]),
                       "disks": [d.shape() for d in self.disks]},
-            "network": {k: self.network.values[k] for k in ("mode", "mac")},
+            "network": {"mode": self.network.mode, "macs": [n.mac for n in self.nics]
+                        if self.nics else [self.network.mac]},
         }
         blob = json.dumps(shape, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:32]
@@ -338,9 +341,9 @@ def _check_value(section: str, key: str, spec: Key, value: Any) -> Any:
 
 def parse(data: dict, path: Path) -> Config:
     for section in data:
-        if section not in SCHEMA and section not in ("fencing", "disk"):
+        if section not in SCHEMA and section not in ("fencing", "disk", "nic"):
             raise ConfigError(f"unknown section [{section}] (known: {', '.join(SCHEMA)}, "
-                              f"fencing, [[disk]])")
+                              f"fencing, [[disk]], [[nic]])")
     sections: dict[str, Section] = {}
     for section, keys in SCHEMA.items():
         given = data.get(section, {})
@@ -381,9 +384,9 @@ def parse(data: dict, path: Path) -> Config:
     net = sections["network"]
     if net.mode != "user" and net.host_forward:
         raise ConfigError("[network] host_forward: only meaningful with mode = \"user\"")
-    if net.mode == "bridged":
+    if net.mode == "bridged" and "nic" not in data:
         if not net.bridge:
-            raise ConfigError("[network] bridge: required with mode = \"bridged\"")
+            raise ConfigError("[network] bridge: required with mode = \"bridged\" (or [[nic]])")
         _ifname(net.bridge)
         if not net.tap:
             net.values["tap"] = ("rm-" + sections["guest"].name)[:15]
@@ -394,7 +397,11 @@ def parse(data: dict, path: Path) -> Config:
     except DiskConfigError as exc:
         raise ConfigError(str(exc)) from None
     disks += _boot_checks(sections["guest"], disks)
-    return Config(path=path, raw=data, fencing=plan, disks=disks, **sections)
+    try:
+        nics = parse_nics(data.get("nic"), net, sections["guest"].name)
+    except NicConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return Config(path=path, raw=data, fencing=plan, disks=disks, nics=nics, **sections)
 
 
 def _boot_checks(guest: Section, disks: tuple) -> tuple:

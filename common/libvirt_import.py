@@ -4,7 +4,7 @@ Reads the XML `virsh dumpxml` prints (or the file virt-install writes) and maps
 what Remus can protect: memory, vCPUs, machine, firmware (SeaBIOS, or OVMF with
 its NVRAM file), a direct kernel boot, the CPU model, disks (file or block
 device, raw or qcow2, virtio or virtio-scsi, serial, read-only CD-ROMs and
-disks) and the NIC (a bridge or user networking, virtio). Anything else that
+disks) and the NICs (bridges, or user networking for one NIC; virtio). Anything else that
 is guest state or guest hardware is refused, one clear line per element,
 rather than dropped; devices that only serve a console or a display (graphics,
 video, input, serial consoles, the guest agent's channel) are left out with a
@@ -70,6 +70,7 @@ class Importer:
         self.guest: dict = {}
         self.disks: list[dict] = []
         self.network: dict = {"mode": "none"}
+        self.nics: list[dict] = []  # bridged NICs, in the guest's order
 
     def refuse(self, why: str) -> None:
         self.refusals.append(why)
@@ -207,20 +208,22 @@ class Importer:
         model = dev.find("model").get("type") if dev.find("model") is not None else "virtio"
         mac = dev.find("mac").get("address") if dev.find("mac") is not None else None
         where = f"<interface type='{kind}'>"
-        if self.network["mode"] != "none":
-            return self.refuse(f"{where}: a second NIC; Remus protects guests with one NIC today")
         if model != "virtio":
             return self.refuse(f"{where}: model '{model}'; Remus gives the guest a virtio-net NIC")
-        if kind == "bridge":
-            self.network = {"mode": "bridged", "bridge": dev.find("source").get("bridge")}
-        elif kind == "user":
-            self.network = {"mode": "user"}
+        if kind == "user" and self.network["mode"] == "none":
+            self.network = {"mode": "user", **({"mac": mac.lower()} if mac else {})}
+        elif kind == "user" or (kind == "bridge" and self.network["mode"] == "user"):
+            self.refuse(f"{where}: user networking is for a guest with one NIC")
+        elif kind == "bridge":
+            if not mac:
+                return self.refuse(f"{where}: no <mac address=...>; the backup must give the "
+                                   "guest the same one")
+            self.network = {"mode": "bridged"}
+            self.nics.append({"mac": mac.lower(), "bridge": dev.find("source").get("bridge")})
         else:
-            return self.refuse(f"{where}: not supported (a bridge, or user networking); "
-                               "vhost-user, macvtap and libvirt networks cannot be held by "
-                               "Remus's output buffer")
-        if mac:
-            self.network["mac"] = mac.lower()
+            self.refuse(f"{where}: not supported (a bridge, or user networking); "
+                        "vhost-user, macvtap and libvirt networks cannot be held by "
+                        "Remus's output buffer")
 
 
 def _attrs(dev: ET.Element) -> str:
@@ -241,7 +244,12 @@ def render(imp: Importer, primary: str, backup: str, tls_dir: str, state: str) -
     lines += ["", "[guest]"] + [f"{k} = {_toml_value(v)}" for k, v in imp.guest.items()]
     if not imp.guest.get("kernel") and "append" in imp.guest:
         lines.remove(f"append = {_toml_value(imp.guest['append'])}")
-    lines += ["", "[network]"] + [f"{k} = {_toml_value(v)}" for k, v in imp.network.items()]
+    network = dict(imp.network)
+    if len(imp.nics) == 1:
+        network.update(bridge=imp.nics[0]["bridge"], mac=imp.nics[0]["mac"])
+    lines += ["", "[network]"] + [f"{k} = {_toml_value(v)}" for k, v in network.items()]
+    for nic in imp.nics if len(imp.nics) > 1 else ():
+        lines += ["", "[[nic]]"] + [f"{k} = {_toml_value(v)}" for k, v in nic.items()]
     for disk in imp.disks:
         lines += ["", "[[disk]]"] + [f"{k} = {_toml_value(v)}" for k, v in disk.items()]
     lines += ["", "[primary]", f"address = {_toml_value(primary)}",

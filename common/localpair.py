@@ -109,7 +109,8 @@ class Pair:
 
     def __init__(self, image, workdir: Path, lan: Lan | None = None, disk_mib: int = 0,
                  extra_config: str = "", insecure: bool = False, memory_mib: int = 128,
-                 guest_config: str = "", kernel_boot: bool = True, **replication):
+                 guest_config: str = "", kernel_boot: bool = True, append_extra: str = "",
+                 **replication):
         """Without `lan`: both daemons on this host, guest NIC in QEMU user mode with a
         host forward. With `lan`: daemons on the namespace hosts, guest bridged and
         its output buffered. `kernel_boot=False`: no -kernel, the guest boots from its
@@ -140,7 +141,7 @@ class Pair:
             with open(self.disk, "wb") as f:
                 f.truncate(disk_mib << 20)
             disk = f'disk = "{self.disk}"'
-        self.boot_append = f"console=ttyS0 quiet panic=-1 remus.ip={ip} remus.gw={gw}"
+        self.boot_append = f"console=ttyS0 quiet panic=-1 remus.ip={ip} remus.gw={gw} {append_extra}"
         kernel = (f'kernel = "{image.kernel}"\ninitrd = "{image.initrd}"\n'
                   f'append = "{self.boot_append}"') if kernel_boot else ""
         self.config = workdir / "guest.toml"
@@ -208,9 +209,10 @@ state_dir = "{workdir / 'backup'}"
         except (FileNotFoundError, ValueError):
             return {}
 
-    def url(self, what: str) -> str:
+    def url(self, what: str, nic: int = 0) -> str:
+        """The guest's service, on its first NIC or (nic=1) its second (Lan guest_lan2)."""
         if self.lan:
-            return f"http://{self.lan.addr['guest']}/cgi-bin/{what}"
+            return f"http://{(self.lan.addr3 if nic else self.lan.addr)['guest']}/cgi-bin/{what}"
         return f"http://127.0.0.1:{self.http_port}/cgi-bin/{what}"
 
     def get(self, what: str, timeout: float = 10) -> str:
@@ -229,10 +231,10 @@ state_dir = "{workdir / 'backup'}"
         except (OSError, urllib.error.URLError, subprocess.TimeoutExpired):
             return None
 
-    def start_probe(self, what: str = "inc") -> Daemon:
+    def start_probe(self, what: str = "inc", nic: int = 0) -> Daemon:
         """The client probe on the client host, one JSON line per reply (common/probe.py)."""
         return self._start("probe", [*self._on("client"), sys.executable, "-m", "remus.common.probe",
-                                     self.url(what)])
+                                     self.url(what, nic)])
 
     def cleanup(self) -> None:
         for d in self.daemons:

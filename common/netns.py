@@ -7,6 +7,9 @@
 The guest's TAP joins br0 on whichever host runs it and takes 10.213.K.100.
 With `second_link`, primary and backup also share a private wire (switch
 `hb`, eth1, 10.214.K.2 and .3), as a crossover cable for a second heartbeat.
+With `guest_lan2`, a second guest network (switch `sw2`): the client's eth2
+(10.215.K.1) and a bridge br1 on primary and backup (no address of their own)
+for a guest's second NIC, which takes 10.215.K.100.
 Everything lives in namespaces this object creates and deletes, so nothing
 touches the machine's own network.
 """
@@ -25,8 +28,10 @@ def _ip(*args: str) -> None:
 
 
 class Lan:
-    def __init__(self, index: int | None = None, second_link: bool = False):
+    def __init__(self, index: int | None = None, second_link: bool = False,
+                 guest_lan2: bool = False):
         self.second_link = second_link
+        self.guest_lan2 = guest_lan2
         self.k = (os.getpid() if index is None else index) % 250 + 1
         tag = f"{os.getpid()}-{self.k}"
         self.ns = {role: f"remus-{tag}-{role}" for role in ("switch", *ROLES)}
@@ -35,6 +40,8 @@ class Lan:
                      "backup": f"{self.subnet}.3", "guest": f"{self.subnet}.100"}
         self.addr2 = {"primary": f"10.214.{self.k}.2", "backup": f"10.214.{self.k}.3"}
         self.bridge = "br0"
+        self.bridge2 = "br1"
+        self.addr3 = {"client": f"10.215.{self.k}.1", "guest": f"10.215.{self.k}.100"}
         self._made: list[str] = []
 
     def __enter__(self) -> "Lan":
@@ -81,6 +88,25 @@ class Lan:
                 _ip("-n", sw, "link", "set", port, "master", "hb", "up")
                 _ip("-n", self.ns[role], "addr", "add", f"{self.addr2[role]}/24", "dev", "eth1")
                 _ip("-n", self.ns[role], "link", "set", "eth1", "up")
+        if self.guest_lan2:
+            self._create_guest_lan2()
+
+    def _create_guest_lan2(self) -> None:
+        sw = self.ns["switch"]
+        _ip("-n", sw, "link", "add", "sw2", "type", "bridge")
+        _ip("-n", sw, "link", "set", "sw2", "up")
+        for role in ROLES:
+            port, ns = f"g2-{role}", self.ns[role]
+            _ip("-n", sw, "link", "add", port, "type", "veth", "peer", "name", "eth2",
+                "netns", ns)
+            _ip("-n", sw, "link", "set", port, "master", "sw2", "up")
+            if role == "client":
+                _ip("-n", ns, "addr", "add", f"{self.addr3['client']}/24", "dev", "eth2")
+                _ip("-n", ns, "link", "set", "eth2", "up")
+            else:
+                _ip("-n", ns, "link", "add", self.bridge2, "type", "bridge")
+                _ip("-n", ns, "link", "set", "eth2", "master", self.bridge2, "up")
+                _ip("-n", ns, "link", "set", self.bridge2, "up")
 
     def destroy(self) -> None:
         for ns in reversed(self._made):

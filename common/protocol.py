@@ -262,6 +262,7 @@ class InputReceived:
 
     after_epoch: int
     frames: list[bytes]
+    nic: int = 0
 
 
 # --------------------------------------------------------------------------
@@ -291,7 +292,7 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
     "ack": (("epoch", "int"),),
     "progress": (("epoch", "int"), ("bytes", "int")),
     "bye": (("reason", "str"),),
-    "input": (("after_epoch", "int"), ("count", "int")),
+    "input": (("after_epoch", "int"), ("count", "int"), ("nic", "int")),
     "handover": (("epoch", "int"), ("reason", "str")),
 }
 _WITH_PAYLOAD = frozenset({"pages", "disk", "zero", "device", "input"})
@@ -308,6 +309,7 @@ ZERO_EXTENT = np.dtype([("offset", "<u8"), ("length", "<u8")])
 DISK_SECTOR = 512
 MAX_DISK_SIZE = 1 << 50
 MAX_DISKS = 16
+MAX_NICS = 8
 _FROM_BACKUP = frozenset({"welcome", "reject", "ack", "progress"})
 
 
@@ -515,8 +517,9 @@ class CheckpointEncoder:
             }
         )
 
-    def input(self, after_epoch: int, frames: list[bytes]) -> bytes:
-        """Frames passed to the guest after the barrier of `after_epoch` (0: before the first)."""
+    def input(self, after_epoch: int, frames: list[bytes], nic: int = 0) -> bytes:
+        """Frames passed to the guest's NIC `nic` after the barrier of `after_epoch`
+        (0: before the first)."""
         _check_int("after_epoch", after_epoch, 0, _MAX_EPOCH)
         if not 1 <= len(frames) <= MAX_INPUT_COUNT:
             raise ValueError(f"an input message carries 1..{MAX_INPUT_COUNT} frames, not {len(frames)}")
@@ -525,8 +528,8 @@ class CheckpointEncoder:
             if not MIN_INPUT_FRAME <= len(f) <= MAX_INPUT_FRAME:
                 raise ValueError(f"input frame of {len(f)} bytes is not an Ethernet frame")
             parts += (_INPUT_LEN.pack(len(f)), f)
-        return encode_frame_parts({"t": "input", "after_epoch": after_epoch, "count": len(frames)},
-                                  *parts)
+        return encode_frame_parts({"t": "input", "after_epoch": after_epoch, "count": len(frames),
+                                   "nic": _check_int("nic", nic, 0, MAX_NICS - 1)}, *parts)
 
     def bye(self, reason: str) -> bytes:
         if not isinstance(reason, str):
@@ -1106,8 +1109,10 @@ class BackupProtocol:
             pos += n
         if pos != len(view):
             raise ProtocolError(f"input: {len(view) - pos} bytes after the last of {count} frames")
+        if not 0 <= f["nic"] < MAX_NICS:
+            raise ProtocolError(f"input: NIC {f['nic']} is out of range (0..{MAX_NICS - 1})")
         self._last_input_epoch = after
-        return InputReceived(after, frames)
+        return InputReceived(after, frames, f["nic"])
 
     def _begin(self, f: dict) -> None:
         epoch = f["epoch"]

@@ -22,6 +22,7 @@ from remus.common.waiting import cancel_and_wait
 from remus.primary.diskrep import MirroredDisks
 from remus.primary.hooks import Hooks
 from remus.primary.netbuf import UserspaceNetBuffer
+from remus.primary.nicgroup import NicGroup
 from remus.primary.replicator import DRILL_POINTS, Replicator, Superseded
 
 _log = log.get("remus.primary")
@@ -61,21 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_netbuf(cfg, run_dir: Path, buffering: bool):
-    """The output buffer for bridged mode: plug where asked and possible, else userspace."""
+def make_netbuf(cfg, run_dir: Path, buffering: bool) -> NicGroup | None:
+    """The output buffers of the guest's NICs in bridged mode: plug where asked and
+    possible, else userspace; one per NIC, each capped at buffer_cap_mib."""
     net = cfg.network
     if net.mode != "bridged":
         return None
     cap = net.buffer_cap_mib << 20
+    plug = False
     if net.buffer in ("plug", "auto") and buffering:
         from remus.primary.netbuf_plug import PlugNetBuffer, plug_supported
-        ok, why = plug_supported()
-        if ok:
-            return PlugNetBuffer(net.tap, "ifb-" + net.tap[-11:], cap)
-        if net.buffer == "plug":
+        plug, why = plug_supported()
+        if not plug and net.buffer == "plug":
             raise GuestError(f"[network] buffer = \"plug\" but {why}; use \"userspace\" or \"auto\"")
-        _log.info("netbuf-mode", mode="userspace", reason=why)
-    return UserspaceNetBuffer(net.tap, run_dir / "net.sock", cap, buffering)
+        if not plug:
+            _log.info("netbuf-mode", mode="userspace", reason=why)
+    buffers = []
+    for i, nic in enumerate(cfg.nics):
+        if plug:
+            buffers.append(PlugNetBuffer(nic.tap, "ifb-" + nic.tap[-11:], cap, netdev_id=f"n{i}"))
+        else:
+            sock = run_dir / ("net.sock" if i == 0 else f"net{i}.sock")
+            buffers.append(UserspaceNetBuffer(nic.tap, sock, cap, buffering, netdev_id=f"n{i}"))
+    return NicGroup(buffers, cfg.nics)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -136,8 +145,8 @@ async def boot_and_protect(node: Node, cfg, generation: int, args) -> int:
     try:
         if netbuf is not None:
             await netbuf.start()
-            await netbuf.attach(cfg.network.bridge)
-            net_args = netbuf.qemu_netdev_args(cfg.network.mac)
+            await netbuf.attach()
+            net_args = netbuf.qemu_netdev_args()
         if args.no_net:
             _log.warning("output-buffering-disabled", detail="--no-net: guest output leaves at "
                          "once; a failover can take back replies that clients saw (unsafe)")
@@ -188,8 +197,8 @@ async def protect(node: Node, cfg, guest: QemuGuest, netbuf, ram_file: Path,
     hooks = Hooks([netbuf] if netbuf else [])
     replicator = Replicator(cfg, guest, capture, hooks, epochs, disk, generation, tls_context,
                             PEER[node.host], media)
-    if isinstance(netbuf, UserspaceNetBuffer):
-        netbuf.inbound_listener = replicator.forward_input
+    if netbuf is not None:
+        netbuf.set_inbound_listener(replicator.forward_input)
     rep = asyncio.create_task(replicator.run(), name="replicator")
     exited = asyncio.create_task(guest.wait(), name="qemu")
     stopped = asyncio.create_task(stop.wait(), name="signal")

@@ -85,8 +85,10 @@ class EpochQueue:
 class UserspaceNetBuffer(CheckpointDevice):
     name = "net-userspace"
 
-    def __init__(self, tap: str, socket_path: Path, cap_bytes: int, buffering: bool = True):
+    def __init__(self, tap: str, socket_path: Path, cap_bytes: int, buffering: bool = True,
+                 netdev_id: str = "n0"):
         self.tap_name = tap
+        self.netdev_id = netdev_id
         self.socket_path = socket_path
         self.queue = EpochQueue(cap_bytes)
         self.buffering_enabled = buffering  # False with --no-net
@@ -103,8 +105,9 @@ class UserspaceNetBuffer(CheckpointDevice):
         self.inbound_listener: Callable[[list[bytes]], None] | None = None
 
     def qemu_netdev_args(self, mac: str) -> list[str]:
-        return ["-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={self.socket_path}",
-                "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile="]
+        n = self.netdev_id
+        return ["-netdev", f"stream,id={n},server=off,addr.type=unix,addr.path={self.socket_path}",
+                "-device", f"virtio-net-pci,netdev={n},mac={mac},romfile="]
 
     @property
     def stats(self) -> dict:

@@ -311,8 +311,10 @@ class PlugNetBuffer(CheckpointDevice):
 
     name = "net-plug"
 
-    def __init__(self, tap: str, ifb: str, limit_bytes: int, *, netns: str | None = None):
+    def __init__(self, tap: str, ifb: str, limit_bytes: int, *, netns: str | None = None,
+                 netdev_id: str = "n0"):
         self.tap = check_ifname(tap)
+        self.netdev_id = netdev_id
         self.ifb = check_ifname(ifb)
         if tap == ifb:
             raise ValueError(f"TAP and IFB need different names, both are {tap!r}")
@@ -331,7 +333,7 @@ class PlugNetBuffer(CheckpointDevice):
                             "released_epochs": 0, "coalesced_epochs": 0, "unprotected": 0}
 
     def qemu_netdev_args(self, mac: str) -> list[str]:
-        return qemu_netdev_args(self.tap, mac)
+        return qemu_netdev_args(self.tap, mac, self.netdev_id)
 
     # -- set-up ---------------------------------------------------------------
 

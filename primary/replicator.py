@@ -210,7 +210,7 @@ class Replicator:
         fut.set_result(True)
         raise HandedOver()
 
-    def forward_input(self, frames: list[bytes]) -> None:
+    def forward_input(self, nic: int, frames: list[bytes]) -> None:
         """Copy frames just handed to the guest to the backup, which replays them if it
         resumes the guest from a checkpoint taken before they arrived. Best effort:
         skipped while no session protects the guest or the stream is backed up."""
@@ -219,7 +219,7 @@ class Replicator:
                 or writer.transport.get_write_buffer_size() > INPUT_BACKLOG_MAX):
             self.input_skipped += len(frames)
             return
-        writer.write(encoder.input(self.barrier_epoch, frames))
+        writer.write(encoder.input(self.barrier_epoch, frames, nic))
         self.input_forwarded += len(frames)
 
     def drill_point(self, point: str) -> None:

@@ -231,3 +231,70 @@ def test_a_trailing_newline_is_not_part_of_a_valid_name(tmp_path, key, value):
         else BASE.replace('name = "demo"', f'name = "{value}"')
     with pytest.raises(ConfigError, match=rf"\[guest\] {key}"):
         load(write(tmp_path, text))
+
+
+# ---- NICs
+
+NICS = BASE + """
+[network]
+mode = "bridged"
+[[nic]]
+mac = "52:54:00:00:00:01"
+bridge = "br0"
+[[nic]]
+mac = "52:54:00:00:00:02"
+bridge = "br1"
+tap = "guest-b"
+"""
+
+
+def test_nics_each_with_its_tap_on_its_bridge(tmp_path):
+    cfg = load(write(tmp_path, NICS))
+    assert [(n.mac, n.bridge, n.tap) for n in cfg.nics] == [
+        ("52:54:00:00:00:01", "br0", "rm-demo"), ("52:54:00:00:00:02", "br1", "guest-b")]
+    one = load(write(tmp_path, BASE + '[network]\nmode = "bridged"\nbridge = "br9"\n'))
+    assert [(n.bridge, n.tap) for n in one.nics] == [("br9", "rm-demo")]
+    assert load(write(tmp_path, BASE)).nics == ()
+    changed = load(write(tmp_path, NICS.replace("00:00:02", "00:00:03")))
+    assert changed.fingerprint() != cfg.fingerprint()
+
+
+@pytest.mark.parametrize("change, named", [
+    ('[[nic]]\nbridge = "br2"\n', "[[nic]] #3 mac: required"),
+    ('[[nic]]\nmac = "01:00:00:00:00:01"\nbridge = "br2"\n', "[[nic]] #3 mac"),
+    ('[[nic]]\nmac = "52:54:00:00:00:09"\n', "[[nic]] #3 bridge: required"),
+    ('[[nic]]\nmac = "52:54:00:00:00:09"\nbridge = "br2"\nmodel = "e1000"\n', "[[nic]] #3 model"),
+    ('[[nic]]\nmac = "52:54:00:00:00:09"\nbridge = "br2"\nspeed = 1\n', "[[nic]] #3 speed: unknown"),
+    ('[[nic]]\nmac = "52:54:00:00:00:01"\nbridge = "br2"\n', "two NICs have the same mac"),
+    ('[[nic]]\nmac = "52:54:00:00:00:09"\nbridge = "br2"\ntap = "guest-b"\n', "same tap"),
+])
+def test_bad_nics_name_the_entry_and_key(tmp_path, change, named):
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, NICS + change))
+    assert named in str(err.value)
+
+
+def test_nics_need_bridged_mode(tmp_path):
+    with pytest.raises(ConfigError, match=r'\[\[nic\]\]: several NICs need \[network\] mode = "bridged"'):
+        load(write(tmp_path, BASE + '[[nic]]\nmac = "52:54:00:00:00:01"\nbridge = "br0"\n'))
+
+
+def test_the_nic_group_gives_each_nic_its_netdev_and_routes_by_index(tmp_path):
+    from remus.primary.daemon import make_netbuf
+    cfg = load(write(tmp_path, NICS.replace("[tls]", '[tls]').replace(
+        '[network]\nmode = "bridged"', '[network]\nmode = "bridged"\nbuffer = "userspace"')))
+    group = make_netbuf(cfg, tmp_path, True)
+    args = " ".join(group.qemu_netdev_args())
+    assert f"stream,id=n0,server=off,addr.type=unix,addr.path={tmp_path / 'net.sock'}" in args
+    assert f"id=n1,server=off,addr.type=unix,addr.path={tmp_path / 'net1.sock'}" in args
+    assert "netdev=n1,mac=52:54:00:00:00:02" in args
+    seen = []
+    group.set_inbound_listener(lambda nic, frames: seen.append((nic, frames)))
+    group.buffers[1].inbound_listener([b"f"])
+    assert seen == [(1, [b"f"])]
+    got = {0: [], 1: []}
+    for i, b in enumerate(group.buffers):
+        b.to_guest = lambda frames, i=i: got[i].extend(frames) or len(frames)
+    assert group.to_guest([(1, b"a"), (0, b"b"), (1, b"c"), (7, b"lost")]) == 3
+    assert got == {0: [b"b"], 1: [b"a", b"c"]}
+    assert group.stats["held_frames"] == 0 and group.userspace

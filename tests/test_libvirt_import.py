@@ -113,3 +113,21 @@ def test_the_command_line_writes_a_config_or_lists_the_refusals(tmp_path, capsys
                      "--backup", "10.0.0.2:7788"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("remusctl import libvirt: ") == 7
+
+
+def test_two_bridged_nics_become_nic_tables_and_user_networking_stays_single():
+    second = """<interface type='bridge'>
+      <mac address='52:54:00:ab:cd:f0'/>
+      <source bridge='br-storage'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='pty'>"""
+    xml = (DATA / "web-uefi.xml").read_text().replace("<serial type='pty'>", second, 1)
+    cfg = tomllib.loads(import_domain(xml, **ARGS))
+    assert cfg["network"] == {"mode": "bridged"}
+    assert cfg["nic"] == [{"mac": "52:54:00:ab:cd:ef", "bridge": "br0"},
+                          {"mac": "52:54:00:ab:cd:f0", "bridge": "br-storage"}]
+    user = (DATA / "db-bios.xml").read_text().replace(
+        "<memballoon", "<interface type='user'><model type='virtio'/></interface><memballoon")
+    with pytest.raises(UnsupportedDomain, match="user networking is for a guest with one NIC"):
+        import_domain(user, **ARGS)

@@ -954,11 +954,11 @@ def test_input_roundtrip_between_and_inside_checkpoints():
     d.feed(frames[0])  # hello
     d.feed(enc.input(0, ETH[:1]))
     d.feed(frames[1])  # begin of epoch 1
-    d.feed(enc.input(1, ETH[1:]))  # after the barrier of 1, before its end
+    d.feed(enc.input(1, ETH[1:], nic=1))  # after the barrier of 1, before its end, NIC 1
     for f in frames[2:]:
         d.feed(f)
     inputs = [e for e in d.events if isinstance(e, InputReceived)]
-    assert [(e.after_epoch, e.frames) for e in inputs] == [(0, ETH[:1]), (1, ETH[1:])]
+    assert [(e.after_epoch, e.nic, e.frames) for e in inputs] == [(0, 0, ETH[:1]), (1, 1, ETH[1:])]
     assert len(d.staged) == 2  # input never disturbs the checkpoints around it
 
 
@@ -971,7 +971,7 @@ def test_input_roundtrip_between_and_inside_checkpoints():
 def test_bad_input_is_refused(after, payload, message):
     d = opened()
     with pytest.raises(ProtocolError, match=message):
-        d.feed(frame({"t": "input", "after_epoch": after, "count": 1}, payload))
+        d.feed(frame({"t": "input", "after_epoch": after, "count": 1, "nic": 0}, payload))
 
 
 def test_input_epochs_never_go_back():
@@ -991,6 +991,15 @@ def test_input_encoder_validation():
         enc.input(0, [])
     with pytest.raises(ValueError):
         enc.input(0, [b"short"])
+    with pytest.raises(ValueError):
+        enc.input(0, ETH[:1], nic=8)
+
+
+def test_input_for_a_nic_out_of_range_is_refused():
+    d = opened()
+    with pytest.raises(ProtocolError, match="NIC 9 is out of range"):
+        d.feed(frame({"t": "input", "after_epoch": 0, "count": 1, "nic": 9},
+                     struct.pack("<I", 60) + b"x" * 60))
 
 
 def test_stale_generation_is_rejected_with_the_known_generation():
