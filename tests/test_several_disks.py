@@ -1,10 +1,12 @@
 """A guest shaped like operators' VMs: 2 vCPUs, booted through its firmware
 (SeaBIOS, and UEFI with OVMF) from a qcow2 system disk (with SeaBIOS, an
-overlay on a raw backing file), a raw data disk and a read-only seed image.
-Both writable disks (and UEFI's variable store) are mirrored and commit in one
-checkpoint; the seed is not replicated. The guest writes each numbered record
-to both disks before reporting it; the primary is killed at random moments,
-and after each failover both replica disks hold every reported record."""
+overlay on a raw backing file), a raw data disk, a read-only seed image and
+two NICs on two bridges. Both writable disks (and UEFI's variable store) are
+mirrored and commit in one checkpoint; the seed is not replicated. The guest
+writes each numbered record to both disks before reporting it, and clients
+increment its counter through each NIC; the primary is killed at random
+moments. After each failover both replica disks hold every reported record
+and the counter never went back on either NIC."""
 import random
 import shutil
 import subprocess
@@ -16,7 +18,7 @@ import pytest
 from remus.common.boot_disk import make_boot_disk
 from remus.common.localpair import Pair, records_on_disk, wait_until
 from remus.common.netns import Lan
-from remus.common.probe import read_replies
+from remus.common.probe import read_replies, taken_back
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +27,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def lan():
-    with Lan() as lan:
+    with Lan(guest_lan2=True) as lan:
         yield lan
 
 
@@ -60,9 +62,12 @@ def firmware_pair(image, lan, workdir, firmware: str, rng: random.Random) -> Pai
         shutil.copy(OVMF_VARS, workdir / "vars.fd")
         guest += f'\nfirmware = "uefi"\nuefi_vars = "{workdir / "vars.fd"}"'
     # syslinux.efi cannot place the 14 MiB kernel in a 128 MiB guest under OVMF.
+    nics = (f'[[nic]]\nmac = "52:54:00:12:34:56"\nbridge = "{lan.bridge}"\n'
+            f'[[nic]]\nmac = "52:54:00:12:34:57"\nbridge = "{lan.bridge2}"\n')
     pair = Pair(image, workdir, lan=lan, kernel_boot=False, guest_config=guest,
-                extra_config=disks_config(workdir, rng),
-                memory_mib=256 if firmware == "uefi" else 128)
+                extra_config=disks_config(workdir, rng) + nics,
+                memory_mib=256 if firmware == "uefi" else 128,
+                append_extra=f"remus.ip1={lan.addr3['guest']}/24")
     if firmware == "uefi":
         make_boot_disk(image, workdir / "system.qcow2", pair.boot_append, fmt="qcow2")
     else:  # a qcow2 overlay on the raw boot disk: the mirror reads through the chain
@@ -98,12 +103,21 @@ def test_a_firmware_booted_guest_with_two_disks_and_a_seed_fails_over_with_every
                 "the read-only seed was replicated"
             wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
             probe = pair.start_probe("record2")
-            wait_until(lambda: len(read_replies(probe.log())) >= 3, 30, "the first records")
+            counters = [pair.start_probe("inc", nic) for nic in (0, 1)]
+            for p in (probe, *counters):
+                wait_until(lambda: len(read_replies(p.log())) >= 3, 30, "the first replies")
             time.sleep(rng.uniform(0, 0.4))  # the random kill moment
             probe.kill9()
+            killed_at = time.time()
             pair.primary.kill9()
             reported = max(v for _, v in read_replies(probe.log()))
             pair.backup.wait_for(r"activated epoch=", 60)
+            for nic, counter in enumerate(counters):
+                wait_until(lambda: sum(t > killed_at for t, _ in read_replies(counter.log())) >= 3,
+                           60, f"the counter through NIC {nic} after the failover")
+                counter.stop()
+                values = [v for _, v in read_replies(counter.log())]
+                assert not taken_back(values), f"run {run}, NIC {nic}: {taken_back(values)}"
             in_ram = int(wait_until(lambda: pair.try_get("disklast"), 30, "the guest's RAM counter"))
             pair.backup.stop()
             if firmware == "uefi":  # OVMF wrote its boot variables at boot: they came along
