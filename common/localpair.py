@@ -215,19 +215,20 @@ state_dir = "{workdir / 'backup'}"
             return f"http://{(self.lan.addr3 if nic else self.lan.addr)['guest']}/cgi-bin/{what}"
         return f"http://127.0.0.1:{self.http_port}/cgi-bin/{what}"
 
-    def get(self, what: str, timeout: float = 10) -> str:
+    def get(self, what: str, timeout: float = 10, nic: int = 0) -> str:
         if self.lan:  # the guest is reachable from the client host only
             r = subprocess.run([*self.lan.exec("client"), "curl", "-sf", "-m", str(timeout),
-                                self.url(what)], capture_output=True, text=True, timeout=timeout + 5)
+                                self.url(what, nic)], capture_output=True, text=True,
+                               timeout=timeout + 5)
             if r.returncode != 0:
                 raise OSError(f"curl exit {r.returncode}")
             return r.stdout.strip()
         with urllib.request.urlopen(self.url(what), timeout=timeout) as r:
             return r.read().decode().strip()
 
-    def try_get(self, what: str, timeout: float = 2) -> str | None:
+    def try_get(self, what: str, timeout: float = 2, nic: int = 0) -> str | None:
         try:
-            return self.get(what, timeout)
+            return self.get(what, timeout, nic)
         except (OSError, urllib.error.URLError, subprocess.TimeoutExpired):
             return None
 

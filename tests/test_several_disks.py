@@ -159,6 +159,9 @@ DOMAIN = """<domain type='kvm'>
     <interface type='bridge'>
       <mac address='52:54:00:12:34:56'/><source bridge='{bridge}'/><model type='virtio'/>
     </interface>
+    <interface type='bridge'>
+      <mac address='52:54:00:12:34:57'/><source bridge='{bridge2}'/><model type='virtio'/>
+    </interface>
     <serial type='pty'><target port='0'/></serial>
     <memballoon model='none'/>
   </devices>
@@ -170,7 +173,8 @@ def test_the_toml_remusctl_import_libvirt_writes_protects_the_vm(guest_image, la
     from remus.common.libvirt_import import import_domain
     rng = random.Random(21)
     pair = firmware_pair(guest_image, lan, tmp_path, "bios", rng)
-    toml = import_domain(DOMAIN.format(workdir=tmp_path, bridge=lan.bridge), lan.addr["primary"],
+    domain = DOMAIN.format(workdir=tmp_path, bridge=lan.bridge, bridge2=lan.bridge2)
+    toml = import_domain(domain, lan.addr["primary"],
                          f"{lan.addr['backup']}:{pair.stream_port}", str(pair.keys),
                          str(tmp_path))
     pair.config.write_text(toml.replace("[guest]\n", f'[guest]\nram_dir = "{pair.ram_dir}"\n'))
@@ -187,6 +191,7 @@ def test_the_toml_remusctl_import_libvirt_writes_protects_the_vm(guest_image, la
         reported = max(v for _, v in read_replies(probe.log()))
         pair.backup.wait_for(r"activated epoch=", 60)
         wait_until(lambda: pair.try_get("disklast"), 30, "the resumed guest")
+        assert int(pair.get("inc", nic=1)) >= 1  # its second NIC answers too
         pair.backup.stop()
         for replica in ("replica.disk", "replica.disk1"):
             assert records_on_disk(tmp_path / "backup" / replica) >= reported, replica
