@@ -245,7 +245,9 @@ class Replica:
     def _write_extents(self, disk: int, extents, data: memoryview) -> None:
         fd, pos = self._disk_fds[disk], 0
         for offset, length in extents.tolist():
-            os.pwrite(fd, data[pos:pos + length], offset)
+            done = 0
+            while done < length:  # a short write is not an error: write the rest
+                done += os.pwrite(fd, data[pos + done:pos + length], offset + done)
             pos += length
 
     def _zero_extents(self, disk: int, extents) -> None:
