@@ -2,10 +2,11 @@
 
 Once the replica is resumable, a checkpoint must not touch it before it is
 whole: the primary may die in the middle of sending it. Its pages (the dirty
-set of one epoch) are kept in memory; its disk data, which can be as large as
-the primary's per-epoch cap, goes to an unnamed staging file beside the
-replica (gone with its descriptor, so a crash leaves nothing behind) and is
-read back a frame at a time when the checkpoint commits.
+set of one epoch) are kept in memory up to `memory_cap`, the rest of them and
+its disk data go to an unnamed staging file beside the replica (gone with its
+descriptor, so a crash leaves nothing behind); they are read back a frame at
+a time when the checkpoint commits. So a guest that dirties much of its RAM
+in one epoch costs disk, not the daemon's memory.
 """
 from __future__ import annotations
 
@@ -17,10 +18,16 @@ from typing import Callable
 import numpy as np
 
 
+MEMORY_CAP = 64 << 20  # staged pages kept in memory; beyond, they go to the file
+
+
 class StagedData:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, memory_cap: int = MEMORY_CAP):
         self.dir = directory
+        self.memory_cap = memory_cap
         self._pages: list[tuple[np.ndarray, np.ndarray]] = []
+        self._page_bytes = 0
+        self._spilled: list[tuple[np.ndarray, int, tuple]] = []  # indices, file position, shape
         self._disk: list[tuple[int, np.ndarray, int, int]] = []  # disk, table, file position, bytes
         self._zeroes: list[tuple[int, np.ndarray]] = []
         self._file = None
@@ -31,16 +38,30 @@ class StagedData:
         return self._end
 
     def add_pages(self, indices: np.ndarray, pages: np.ndarray) -> None:
-        self._pages.append((indices, pages))
+        if self._page_bytes + pages.nbytes <= self.memory_cap:
+            self._pages.append((indices, pages))
+            self._page_bytes += pages.nbytes
+        else:
+            self._spilled.append((indices, self._append(memoryview(pages).cast("B")), pages.shape))
 
     def add_disk(self, disk: int, extents: np.ndarray, data: bytes) -> None:
+        self._disk.append((disk, extents, self._append(memoryview(data)), len(data)))
+
+    def _append(self, view: memoryview) -> int:
+        """Write `view` at the end of the staging file; its position there."""
         if self._file is None:
             self._file = tempfile.TemporaryFile(dir=self.dir, prefix="staging-")
-        view, pos, fd = memoryview(data), 0, self._file.fileno()
+        start, pos, fd = self._end, 0, self._file.fileno()
         while pos < len(view):
-            pos += os.pwrite(fd, view[pos:], self._end + pos)
-        self._disk.append((disk, extents, self._end, len(data)))
-        self._end += len(data)
+            pos += os.pwrite(fd, view[pos:], start + pos)
+        self._end += len(view)
+        return start
+
+    def _read(self, pos: int, size: int) -> bytes:
+        data = os.pread(self._file.fileno(), size, pos)
+        if len(data) != size:
+            raise OSError(f"staging file in {self.dir} is short at {pos}: {len(data)} of {size}")
+        return data
 
     def add_zeroes(self, disk: int, extents: np.ndarray) -> None:
         self._zeroes.append((disk, extents))
@@ -49,16 +70,18 @@ class StagedData:
         """Into the replica: pages, disk data, zeroed ranges (all disjoint, so in any order)."""
         for indices, pages in self._pages:
             ram_pages[indices] = pages
+        for indices, pos, shape in self._spilled:
+            size = shape[0] * shape[1]
+            ram_pages[indices] = np.frombuffer(self._read(pos, size), np.uint8).reshape(shape)
         for disk, extents, pos, size in self._disk:
-            data = os.pread(self._file.fileno(), size, pos)
-            if len(data) != size:
-                raise OSError(f"staging file in {self.dir} is short at {pos}: {len(data)} of {size}")
-            write_extents(disk, extents, memoryview(data))
+            write_extents(disk, extents, memoryview(self._read(pos, size)))
         for disk, extents in self._zeroes:
             zero_extents(disk, extents)
 
     def discard(self) -> None:
         self._pages.clear()
+        self._page_bytes = 0
+        self._spilled.clear()
         self._disk.clear()
         self._zeroes.clear()
         self._end = 0

@@ -183,3 +183,19 @@ def test_a_record_of_the_single_disk_format_still_reads(tmp_path):
         "taken_at": 1.0, "committed_at": 2.0, "ram_size": 4096, "page_size": 4096,
         "disk_size": 1 << 20, "disk_synced": True, "generation": 2, "ram_complete": True}))
     assert Replica(tmp_path).state.disk_sizes == [1 << 20]
+
+
+def test_staged_pages_beyond_the_memory_cap_go_to_the_staging_file(tmp_path):
+    r = disk_session(tmp_path)
+    r.apply_pages(np.arange(NPAGES, dtype=np.uint32), full_pages(1))
+    r.commit_streamed(1, True, 1.0, b"dev1", False)
+    staged = StagedData(tmp_path, memory_cap=2 * PAGE_SIZE)
+    for i in range(NPAGES):  # one page a frame: the first two stay in memory
+        staged.add_pages(np.array([i], np.uint32), np.full((1, PAGE_SIZE), 10 + i, np.uint8))
+    assert staged._page_bytes == 2 * PAGE_SIZE and len(staged._spilled) == NPAGES - 2
+    assert staged.disk_bytes == (NPAGES - 2) * PAGE_SIZE
+    r.commit(2, False, 2.0, np.empty(0, np.uint32), np.empty((0, PAGE_SIZE), np.uint8), b"dev2",
+             staged=staged)
+    assert [int(r.pages[i][0]) for i in range(NPAGES)] == [10 + i for i in range(NPAGES)]
+    staged.discard()
+    assert staged._page_bytes == 0 and not staged._spilled
