@@ -382,14 +382,7 @@ def parse(data: dict, path: Path) -> Config:
         if value and not os.path.isabs(value):
             sections["guest"].values[key] = str((base / value).resolve())
     net = sections["network"]
-    if net.mode != "user" and net.host_forward:
-        raise ConfigError("[network] host_forward: only meaningful with mode = \"user\"")
-    if net.mode == "bridged" and "nic" not in data:
-        if not net.bridge:
-            raise ConfigError("[network] bridge: required with mode = \"bridged\" (or [[nic]])")
-        _ifname(net.bridge)
-        if not net.tap:
-            net.values["tap"] = ("rm-" + sections["guest"].name)[:15]
+    _check_network(net, sections["guest"].name, with_nics="nic" in data)
     from remus.common import fencing  # its parser raises ConfigError itself
     plan = fencing.parse(data.get("fencing"), base)
     try:
@@ -402,6 +395,20 @@ def parse(data: dict, path: Path) -> Config:
     except NicConfigError as exc:
         raise ConfigError(str(exc)) from None
     return Config(path=path, raw=data, fencing=plan, disks=disks, nics=nics, **sections)
+
+
+def _check_network(net: Section, guest: str, with_nics: bool) -> None:
+    if net.mode != "user" and net.host_forward:
+        raise ConfigError("[network] host_forward: only meaningful with mode = \"user\"")
+    if net.mode == "bridged" and not with_nics:
+        if not net.bridge:
+            raise ConfigError("[network] bridge: required with mode = \"bridged\" (or [[nic]])")
+        try:
+            _ifname(net.bridge)
+        except ValueError as exc:
+            raise ConfigError(f"[network] bridge: {exc} (got {net.bridge!r})") from None
+        if not net.tap:
+            net.values["tap"] = ("rm-" + guest)[:15]
 
 
 def _boot_checks(guest: Section, disks: tuple) -> tuple:

@@ -298,3 +298,8 @@ def test_the_nic_group_gives_each_nic_its_netdev_and_routes_by_index(tmp_path):
     assert group.to_guest([(1, b"a"), (0, b"b"), (1, b"c"), (7, b"lost")]) == 3
     assert got == {0: [b"b"], 1: [b"a", b"c"]}
     assert group.stats["held_frames"] == 0 and group.userspace
+
+
+def test_a_bad_bridge_name_is_a_config_error_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[network\] bridge: an interface name"):
+        load(write(tmp_path, BASE + '[network]\nmode = "bridged"\nbridge = "a bridge name too long"\n'))
