@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from remus.primary.hooks import CheckpointDevice
+from remus.primary.hooks import CheckpointDevice, Hooks
 
 
-class NicGroup(CheckpointDevice):
+class NicGroup(Hooks, CheckpointDevice):
+    """Hooks runs each checkpoint hook on every NIC's buffer, in the guest's NIC order."""
     name = "nics"
 
     def __init__(self, buffers: list, nics):
-        self.buffers = buffers
+        super().__init__(buffers)
+        self.buffers = self.devices
         self.nics = tuple(nics)  # remus.common.nics.NicSpec, one per buffer
 
     @property
@@ -56,30 +58,6 @@ class NicGroup(CheckpointDevice):
     async def attach(self) -> None:
         for b, nic in zip(self.buffers, self.nics):
             await b.attach(nic.bridge)
-
-    async def postsuspend(self, epoch: int) -> None:
-        for b in self.buffers:
-            await b.postsuspend(epoch)
-
-    async def preresume(self, epoch: int) -> None:
-        for b in self.buffers:
-            await b.preresume(epoch)
-
-    async def commit(self, epoch: int) -> None:
-        for b in self.buffers:
-            await b.commit(epoch)
-
-    async def unprotected(self) -> None:
-        for b in self.buffers:
-            await b.unprotected()
-
-    def silence(self) -> None:
-        for b in self.buffers:
-            b.silence()
-
-    def carry_over(self) -> None:
-        for b in self.buffers:
-            b.carry_over()
 
     async def close(self) -> None:
         for b in self.buffers:
