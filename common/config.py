@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from remus.common.disks import DiskConfigError, DiskSpec, parse_disks
-from remus.common.nics import NicConfigError, parse_nics
+from remus.common.nics import NicConfigError, default_tap, parse_nics
 
 
 class ConfigError(ValueError):
@@ -408,7 +408,7 @@ def _check_network(net: Section, guest: str, with_nics: bool) -> None:
         except ValueError as exc:
             raise ConfigError(f"[network] bridge: {exc} (got {net.bridge!r})") from None
         if not net.tap:
-            net.values["tap"] = ("rm-" + guest)[:15]
+            net.values["tap"] = default_tap(guest, 0)
 
 
 def _boot_checks(guest: Section, disks: tuple) -> tuple:

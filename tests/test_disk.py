@@ -5,37 +5,23 @@ and reports each one; the primary host is killed at random moments. After the
 failover the replica disk must hold every record whose report the client saw,
 and the guest's RAM counter must agree with its disk."""
 import random
-import re
 import signal
 import time
 
 import pytest
 
-from remus.common.localpair import Pair, wait_until
+from remus.common.localpair import Pair, records_on_disk, wait_until
 from remus.common.netns import Lan
 from remus.common.probe import read_replies
 
 pytestmark = pytest.mark.integration
 
-SECTOR = 512
-RECORD = re.compile(rb"REC(\d{8})\n")
 
 
 @pytest.fixture(scope="module")
 def lan():
     with Lan() as lan:
         yield lan
-
-
-def records_on_disk(path) -> int:
-    """The highest N such that records 1..N are all on the disk."""
-    data = path.read_bytes()
-    n = 0
-    while True:
-        m = RECORD.match(data, (n + 1) * SECTOR)
-        if not m or int(m.group(1)) != n + 1:
-            return n
-        n += 1
 
 
 def replies(probe) -> list[int]:
