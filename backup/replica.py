@@ -198,12 +198,11 @@ class Replica:
 
     # --- whole checkpoints
     def commit(self, epoch: int, full: bool, taken_at: float, indices: np.ndarray,
-               pages: np.ndarray, device_state: bytes, disk_extents=None, disk_data: bytes = b"",
-               disk_synced: bool = False, precopy: bool = False, disk_zeroes=None,
-               staged=None) -> None:
+               pages: np.ndarray, device_state: bytes, disk_synced: bool = False,
+               precopy: bool = False, staged=None) -> None:
         """Apply a verified checkpoint. Only whole checkpoints come here. A pre-copy round
         (pages only, taken while the guest ran) leaves the replica syncing. `staged`
-        (backup/staging.py) holds what was staged of it on disk."""
+        (backup/staging.py) holds what was staged of it: pages and disk data."""
         assert self.pages is not None, "no session open"
         if self.state.state not in (SYNCING, COMMITTED):
             raise ReplicaError(f"cannot commit into a replica in state {self.state.state}")
@@ -212,21 +211,17 @@ class Replica:
         if precopy:
             if self.state.state != SYNCING:
                 raise ReplicaError("a pre-copy round after the replica became resumable")
-            self._apply(full, indices, pages, disk_extents, disk_data, disk_zeroes, staged)
+            self._apply(full, indices, pages, staged)
             self._set(epoch=epoch, ram_complete=self.state.ram_complete or full)
             return
         self._set(state=APPLYING, epoch=epoch)
-        self._apply(full, indices, pages, disk_extents, disk_data, disk_zeroes, staged)
+        self._apply(full, indices, pages, staged)
         self._write_device(device_state)
         self._set(state=COMMITTED, taken_at=taken_at, committed_at=time.time(),
                   disk_synced=self.state.disk_synced or disk_synced, ram_complete=True)
 
-    def _apply(self, full, indices, pages, disk_extents, disk_data, disk_zeroes, staged) -> None:
+    def _apply(self, full: bool, indices: np.ndarray, pages: np.ndarray, staged) -> None:
         self._apply_pages(full, indices, pages)
-        if disk_extents is not None and len(disk_extents):
-            self._write_extents(0, disk_extents, memoryview(disk_data))
-        if disk_zeroes is not None and len(disk_zeroes):
-            self._zero_extents(0, disk_zeroes)
         if staged is not None:
             staged.apply(self.pages, self._write_extents, self._zero_extents)
 
