@@ -255,6 +255,17 @@ def records_on_disk(path, sector: int = 512) -> int:
             n += 1
 
 
+def assert_nothing_taken_back(probe: "Daemon", killed_at: float, what: str) -> None:
+    """After a failover: three replies from the resumed guest, then no reply the client
+    saw may have been taken back."""
+    from remus.common.probe import read_replies, taken_back
+    wait_until(lambda: sum(t > killed_at for t, _ in read_replies(probe.log())) >= 3, 60,
+               f"replies from the activated guest ({what})")
+    probe.stop()
+    back = taken_back([v for _, v in read_replies(probe.log())])
+    assert not back, f"{what}: replies taken back by the failover: {back}"
+
+
 def rss_anon(pid: int) -> int:
     """Anonymous resident memory of a process, in bytes (0 once it is gone)."""
     try:
