@@ -559,19 +559,17 @@ class CheckpointEncoder:
         previous_pages: np.ndarray | None,
         device_state: bytes,
         batch_pages: int = 1024,
-        disk_extents: np.ndarray | None = None,
-        disk_data: bytes = b"",
         disk_synced: bool = False,
         precopy: bool = False,
-        disk_runs=None,
+        disk_runs=(),
     ) -> Iterator[bytes]:
         """Validate the arguments now, then return an iterator over the encoded
         frames: begin, pages (batches of at most ``batch_pages`` pages), device, end.
         A ``precopy`` round has no device state (``device_state`` empty).
 
-        The disk's writes come as ``disk_extents`` with ``disk_data``, or as
-        ``disk_runs`` (``DiskRun``s in offset order, zeroed ranges included), which
-        are encoded lazily, a frame at a time.
+        The disk's writes come as ``disk_runs`` (``DiskRun``s in disk and offset
+        order, zeroed ranges included, each at most MAX_FRAME_RAW bytes of data),
+        encoded lazily, a frame at a time.
 
         ``previous_pages`` (same shape as ``new_pages``) turns on xor encoding;
         it must be None for a full checkpoint. Pages whose zstd output would not
@@ -585,6 +583,19 @@ class CheckpointEncoder:
         if not math.isfinite(taken_at):
             raise ValueError("taken_at must be finite")
         _check_int("batch_pages", batch_pages, 1)
+        idx, pages, prev = self._checked_pages(full, indices, new_pages, previous_pages)
+        device = bytes(device_state)
+        if precopy:
+            if device or disk_synced:
+                raise ValueError("a pre-copy round carries no device state and no synced disk")
+        elif not device:
+            raise ValueError("device_state must not be empty")
+        batch = max(1, min(batch_pages, MAX_FRAME_RAW // self.page_size))
+        return self._stream(epoch, full, taken_at, _array_batches(idx, pages, prev, batch), device,
+                            disk_runs, bool(disk_synced), bool(precopy), batch)
+
+    def _checked_pages(self, full: bool, indices, new_pages, previous_pages):
+        """The checkpoint's page arguments, checked and made contiguous: (idx, pages, prev)."""
         ps = self.page_size
         idx = np.asarray(indices)
         if idx.ndim != 1 or idx.dtype.kind not in "ui":
@@ -613,21 +624,7 @@ class CheckpointEncoder:
                 raise ValueError(
                     f"previous_pages must be uint8 of shape ({n}, {ps}), got {prev.dtype} {prev.shape}"
                 )
-        device = bytes(device_state)
-        if precopy:
-            if device or disk_synced:
-                raise ValueError("a pre-copy round carries no device state and no synced disk")
-        elif not device:
-            raise ValueError("device_state must not be empty")
-        batch = max(1, min(batch_pages, MAX_FRAME_RAW // ps))
-        extents = np.empty(0, DISK_EXTENT) if disk_extents is None else np.asarray(disk_extents, DISK_EXTENT)
-        if int(extents["length"].sum()) != len(disk_data):
-            raise ValueError("disk_data must hold exactly the extents' bytes")
-        if len(extents) and (extents["length"] == 0).any() or bool((extents["length"] > MAX_FRAME_RAW).any()):
-            raise ValueError(f"disk extents must be 1..{MAX_FRAME_RAW} bytes long")
-        runs = _runs_from(extents, bytes(disk_data)) if disk_runs is None else disk_runs
-        return self._stream(epoch, full, taken_at, _array_batches(idx, pages, prev, batch), device,
-                            runs, bool(disk_synced), bool(precopy), batch)
+        return idx, pages, prev
 
     def precopy_round(self, epoch: int, full: bool, taken_at: float, batches, disk_runs=(),
                       batch_pages: int = 1024) -> Iterator[bytes]:
@@ -693,20 +690,6 @@ def _array_batches(idx: np.ndarray, pages: np.ndarray, prev: np.ndarray | None, 
     for start in range(0, len(idx), batch):
         stop = start + batch
         yield idx[start:stop], pages[start:stop], None if prev is None else prev[start:stop]
-
-
-def _runs_from(extents: np.ndarray, data: bytes) -> list["DiskRun"]:
-    """Data extents and their bytes as runs of at most MAX_FRAME_RAW bytes each."""
-    lengths = extents["length"].astype(np.int64)
-    runs, start, pos = [], 0, 0
-    while start < len(extents):
-        stop, size = start, 0
-        while stop < len(extents) and (stop == start or size + lengths[stop] <= MAX_FRAME_RAW):
-            size += int(lengths[stop])
-            stop += 1
-        runs.append(DiskRun(extents[start:stop], [data[pos:pos + size]]))
-        start, pos = stop, pos + size
-    return runs
 
 
 class PrimaryProtocol:

@@ -17,12 +17,19 @@ def extents(*pairs):
     return np.array(list(pairs), dtype=DISK_EXTENT)
 
 
-def session(disk_size=DISK, extents_=None, data=b"", synced=True):
+def session(disk_size=DISK, extents_=None, data=b"", synced=True, max_raw=1 << 20):
+    """hello and one full checkpoint carrying `extents_` of `data` (written as the
+    primary's WriteSet would hold them)."""
+    from remus.common.diskset import WriteSet
+    ws, pos = WriteSet(), 0
+    for offset, length in ([] if extents_ is None else extents_.tolist()):
+        ws.add(offset, data[pos:pos + length])
+        pos += length
     enc = CheckpointEncoder(PS)
     pages = np.arange(NPAGES * PS, dtype=np.uint8).reshape(NPAGES, PS)
     frames = [enc.hello(FP, SESSION, RAM, [disk_size] if disk_size else [])]
     frames += list(enc.checkpoint(1, True, 1.0, np.arange(NPAGES, dtype=np.uint32), pages, None, b"dev",
-                                  disk_extents=extents_, disk_data=data, disk_synced=synced))
+                                  disk_runs=ws.runs(max_raw), disk_synced=synced))
     return frames
 
 
@@ -52,7 +59,7 @@ def test_many_extents_split_into_several_frames(monkeypatch):
     monkeypatch.setattr(protocol, "MAX_FRAME_RAW", 2048)
     table = extents(*[(i * 4096, 1024) for i in range(10)])
     data = bytes(range(256)) * 40
-    frames = session(extents_=table, data=data)
+    frames = session(extents_=table, data=data, max_raw=2048)
     assert sum(FrameDecoder().feed(f)[0].header["t"] == "disk" for f in frames) == 5
     assert written(backup().receive(b"".join(frames)))[1] == data
 
