@@ -180,19 +180,8 @@ class Backup:
                         writer: asyncio.StreamWriter, event) -> tuple[bool, str | None]:
         """Handle one event; (True, reason) ends the session."""
         streaming = self.replica.state.state == SYNCING
-        if isinstance(event, PagesReceived):
-            if streaming:
-                await self._io(self.replica.apply_pages, event.indices, event.pages)
-            else:
-                conn.staged.add_pages(event.indices, event.pages)
-        elif isinstance(event, DiskWritten):
-            await self._io(self.replica.write_disk if streaming else conn.staged.add_disk,
-                           event.disk, event.extents, event.data)
-        elif isinstance(event, DiskZeroed):
-            if streaming:
-                await self._io(self.replica.zero_disk, event.disk, event.extents)
-            else:
-                conn.staged.add_zeroes(event.disk, event.extents)
+        if isinstance(event, (PagesReceived, DiskWritten, DiskZeroed)):
+            await self._io(*self._destination(conn, event, streaming))
         elif isinstance(event, InputReceived):
             if conn is self.current:
                 self.inputs.add(event.after_epoch, event.frames, event.nic)
@@ -214,6 +203,18 @@ class Backup:
                 self.changed.set()
             return True, None
         return False, None
+
+    def _destination(self, conn: Connection, event, streaming: bool) -> tuple:
+        """Where a frame's data goes, with its arguments: into the replica while it syncs
+        (nothing there is resumable yet), else staged until the checkpoint's end frame."""
+        if isinstance(event, PagesReceived):
+            into = self.replica.apply_pages if streaming else conn.staged.add_pages
+            return into, event.indices, event.pages
+        if isinstance(event, DiskWritten):
+            into = self.replica.write_disk if streaming else conn.staged.add_disk
+            return into, event.disk, event.extents, event.data
+        into = self.replica.zero_disk if streaming else conn.staged.add_zeroes
+        return into, event.disk, event.extents
 
     async def _commit(self, conn: Connection, proto: BackupProtocol, writer: asyncio.StreamWriter,
                       cp, streamed: bool) -> None:
