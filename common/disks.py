@@ -57,12 +57,17 @@ def parse_disks(entries, legacy: str, base: Path) -> tuple[DiskSpec, ...]:
     return disks
 
 
+def check_keys(where: str, entry: dict, known: set, error: type) -> None:
+    """An entry of a [[table]] array may hold only the `known` keys."""
+    unknown = set(entry) - known
+    if unknown:
+        raise error(f"{where} {sorted(unknown)[0]}: unknown key (known: "
+                    f"{', '.join(sorted(known))})")
+
+
 def _one(number: int, entry: dict, base: Path) -> DiskSpec:
     where = f"[[disk]] #{number}"
-    unknown = set(entry) - _KEYS
-    if unknown:
-        raise DiskConfigError(f"{where} {sorted(unknown)[0]}: unknown key (known: "
-                              f"{', '.join(sorted(_KEYS))})")
+    check_keys(where, entry, _KEYS, DiskConfigError)
     path = entry.get("path")
     if not isinstance(path, str) or not path:
         raise DiskConfigError(f"{where} path: required, the disk image's file")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from remus.common.disks import check_keys
+
 MAX_NICS = 8
 _MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 _IF_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
@@ -54,10 +56,7 @@ def parse_nics(entries, network, guest: str) -> tuple[NicSpec, ...]:
 
 def _one(index: int, entry: dict, guest: str) -> NicSpec:
     where = f"[[nic]] #{index + 1}"
-    unknown = set(entry) - _KEYS
-    if unknown:
-        raise NicConfigError(f"{where} {sorted(unknown)[0]}: unknown key (known: "
-                             f"{', '.join(sorted(_KEYS))})")
+    check_keys(where, entry, _KEYS, NicConfigError)
     mac = entry.get("mac")
     if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.lower()) or int(mac[:2], 16) & 1:
         raise NicConfigError(f"{where} mac: required, a unicast MAC like 52:54:00:12:34:56")
