@@ -22,6 +22,7 @@ from pathlib import Path
 from remus.backup.replica import Replica
 from remus.common import log
 from remus.common.config import Config
+from remus.common.nicgroup import make_netbuf
 from remus.common.qemu import GuestPaths, QemuGuest
 from remus.common.waiting import cancel_and_wait
 
@@ -54,7 +55,6 @@ class Launched:
 async def launch_guest(cfg: Config, replica: Replica) -> Launched:
     """QEMU on the replica's files waiting for incoming device state, with its network
     relay started but off the bridge. Nothing here lets the guest execute or send."""
-    from remus.primary.daemon import make_netbuf  # the primary's output buffer, reused
     run_dir = Path(cfg.backup.state_dir) / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     guest = QemuGuest(cfg, GuestPaths(run_dir=run_dir, ram_file=replica.ram_file))

@@ -23,7 +23,7 @@ from remus.common.config import load
 from remus.common.control import query, request
 from remus.common.probe import read_replies, taken_back
 from remus.common.waiting import wait_until
-from remus.primary.replicator import DRILL_POINTS
+from remus.common.hooks import DRILL_POINTS
 
 PHASES = {**{v: v for v in DRILL_POINTS.values()}, **DRILL_POINTS}
 

@@ -12,41 +12,42 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 
 from remus.common.config import _host_port
+from remus.common.status import Status
 
 PAUSE_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
 class _StatusCollector:
-    def __init__(self, status: Callable[[], dict]):
+    def __init__(self, status: Callable[[], Status]):
         self._status = status
 
     def collect(self):
         s = self._status()
-        role = s["role"]
+        role = s.role.value
         state = GaugeMetricFamily("remus_state", "1 for the daemon's current state", labels=["role", "state"])
-        state.add_metric([role, s["state"]], 1)
+        state.add_metric([role, s.state], 1)
         yield state
         for name, key, text in (("remus_generation", "generation", "generation holding the guest"),
                                 ("remus_last_committed_epoch", "last_committed_epoch",
                                  "last checkpoint the backup committed")):
             g = GaugeMetricFamily(name, text, labels=["role"])
-            g.add_metric([role], s[key])
+            g.add_metric([role], getattr(s, key))
             yield g
-        standby = s.get("standby_guest")
+        standby = getattr(s, "standby_guest", None)
         if standby:
             g = GaugeMetricFamily("remus_standby_guest", "1 for the state of the QEMU launched "
                                   "ahead of a failover (ready, launching, failed, gone, none, off)",
                                   labels=["state"])
             g.add_metric([standby["state"]], 1)
             yield g
-        held = s.get("held_output")
+        held = getattr(s, "held_output", None)
         if held:
             for key in ("held_frames", "held_bytes", "dropped_frames"):
                 g = GaugeMetricFamily(f"remus_output_{key}", f"guest output {key.replace('_', ' ')}")
                 g.add_metric([], held[key])
                 yield g
-        hb = s.get("heartbeat")
+        hb = s.heartbeat
         if hb:
             up = GaugeMetricFamily("remus_heartbeat_link_up", "1 if the peer beats on the link",
                                    labels=["role", "link"])
@@ -60,7 +61,7 @@ class _StatusCollector:
 
 
 class Metrics:
-    def __init__(self, status: Callable[[], dict]):
+    def __init__(self, status: Callable[[], Status]):
         self.registry = CollectorRegistry()
         r = self.registry
         self.pause = Histogram("remus_pause_seconds", "guest paused per checkpoint",

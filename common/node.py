@@ -1,62 +1,94 @@
-"""One host's daemon across its role changes.
+"""One host's daemon across its role changes: the role machine's loop.
 
-A host starts as the primary or the backup of its config, but the roles move:
-the backup that activated runs the VM, re-protection makes it the sender and
-the first host its backup. What belongs to the host rather than to a role
-lives here: its identity in the pair, its heartbeat, its control socket, its
-metrics endpoint and the stop signal. Each role phase installs its own status
-and control commands while it runs.
+A host starts as the primary or the backup of its config, but the roles move
+(see common/roles.py). What belongs to the host rather than to a role lives
+here: its identity in the pair, its heartbeat, its control socket, its metrics
+endpoint, the stop signal, and the current role, which alone decides the role
+string the heartbeat publishes, the status, the control commands and what
+"healthy" means for systemd's watchdog.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
-from typing import Callable
 
 from remus.common import log, sdnotify
 from remus.common.config import Config
 from remus.common.control import ControlServer
 from remus.common.metrics import Metrics
 from remus.common.peering import heartbeat_for
+from remus.common.roles import Role, RoleFactory
+from remus.common.status import RoleName, Status
 
 _log = log.get("remus.node")
 
 
 class Node:
-    def __init__(self, cfg: Config, host: str):
-        """`host`: "primary" or "backup", which host of `cfg` this is."""
+    def __init__(self, cfg: Config, host: str, roles: RoleFactory, generation: int = 1):
+        """`host`: "primary" or "backup", which host of `cfg` this is; `roles`: how to
+        make the roles of the other side when this host changes sides."""
         self.cfg = cfg
         self.host = host
+        self.roles = roles
+        self.pid = os.getpid()
+        self.generation = generation
+        self.role: Role | None = None
         self.state_dir = Path(getattr(cfg, host).state_dir)
         self.hb = heartbeat_for(cfg, host)
         self.stop = asyncio.Event()
-        self.status: Callable[[], dict] = lambda: {"role": host, "state": "starting"}
-        self.commands: dict[str, Callable[[str], dict]] = {}
-        # What systemd's watchdog is fed on: each phase says what healthy means for it.
-        self.healthy: Callable[[], bool] = lambda: True
         self._watchdog: asyncio.Task | None = None
-        self.control = ControlServer(self.state_dir, lambda: self.status(),
+        self.control = ControlServer(self.state_dir, lambda: self.status().to_dict(),
                                      _Commands(self))
         address = getattr(cfg.metrics, host)
-        self.metrics = Metrics(lambda: self.status()) if address else None
+        self.metrics = Metrics(self.status) if address else None
         self._metrics_address = address
 
-    async def start(self, role: str, generation: int) -> None:
+    async def run(self, first: Role) -> int:
+        """Run roles from `first` until one returns an exit code."""
+        await self._start()
+        try:
+            role: Role | int = first
+            while isinstance(role, Role):
+                if self.role is not None:
+                    _log.info("role-change", previous=self.role.name.value, next=role.name.value)
+                self.role = role
+                self.publish()
+                role = await role.run(self)
+            return role
+        finally:
+            await self._close()
+
+    def status(self) -> Status:
+        if self.role is None:
+            return Status(RoleName(self.host), self.host, self.cfg.guest.name, "starting",
+                          self.pid, self.generation, None, 0)
+        return self.role.status(self)
+
+    def publish(self, session: str = "", epoch: int = 0) -> None:
+        """Beat the current role, at this host's generation, with the session and epoch."""
+        if self.hb is not None and self.role is not None:
+            self.hb.update(self.role.beat_role().value, session or "", self.generation, epoch)
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         if self.hb is not None:
             await self.hb.start()
-            self.hb.update(role, "", generation, 0)
+            self.hb.update(self.host, "", self.generation, 0)
         if self.metrics is not None:
             self.metrics.serve(self._metrics_address)
             _log.info("metrics", address=self._metrics_address)
         await self.control.start()
-        self._watchdog = asyncio.create_task(sdnotify.keep_alive(lambda: self.healthy()))
+        self._watchdog = asyncio.create_task(sdnotify.keep_alive(self._healthy))
 
-    async def close(self) -> None:
+    def _healthy(self) -> bool:
+        return self.role is None or self.role.healthy()
+
+    async def _close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self.hb is not None:
@@ -76,17 +108,21 @@ class Node:
 
 
 class _Commands(dict):
-    """The control commands of whichever role phase is running."""
+    """The control commands of the current role."""
 
     def __init__(self, node: Node):
         super().__init__()
         self._node = node
 
+    def _current(self) -> dict:
+        role = self._node.role
+        return role.commands() if role is not None else {}
+
     def __contains__(self, name: object) -> bool:
-        return name in self._node.commands
+        return name in self._current()
 
     def __getitem__(self, name: str):
-        return self._node.commands[name]
+        return self._current()[name]
 
     def __iter__(self):
-        return iter(self._node.commands)
+        return iter(self._current())

@@ -24,7 +24,7 @@ from remus.common.protocol import (Acked, CheckpointEncoder, PrimaryProtocol, Pr
 from remus.common.qemu import QemuGuest
 from remus.common.stats import EpochLog, EpochStats
 from remus.common.wire import ProtocolError
-from remus.primary.hooks import Hooks
+from remus.common.hooks import Hooks
 
 _log = log.get("remus.primary")
 
@@ -32,8 +32,6 @@ READ_CHUNK = 1 << 16
 BATCH_PAGES = 1024  # pages per frame: 4 MiB before compression
 DISK_FRAME_RAW = 4 << 20  # disk data per frame: copies in flight stay small
 DRILL_EXIT = 137     # as if killed
-DRILL_POINTS = {"s": "postsuspend-before", "s2": "postsuspend-after", "r": "preresume-before",
-                "r2": "preresume-after", "c": "commit-before", "c2": "commit-after"}
 CONNECT_TIMEOUT = 5.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 SUMMARY_EVERY_S = 10.0

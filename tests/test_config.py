@@ -280,7 +280,7 @@ def test_nics_need_bridged_mode(tmp_path):
 
 
 def test_the_nic_group_gives_each_nic_its_netdev_and_routes_by_index(tmp_path):
-    from remus.primary.daemon import make_netbuf
+    from remus.common.nicgroup import make_netbuf
     cfg = load(write(tmp_path, NICS.replace("[tls]", '[tls]').replace(
         '[network]\nmode = "bridged"', '[network]\nmode = "bridged"\nbuffer = "userspace"')))
     group = make_netbuf(cfg, tmp_path, True)

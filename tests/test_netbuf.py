@@ -1,6 +1,6 @@
 import pytest
 
-from remus.primary.netbuf import EpochQueue
+from remus.common.netbuf import EpochQueue
 
 
 def test_frames_leave_only_when_their_epoch_commits():
@@ -47,9 +47,9 @@ def test_barriers_must_advance():
 def test_plug_is_chosen_only_where_the_kernel_has_it(tmp_path):
     from remus.common.config import load
     from remus.common.qemu import GuestError
-    from remus.primary.daemon import make_netbuf
-    from remus.primary.netbuf import UserspaceNetBuffer
-    from remus.primary.netbuf_plug import PlugNetBuffer, plug_supported
+    from remus.common.nicgroup import make_netbuf
+    from remus.common.netbuf import UserspaceNetBuffer
+    from remus.common.netbuf_plug import PlugNetBuffer, plug_supported
 
     def cfg(buffer):
         p = tmp_path / f"{buffer}.toml"
@@ -89,7 +89,7 @@ def test_replayed_frames_reach_the_guest_nic_stream_framed_and_in_order(tmp_path
     import asyncio
     import struct
 
-    from remus.primary.netbuf import UserspaceNetBuffer
+    from remus.common.netbuf import UserspaceNetBuffer
 
     async def main():
         nb = UserspaceNetBuffer("unused", tmp_path / "net.sock", 1 << 20)

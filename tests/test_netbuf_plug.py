@@ -26,8 +26,8 @@ from pyroute2.netlink.rtnl import RTM_DELQDISC, RTM_DELTFILTER, RTM_NEWLINK, RTM
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
-from remus.primary.hooks import CheckpointDevice
-from remus.primary.netbuf_plug import (
+from remus.common.hooks import CheckpointDevice
+from remus.common.netbuf_plug import (
     ETH_P_ALL, FILTER_PRIO, INGRESS_HANDLE, PLUG_HANDLE, PLUG_MISSING, TC_ACT_STOLEN,
     TC_H_INGRESS, TC_H_ROOT, TCA_EGRESS_REDIR, NetBufferError, PlugNetBuffer, PlugUnsupported,
     Request, ifb_request, ingress_request, netns_delete, no_ipv6_addr_request,
@@ -83,7 +83,7 @@ def test_plug_actions_encode_the_kernel_constants(batch, name, value):
 
 def test_action_constants_match_pkt_sched_h_and_pyroute2():
     from pyroute2.netlink.rtnl.tcmsg.sched_plug import actions
-    from remus.primary.netbuf_plug import PLUG_ACTIONS
+    from remus.common.netbuf_plug import PLUG_ACTIONS
     assert PLUG_ACTIONS == {"TCQ_PLUG_BUFFER": 0, "TCQ_PLUG_RELEASE_ONE": 1,
                             "TCQ_PLUG_RELEASE_INDEFINITE": 2, "TCQ_PLUG_LIMIT": 3} == actions
 
@@ -231,7 +231,7 @@ class FakeIPRoute:
 def fake_rtnl(monkeypatch):
     """Make the device talk to a FakeIPRoute; returns a setter for the fake."""
     def use(fake: FakeIPRoute) -> FakeIPRoute:
-        monkeypatch.setattr("remus.primary.netbuf_plug._open_rtnl", lambda netns: fake)
+        monkeypatch.setattr("remus.common.netbuf_plug._open_rtnl", lambda netns: fake)
         return fake
     return use
 

@@ -8,9 +8,15 @@ with the NIC's index, for replay on the same NIC after a failover.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
-from remus.primary.hooks import CheckpointDevice, Hooks
+from remus.common import log
+from remus.common.hooks import CheckpointDevice, Hooks
+from remus.common.netbuf import UserspaceNetBuffer
+from remus.common.qemu import GuestError
+
+_log = log.get("remus.netbuf")
 
 
 class NicGroup(Hooks, CheckpointDevice):
@@ -62,3 +68,30 @@ class NicGroup(Hooks, CheckpointDevice):
     async def close(self) -> None:
         for b in self.buffers:
             await b.close()
+
+
+def make_netbuf(cfg, run_dir: Path, buffering: bool) -> NicGroup | None:
+    """The output buffers of the guest's NICs in bridged mode: plug where asked and
+    possible, else userspace; one per NIC, each capped at buffer_cap_mib. The primary
+    holds output in them; a taken-over guest passes it straight through until it is
+    re-protected."""
+    net = cfg.network
+    if net.mode != "bridged":
+        return None
+    cap = net.buffer_cap_mib << 20
+    plug = False
+    if net.buffer in ("plug", "auto") and buffering:
+        from remus.common.netbuf_plug import PlugNetBuffer, plug_supported
+        plug, why = plug_supported()
+        if not plug and net.buffer == "plug":
+            raise GuestError(f"[network] buffer = \"plug\" but {why}; use \"userspace\" or \"auto\"")
+        if not plug:
+            _log.info("netbuf-mode", mode="userspace", reason=why)
+    buffers = []
+    for i, nic in enumerate(cfg.nics):
+        if plug:
+            buffers.append(PlugNetBuffer(nic.tap, "ifb-" + nic.tap[-11:], cap, netdev_id=f"n{i}"))
+        else:
+            sock = run_dir / ("net.sock" if i == 0 else f"net{i}.sock")
+            buffers.append(UserspaceNetBuffer(nic.tap, sock, cap, buffering, netdev_id=f"n{i}"))
+    return NicGroup(buffers, cfg.nics)

@@ -18,7 +18,7 @@ from typing import Callable
 
 from remus.common import log
 from remus.common.tap import attach, open_tap
-from remus.primary.hooks import CheckpointDevice
+from remus.common.hooks import CheckpointDevice
 
 _log = log.get("remus.netbuf")
 

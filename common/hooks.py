@@ -7,6 +7,11 @@ replication plug in here.
 """
 from __future__ import annotations
 
+# Where a drill may make the primary die: before and after each hook, the seed's
+# drill commands s s2 r r2 c c2.
+DRILL_POINTS = {"s": "postsuspend-before", "s2": "postsuspend-after", "r": "preresume-before",
+                "r2": "preresume-after", "c": "commit-before", "c2": "commit-after"}
+
 
 class CheckpointDevice:
     name = "device"

@@ -49,9 +49,9 @@ from pyroute2 import AsyncIPRoute, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from remus.common import log
-from remus.primary.hooks import CheckpointDevice
+from remus.common.hooks import CheckpointDevice
 
-_log = log.get("remus.primary.netbuf")
+_log = log.get("remus.common.netbuf")
 
 # linux/pkt_sched.h: struct tc_plug_qopt.action
 TCQ_PLUG_BUFFER = 0
