@@ -24,6 +24,7 @@ from remus.common.control import query, request
 from remus.common.probe import read_replies, taken_back
 from remus.common.waiting import wait_until
 from remus.common.hooks import DRILL_POINTS
+from remus.common.status import BackupState, RoleName
 
 PHASES = {**{v: v for v in DRILL_POINTS.values()}, **DRILL_POINTS}
 
@@ -76,10 +77,10 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError) as exc:
         print(f"remusctl drill: both daemons must answer on this host: {exc}", file=sys.stderr)
         return 2
-    if primary.get("role") == "backup" and backup.get("role") == "primary":
+    if primary.get("role") == RoleName.BACKUP.value and backup.get("role") == RoleName.PRIMARY.value:
         # Re-protected after a failover: the hosts have exchanged roles.
         primary, backup, primary_dir, backup_dir = backup, primary, backup_dir, primary_dir
-    if primary["state"] != "protecting" or backup["state"] != "standby":
+    if primary["state"] != "protecting" or backup["state"] != BackupState.STANDBY.value:
         print(f"remusctl drill: the pair is not ready (primary {primary['state']}, backup "
               f"{backup['state']}); a drill needs protecting/standby", file=sys.stderr)
         return 1
@@ -104,40 +105,55 @@ def _drill(args, primary: dict, backup: dict, primary_dir: Path, backup_dir: Pat
     try:
         wait_until(lambda: len(_replies(out)) >= 3, 60, "the probe's first replies")
         injected = time.time()
-        if args.kill:
-            timeline.append(("inject", injected, "kill -9 primary daemon and QEMU"))
-            for pid in (primary.get("qemu_pid"), primary.get("pid")):
-                if pid:
-                    os.kill(pid, signal.SIGKILL)
-        elif args.partition:
-            request(primary_dir, "partition")
-            timeline.append(("inject", injected, "primary cut off: heartbeat muted, stream cut"))
-        elif args.backup_crash:
-            os.kill(backup["pid"], signal.SIGKILL)
-            timeline.append(("inject", injected, "kill -9 backup daemon"))
-        else:
-            point = PHASES[args.die_at]
-            request(primary_dir, f"drill {point}")
-            timeline.append(("inject", injected, f"primary armed to die at {point}"))
-        if args.backup_crash:
-            after = wait_until(lambda: (s := _try_status(primary_dir)).get("state") in ("degraded", "paused")
-                          and s, 60, "the primary to notice the backup's loss")
-            timeline.append((f"primary-{after['state']}", time.time(), "primary runs without a backup"))
-            if after["state"] == "degraded":  # with on_backup_loss = pause no reply comes
-                wait_until(lambda: sum(t > injected for t, _ in _replies(out)) >= 3, 60,
-                      "replies from the unprotected primary")
-        else:
-            after = wait_until(lambda: (s := _try_status(backup_dir)).get("state") == "active" and s, 120,
-                          "the backup to activate")
-            wait_until(lambda: any(t > injected for t, _ in _replies(out)), 60,
-                  "a reply from the activated guest")
+        timeline.append(("inject", injected, _inject(args, primary, backup, primary_dir)))
+        after = _await_outcome(args, primary_dir, backup_dir, out, injected, timeline)
         time.sleep(0.5)  # a few more replies, to see none is taken back
     finally:
         probe.send_signal(signal.SIGTERM)
         probe.wait(10)
-    replies = _replies(out)
+    report = _report(args, _replies(out), injected, after, timeline)
+    _print_report(report, args.json)
+    return 0 if not report["replies_lost"] else 1
+
+
+def _inject(args, primary: dict, backup: dict, primary_dir: Path) -> str:
+    """Break the pair as asked; what was done, for the timeline."""
+    if args.kill:
+        for pid in (primary.get("qemu_pid"), primary.get("pid")):
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+        return "kill -9 primary daemon and QEMU"
+    if args.partition:
+        request(primary_dir, "partition")
+        return "primary cut off: heartbeat muted, stream cut"
+    if args.backup_crash:
+        os.kill(backup["pid"], signal.SIGKILL)
+        return "kill -9 backup daemon"
+    point = PHASES[args.die_at]
+    request(primary_dir, f"drill {point}")
+    return f"primary armed to die at {point}"
+
+
+def _await_outcome(args, primary_dir: Path, backup_dir: Path, out: Path, injected: float,
+                   timeline: list) -> dict:
+    """Wait for what the drill should lead to; the status of the host that carries on."""
+    if args.backup_crash:
+        after = wait_until(lambda: (s := _try_status(primary_dir)).get("state") in ("degraded", "paused")
+                           and s, 60, "the primary to notice the backup's loss")
+        timeline.append((f"primary-{after['state']}", time.time(), "primary runs without a backup"))
+        if after["state"] == "degraded":  # with on_backup_loss = pause no reply comes
+            wait_until(lambda: sum(t > injected for t, _ in _replies(out)) >= 3, 60,
+                       "replies from the unprotected primary")
+        return after
+    after = wait_until(lambda: (s := _try_status(backup_dir)).get("role") == RoleName.ACTIVE.value
+                       and s, 120, "the backup to activate")
+    wait_until(lambda: any(t > injected for t, _ in _replies(out)), 60,
+               "a reply from the activated guest")
+    return after
+
+
+def _report(args, replies: list, injected: float, after: dict, timeline: list) -> dict:
     values = [v for _, v in replies]
-    lost = taken_back(values)
     before = [t for t, _ in replies if t <= injected]
     first_after = next(((t, v) for t, v in replies if t > injected), None)
     failover = after.get("last_failover") or {}
@@ -146,20 +162,22 @@ def _drill(args, primary: dict, backup: dict, primary_dir: Path, backup_dir: Pat
     if first_after is not None:
         timeline.append(("first-reply", first_after[0], f"client got {first_after[1]}"))
     end = first_after[0] if first_after else time.time()
-    report = {
+    return {
         "drill": ("kill" if args.kill else "partition" if args.partition
                   else "backup-crash" if args.backup_crash else PHASES[args.die_at]),
         "detection_ms": failover.get("detect_ms"), "fencing_ms": failover.get("fence_ms"),
         "downtime_ms": (end - (before[-1] if before else injected)) * 1000,
-        "replies": len(values), "replies_lost": len(lost),
+        "replies": len(values), "replies_lost": len(taken_back(values)),
         "timeline": [{"event": e, "ms": round((t - injected) * 1000), "detail": d} for e, t, d in timeline],
     }
-    if args.json:
+
+
+def _print_report(report: dict, as_json: bool) -> None:
+    if as_json:
         print(json.dumps(report, indent=2))
-    else:
-        print(f"drill {report['drill']}: replies lost {report['replies_lost']} of {report['replies']}; "
-              f"downtime seen by the client {report['downtime_ms']:.0f} ms")
-        print(f"  detection {report['detection_ms'] or 0:.0f} ms, fencing {report['fencing_ms'] or 0:.0f} ms")
-        for item in report["timeline"]:
-            print(f"  {item['ms']:+7d} ms  {item['event']:12s} {item['detail']}")
-    return 0 if not lost else 1
+        return
+    print(f"drill {report['drill']}: replies lost {report['replies_lost']} of {report['replies']}; "
+          f"downtime seen by the client {report['downtime_ms']:.0f} ms")
+    print(f"  detection {report['detection_ms'] or 0:.0f} ms, fencing {report['fencing_ms'] or 0:.0f} ms")
+    for item in report["timeline"]:
+        print(f"  {item['ms']:+7d} ms  {item['event']:12s} {item['detail']}")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from remus.common.config import load
 from remus.common.control import SOCKET_NAME, query, request
+from remus.common.status import RoleName
 
 
 def add_parser(sub) -> None:
@@ -34,7 +35,7 @@ def _active_daemon(cfg) -> Path | None:
         if not (state_dir / SOCKET_NAME).exists():
             continue
         try:
-            if query(state_dir).get("role") == "active":
+            if query(state_dir).get("role") == RoleName.ACTIVE.value:
                 return state_dir
         except (OSError, ValueError, RuntimeError):
             continue
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         if state != shown:
             print(f"  {state}", flush=True)
             shown = state
-        if s.get("role") == "primary" and s.get("state") == "protecting":
+        if s.get("role") == RoleName.PRIMARY.value and s.get("state") == "protecting":
             print(f"protected again at generation {s['generation']}")
             return 0
         time.sleep(0.5)

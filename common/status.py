@@ -27,6 +27,18 @@ class RoleName(str, Enum):
 HOLDING_ROLES = frozenset({RoleName.PRIMARY, RoleName.ACTIVE, RoleName.FENCING})
 
 
+class PrimaryState(str, Enum):
+    CONNECTING = "connecting"    # no session with the backup (yet, or again)
+    SYNCING = "syncing"          # the first full checkpoint (pre-copy) is on its way
+    PROTECTING = "protecting"    # checkpoints are committed: output flows as they are
+    DEGRADED = "degraded"        # the backup is lost; the guest runs unprotected
+    PAUSED = "paused"            # the backup is lost; the guest waits (on_backup_loss = pause)
+    HANDED_OVER = "handed-over"  # the guest was handed to the backup
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class BackupState(str, Enum):
     WAITING = "waiting"    # no session
     SYNCING = "syncing"    # a session's first full checkpoint is on its way
@@ -35,10 +47,16 @@ class BackupState(str, Enum):
     FENCING = "fencing"    # the primary is lost; making sure it is off
     ACTIVATING = "activating"  # resuming the guest from the replica
 
+    def __str__(self) -> str:
+        return self.value
+
 
 class ActiveState(str, Enum):
     ACTIVE = "active"
     REPROTECTING = "reprotecting"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from remus.common.config import load
 from remus.common.control import SOCKET_NAME, query
+from remus.common.status import RoleName
 
 
 def add_parsers(sub) -> None:
@@ -70,10 +71,10 @@ def render(statuses: dict) -> str:
         title = name if role == name else f"{name} host, now {role}"
         lines.append(f"{title} {s['guest']}: {s['state'].upper()}  generation {s['generation']}  "
                      f"last committed epoch {s['last_committed_epoch']}")
-        if role == "active":
+        if role == RoleName.ACTIVE.value:
             lines.append("  runs the guest UNPROTECTED since a failover: `remusctl reprotect` "
                          "once the other host is back")
-        elif role == "primary":
+        elif role == RoleName.PRIMARY.value:
             lines.append(f"  checkpoints {s['checkpoints_per_s']:.1f}/s  pause p50 {s['pause_p50_ms']:.1f} ms "
                          f"p99 {s['pause_p99_ms']:.1f} ms  {s['bytes_per_s'] / 1024:.0f} KiB/s  "
                          f"ack p50 {s['ack_p50_ms']:.1f} ms")

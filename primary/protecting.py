@@ -21,7 +21,7 @@ from remus.common.hooks import DRILL_POINTS, Hooks
 from remus.common.peering import PEER, heartbeat_status
 from remus.common.roles import Role, RunningGuest, StoodDown
 from remus.common.stats import EpochLog
-from remus.common.status import PrimaryStatus, RoleName
+from remus.common.status import PrimaryState, PrimaryStatus, RoleName
 from remus.common.waiting import cancel_and_wait
 from remus.primary.diskrep import MirroredDisks
 from remus.primary.record import write_running
@@ -126,7 +126,7 @@ class Protecting(Role):
 
     async def _stopped(self, rep_task: asyncio.Task) -> int:
         rep = self.replicator
-        if self.cfg.primary.on_stop == "handover" and rep.state == "protecting":
+        if self.cfg.primary.on_stop == "handover" and rep.state == PrimaryState.PROTECTING:
             _log.warning("primary-stop", reason="signal",
                          action="handing the guest over to the backup (on_stop = handover)")
             if await rep.handover("primary stopped by operator"):
@@ -231,10 +231,10 @@ async def report_to_systemd(replicator: Replicator) -> None:
     shown, ready = "", False
     while True:
         state = replicator.state
-        if not ready and state in ("protecting", "degraded", "paused"):
+        if not ready and state in (PrimaryState.PROTECTING, PrimaryState.DEGRADED, PrimaryState.PAUSED):
             sdnotify.notify("READY=1")
             ready = True
-        text = f"{state}, epoch {replicator.committed_epoch}" if state == "protecting" else state
+        text = f"{state}, epoch {replicator.committed_epoch}" if state == PrimaryState.PROTECTING else state
         if text != shown:
             sdnotify.notify(f"STATUS={text}")
             shown = text

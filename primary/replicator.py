@@ -25,6 +25,7 @@ from remus.common.qemu import QemuGuest
 from remus.common.stats import EpochLog, EpochStats
 from remus.common.wire import ProtocolError
 from remus.common.hooks import Hooks
+from remus.common.status import PrimaryState
 
 _log = log.get("remus.primary")
 
@@ -110,7 +111,7 @@ class Replicator:
         self.capture = capture
         self.hooks = hooks
         self.epochs = epochs
-        self.state = "connecting"
+        self.state = PrimaryState.CONNECTING
         self.paused_for_backup = False  # on_backup_loss = pause, and the backup is gone
         self.die_at: str | None = None  # a drill: die at this point of the next checkpoint
         self.partitioned = False        # a drill: the stream is cut and stays cut
@@ -150,7 +151,7 @@ class Replicator:
                 backoff = BACKOFF_MAX
             except (SessionLost, OSError, ProtocolError, asyncio.TimeoutError) as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                if self.state == "protecting":
+                if self.state == PrimaryState.PROTECTING:
                     _log.warning("backup-lost", reason=reason, last_committed=self.committed_epoch,
                                  action="running unprotected, reconnecting")
                 else:
@@ -158,13 +159,13 @@ class Replicator:
             self._fail_handover()
             # On cancellation the stream stays open, so that say_bye() can still use it.
             await self._close_stream()
-            if self.state in ("protecting", "syncing"):
+            if self.state in (PrimaryState.PROTECTING, PrimaryState.SYNCING):
                 backoff = BACKOFF_MIN
             if self.ever_protected and self.cfg.primary.on_backup_loss == "pause":
                 await self._pause_for_backup()
             elif not self.paused_for_backup:
                 await self.hooks.unprotected()
-            self.state = "paused" if self.paused_for_backup else "degraded"
+            self.state = PrimaryState.PAUSED if self.paused_for_backup else PrimaryState.DEGRADED
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -180,7 +181,7 @@ class Replicator:
         the guest for good, and tell the backup to take over without fencing. False if
         the guest is not protected or the session fails meanwhile (the guest may then
         be left stopped)."""
-        if self.state != "protecting" or self._handover is not None:
+        if self.state != PrimaryState.PROTECTING or self._handover is not None:
             return False
         fut = asyncio.get_running_loop().create_future()
         self._handover = (fut, reason)
@@ -197,7 +198,7 @@ class Replicator:
         # The backup holds `epoch` and all output up to it is out; the guest never runs
         # here again.
         await self.guest.quit()
-        self.state = "handed-over"
+        self.state = PrimaryState.HANDED_OVER
         self._writer.write(self._encoder.handover(epoch, reason))
         await self._writer.drain()
         if self._reader_task is not None:  # the backup closes the stream as it takes over
@@ -213,7 +214,7 @@ class Replicator:
         resumes the guest from a checkpoint taken before they arrived. Best effort:
         skipped while no session protects the guest or the stream is backed up."""
         writer, encoder = self._writer, self._encoder
-        if (writer is None or encoder is None or self.state not in ("syncing", "protecting")
+        if (writer is None or encoder is None or self.state not in (PrimaryState.SYNCING, PrimaryState.PROTECTING)
                 or writer.transport.get_write_buffer_size() > INPUT_BACKLOG_MAX):
             self.input_skipped += len(frames)
             return
@@ -296,7 +297,7 @@ class Replicator:
         return reader, writer
 
     async def _session(self) -> None:
-        self.state = "connecting"
+        self.state = PrimaryState.CONNECTING
         reader, writer = await self._connect()
         self._writer = writer
         session = secrets.token_hex(16)
@@ -375,7 +376,7 @@ class Replicator:
 
     async def _replicate(self, proto: PrimaryProtocol) -> None:
         interval = self.cfg.replication.interval_ms / 1000
-        self.state = "syncing"
+        self.state = PrimaryState.SYNCING
         sync_started = time.monotonic()
         self.sync = SyncProgress(started=sync_started, ram_total=self.cfg.memory_bytes,
                                  disk_size=self.disk.size if self.disk else 0)
@@ -396,11 +397,11 @@ class Replicator:
                     pass
             next_pause = time.monotonic() + interval
             epoch += 1
-            if self._handover is not None and self.state == "protecting":
+            if self._handover is not None and self.state == PrimaryState.PROTECTING:
                 await self._hand_over(proto, epoch)
             await self._checkpoint(proto, epoch, full=epoch == 1)
             if epoch == first:
-                self.state = "protecting"
+                self.state = PrimaryState.PROTECTING
                 st = self.epochs.recent[-1]
                 # The output of the whole sync waited for this ack.
                 _log.info("protecting", epoch=epoch, interval_ms=self.cfg.replication.interval_ms,
@@ -475,7 +476,7 @@ class Replicator:
     async def _watch_disk_copy(self) -> None:
         """For status, while the mirror's initial copy runs. Never awaited by the
         checkpoint loop: QEMU answers no QMP while it waits on a held disk write."""
-        while self.state == "syncing" and self.disk is not None and not self.disk.ready:
+        while self.state == PrimaryState.SYNCING and self.disk is not None and not self.disk.ready:
             if not self.disk.over_cap:
                 try:
                     self.sync.disk_copy = await asyncio.wait_for(self.disk.copy_progress(), 2.0)
@@ -499,7 +500,7 @@ class Replicator:
                 return wire
             self._writer.write(frame)
             wire += len(frame)
-            self.sync.wire_bytes += len(frame) if self.state == "syncing" else 0
+            self.sync.wire_bytes += len(frame) if self.state == PrimaryState.SYNCING else 0
             frames_sent += 1
             await self._drain()
             if progress_of:
