@@ -10,12 +10,9 @@ lost stream, a handover) goes to the failover judge.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
 
 from remus.backup.failover import FailoverJudge
 from remus.backup.inputlog import InputLog
@@ -220,10 +217,7 @@ class Receiver:
             await self._io(self.replica.commit_streamed, cp.epoch, cp.full, cp.taken_at,
                            cp.device_state, cp.disk_synced)
         else:
-            empty = np.empty(0, np.uint32), np.empty((0, PAGE_SIZE), np.uint8)
-            await self._io(functools.partial(
-                self.replica.commit, cp.epoch, cp.full, cp.taken_at, *empty, cp.device_state,
-                disk_synced=cp.disk_synced, precopy=cp.precopy, staged=conn.staged))
+            await self._io(self.replica.commit_staged, cp, conn.staged)
         conn.staged.discard()
         writer.write(proto.ack(cp.epoch))
         first_consistent = False

@@ -197,6 +197,12 @@ class Replica:
                   disk_synced=self.state.disk_synced or disk_synced, ram_complete=True)
 
     # --- whole checkpoints
+    def commit_staged(self, cp, staged) -> None:
+        """Apply checkpoint `cp` (a protocol StagedCheckpoint, whole and verified) whose
+        pages and disk data wait in `staged` (backup/staging.py)."""
+        self.commit(cp.epoch, cp.full, cp.taken_at, cp.indices, cp.pages, cp.device_state,
+                    disk_synced=cp.disk_synced, precopy=cp.precopy, staged=staged)
+
     def commit(self, epoch: int, full: bool, taken_at: float, indices: np.ndarray,
                pages: np.ndarray, device_state: bytes, disk_synced: bool = False,
                precopy: bool = False, staged=None) -> None:

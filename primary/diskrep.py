@@ -25,6 +25,7 @@ from typing import Callable
 
 from remus.common import log
 from remus.common.diskset import SealedWrites, WriteSet, is_zero
+from remus.common.hooks import CheckpointDevice
 from remus.common.nbd import NbdServer
 from remus.common.qemu import QemuGuest, disk_node
 
@@ -174,12 +175,27 @@ class DiskReplicator:
         await self.server.close()
 
 
-class MirroredDisks:
-    """Every writable disk of the guest, mirrored together: one seal per pause gives
-    the epoch's writes of all of them, for one checkpoint. The cap is shared."""
+class MirroredDisks(CheckpointDevice):
+    """Every writable disk of the guest, mirrored together, as one checkpoint device:
+    at postsuspend it seals the epoch's writes of all of them, which the replicator
+    takes for the checkpoint. The cap is shared. Nothing is held back at commit: a
+    write reached this host's disk before the guest saw it complete, and the backup
+    applies the epoch's writes with the checkpoint."""
+    name = "disks"
 
     def __init__(self, disks: list[DiskReplicator]):
         self.disks = disks
+        self._sealed: tuple[SealedWrites, bool] | None = None
+
+    async def postsuspend(self, epoch: int) -> None:
+        # Stopped and drained: every guest write of this epoch has reached us.
+        self._sealed = self.seal()
+
+    def take_sealed(self) -> tuple[SealedWrites, bool]:
+        """The writes sealed at the last postsuspend, and whether every disk is in sync."""
+        sealed, self._sealed = self._sealed, None
+        assert sealed is not None, "take_sealed() without a postsuspend"
+        return sealed
 
     @classmethod
     async def create(cls, guest: QemuGuest, cfg, sources: list[str], run_dir: Path,

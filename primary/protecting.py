@@ -76,7 +76,8 @@ class Protecting(Role):
                   backup=cfg.backup.address, stream="insecure" if tls_context is None else "tls",
                   qemu_pid=guest.pid, generation=self.generation)
         netbuf = self.running.netbuf
-        self.hooks = Hooks([netbuf] if netbuf else [])
+        # Disks before the network: output leaves only once the writes behind it are safe.
+        self.hooks = Hooks([d for d in (self.disk, netbuf) if d is not None])
         self.replicator = Replicator(cfg, guest, self.capture, self.hooks, self.epochs,
                                      self.disk, self.generation, tls_context, PEER[node.host],
                                      media)

@@ -547,8 +547,7 @@ class Replicator:
             self.drill_point("postsuspend-before")
             await self.hooks.postsuspend(epoch)
             self.drill_point("postsuspend-after")
-            # Stopped and drained: every guest write of this epoch has reached us.
-            disk = self.disk.seal() if self.disk is not None else (None, False)
+            disk = self.disk.take_sealed() if self.disk is not None else (None, False)
             timings: dict = {}
             tc = time.monotonic()
             capture_job = loop.run_in_executor(None, self.capture.full if full else self.capture.capture)
