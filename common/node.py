@@ -48,16 +48,17 @@ class Node:
 
     async def run(self, first: Role) -> int:
         """Run roles from `first` until one returns an exit code."""
+        self.role = first
         await self._start()
         try:
-            role: Role | int = first
-            while isinstance(role, Role):
-                if self.role is not None:
-                    _log.info("role-change", previous=self.role.name.value, next=role.name.value)
-                self.role = role
+            while True:
+                following = await self.role.run(self)
+                if not isinstance(following, Role):
+                    return following
+                _log.info("role-change", previous=self.role.name.value,
+                          next=following.name.value)
+                self.role = following
                 self.publish()
-                role = await role.run(self)
-            return role
         finally:
             await self._close()
 
@@ -77,8 +78,8 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         if self.hb is not None:
+            self.publish()  # what the first beats carry
             await self.hb.start()
-            self.hb.update(self.host, "", self.generation, 0)
         if self.metrics is not None:
             self.metrics.serve(self._metrics_address)
             _log.info("metrics", address=self._metrics_address)
