@@ -19,18 +19,24 @@ from remus.primary.record import read_generation
 from remus.primary.starting import Starting
 
 
-def primary_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="remus-primary",
-        description="Run the protected VM under QEMU and send a checkpoint of it to the "
-                    "backup host every interval. If the backup is unreachable the VM keeps "
-                    "running unprotected and the daemon keeps reconnecting; every new session "
-                    "starts with a full sync (pre-copy). If the other host already runs the "
-                    "guest (after a failover or a handover), this daemon does not boot it but "
-                    "stands by as that host's backup. Stopping it hands a protected guest "
-                    "over to the backup ([primary] on_stop).")
+def _parser(prog: str, other: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", "-c", required=True, metavar="FILE",
-                   help="the guest's TOML config (the same file as on the backup)")
+                   help=f"the guest's TOML config (the same file as on {other})")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def primary_parser() -> argparse.ArgumentParser:
+    p = _parser(
+        "remus-primary", "the backup",
+        "Run the protected VM under QEMU and send a checkpoint of it to the "
+        "backup host every interval. If the backup is unreachable the VM keeps "
+        "running unprotected and the daemon keeps reconnecting; every new session "
+        "starts with a full sync (pre-copy). If the other host already runs the "
+        "guest (after a failover or a handover), this daemon does not boot it but "
+        "stands by as that host's backup. Stopping it hands a protected guest "
+        "over to the backup ([primary] on_stop).")
     p.add_argument("-i", "--interval", type=int, metavar="MS",
                    help="checkpoint every MS milliseconds (overrides [replication] interval_ms)")
     p.add_argument("--capture", choices=("auto", "compare", "softdirty"),
@@ -44,30 +50,26 @@ def primary_parser() -> argparse.ArgumentParser:
                    help="start the guest even though the backup host is silent and the guest "
                         "this host last ran was never seen to end (only once you know the "
                         "backup host does not run it)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
 
 def backup_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="remus-backup",
-        description="Receive checkpoints of the protected VM into a replica, and resume the "
-                    "VM from the last committed checkpoint when the primary is lost: the "
-                    "checkpoint stream AND every heartbeat link silent, and the primary "
-                    "fenced (without [heartbeat], the stream alone decides: reset, EOF, or "
-                    "silence longer than [replication] stream_timeout_ms). A primary that "
-                    "says goodbye is not taken over; one that hands the guest over is, at "
-                    "once and without fencing. The taken-over guest runs here until "
-                    "`remusctl reprotect` makes this host its primary.")
-    p.add_argument("--config", "-c", required=True, metavar="FILE",
-                   help="the guest's TOML config (the same file as on the primary)")
+    p = _parser(
+        "remus-backup", "the primary",
+        "Receive checkpoints of the protected VM into a replica, and resume the "
+        "VM from the last committed checkpoint when the primary is lost: the "
+        "checkpoint stream AND every heartbeat link silent, and the primary "
+        "fenced (without [heartbeat], the stream alone decides: reset, EOF, or "
+        "silence longer than [replication] stream_timeout_ms). A primary that "
+        "says goodbye is not taken over; one that hands the guest over is, at "
+        "once and without fencing. The taken-over guest runs here until "
+        "`remusctl reprotect` makes this host its primary.")
     p.add_argument("--stream-timeout", type=int, metavar="MS",
                    help="override [replication] stream_timeout_ms")
     p.add_argument("--activate-now", action="store_true",
                    help="operator takeover: resume the VM from the replica at once, without "
                         "waiting for a session. Only after making sure the primary is off. "
                         "A torn, stale or already activated replica is refused.")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
 
