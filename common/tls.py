@@ -29,8 +29,9 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-NODES = ("primary", "backup")
-PEER_OF = {"primary": "backup", "backup": "primary"}
+from remus.common.roles import NODES, PEER
+
+PEER_OF = PEER  # the name this module has always offered
 CERT_VALIDITY = datetime.timedelta(days=3652)  # ten years
 
 
