@@ -5,7 +5,7 @@ from pathlib import Path
 
 from remus.common.config import Config
 from remus.common.heartbeat import Heartbeat, HeartbeatConfig, Link
-from remus.common.roles import PEER
+from remus.common.peer_map import PEER
 
 
 def heartbeat_for(cfg: Config, role: str) -> Heartbeat | None:

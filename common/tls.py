@@ -29,7 +29,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from remus.common.roles import NODES, PEER
+from remus.common.peer_map import NODES, PEER
 
 PEER_OF = PEER  # the name this module has always offered
 CERT_VALIDITY = datetime.timedelta(days=3652)  # ten years
