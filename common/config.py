@@ -17,12 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from remus.common.disks import DiskConfigError, DiskSpec, parse_disks
+from remus.common.errors import ConfigError
+from remus.common.fencing.plan import parse as parse_fencing
 from remus.common.nics import NicConfigError, default_tap, parse_nics
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the key."""
-
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
@@ -385,8 +382,7 @@ def parse(data: dict, path: Path) -> Config:
             sections["guest"].values[key] = str((base / value).resolve())
     net = sections["network"]
     _check_network(net, sections["guest"].name, with_nics="nic" in data)
-    from remus.common import fencing  # its parser raises ConfigError itself
-    plan = fencing.parse(data.get("fencing"), base)
+    plan = parse_fencing(data.get("fencing"), base)  # raises ConfigError itself
     try:
         disks = parse_disks(data.get("disk"), sections["guest"].disk, base)
     except DiskConfigError as exc:
