@@ -1,5 +1,5 @@
-"""Messages from the heartbeat process to the daemon, sent by a thread so that the
-beat loop never blocks on the pipe; log records go the same way."""
+"""The heartbeat process's way to the daemon: the event pipe, fed by a thread
+(Outbox), which carries the process's log records too (LogForward)."""
 from __future__ import annotations
 
 import contextlib
@@ -41,6 +41,8 @@ class Outbox:
 
 
 class LogForward(logging.Handler):
+    """The heartbeat process's log records, handed to the daemon to log as its own."""
+
     def __init__(self, outbox: Outbox):
         super().__init__()
         self.outbox = outbox
