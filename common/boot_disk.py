@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from remus.common.guest_image import BuildError, GuestImage
+from remus.common.guest_types import BuildError, GuestImage
 
 START_SECTOR = 2048
 MBR_CODE = Path("/usr/lib/syslinux/mbr/mbr.bin")

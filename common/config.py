@@ -17,18 +17,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from remus.common.disks import DiskConfigError, DiskSpec, parse_disks
+from remus.common.errors import ConfigError
+from remus.common.fencing.plan import parse as parse_fencing
 from remus.common.nics import NicConfigError, default_tap, parse_nics
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the key."""
-
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 
-def _host_port(value: str, *, port_required: bool) -> tuple[str, int]:
+def host_port(value: str, *, port_required: bool) -> tuple[str, int]:
+    """(host, port) of an address "HOST:PORT", or of a bare "HOST" (port 0) when
+    the port is optional; ValueError saying what is wrong. IPv6 hosts may be bracketed."""
     host, sep, port = value.rpartition(":")
     if not sep:
         if port_required:
@@ -99,7 +98,7 @@ def _links(v: list) -> list:
         if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
             raise ValueError('each link is ["PRIMARY_HOST:PORT", "BACKUP_HOST:PORT"]')
         for addr in item:
-            _host_port(addr, port_required=True)
+            host_port(addr, port_required=True)
         links.append(list(item))
     return links
 
@@ -198,13 +197,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         "plain TCP for the checkpoint stream: unauthenticated and unencrypted"),
     },
     "metrics": {
-        "primary": Key(str, "", lambda v: (_host_port(v, port_required=True), v)[1] if v else v,
+        "primary": Key(str, "", lambda v: (host_port(v, port_required=True), v)[1] if v else v,
                        "HOST:PORT of the primary's Prometheus endpoint (empty: off)"),
-        "backup": Key(str, "", lambda v: (_host_port(v, port_required=True), v)[1] if v else v,
+        "backup": Key(str, "", lambda v: (host_port(v, port_required=True), v)[1] if v else v,
                       "HOST:PORT of the backup's Prometheus endpoint (empty: off)"),
     },
     "primary": {
-        "address": Key(str, None, lambda v: (_host_port(v, port_required=False), v)[1],
+        "address": Key(str, None, lambda v: (host_port(v, port_required=False), v)[1],
                        "HOST[:PORT] the primary sends the checkpoint stream from"),
         "state_dir": Key(str, "/var/lib/remus/primary", None, "primary state directory"),
         "drill_target": Key(bool, False, None, "allow `remusctl drill` on this pair without --yes"),
@@ -220,7 +219,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               "operator resumes it (SIGUSR1)"),
     },
     "backup": {
-        "address": Key(str, None, lambda v: (_host_port(v, port_required=True), v)[1],
+        "address": Key(str, None, lambda v: (host_port(v, port_required=True), v)[1],
                        "HOST:PORT the backup listens on for the checkpoint stream"),
         "state_dir": Key(str, "/var/lib/remus/backup", None, "backup state directory (holds the replica)"),
         "standby_guest": Key(bool, True, None,
@@ -292,11 +291,11 @@ class Config:
 
     @property
     def backup_endpoint(self) -> tuple[str, int]:
-        return _host_port(self.backup.address, port_required=True)
+        return host_port(self.backup.address, port_required=True)
 
     @property
     def primary_endpoint(self) -> tuple[str, int]:
-        return _host_port(self.primary.address, port_required=False)
+        return host_port(self.primary.address, port_required=False)
 
     def fingerprint(self) -> str:
         """What both ends must agree on for a replica to be resumable.
@@ -383,8 +382,7 @@ def parse(data: dict, path: Path) -> Config:
             sections["guest"].values[key] = str((base / value).resolve())
     net = sections["network"]
     _check_network(net, sections["guest"].name, with_nics="nic" in data)
-    from remus.common import fencing  # its parser raises ConfigError itself
-    plan = fencing.parse(data.get("fencing"), base)
+    plan = parse_fencing(data.get("fencing"), base)  # raises ConfigError itself
     try:
         disks = parse_disks(data.get("disk"), sections["guest"].disk, base)
     except DiskConfigError as exc:

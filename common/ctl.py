@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace existing key files, and make a new CA")
     gen.set_defaults(func=run_keys_generate)
 
-    from remus.common import fencing
-    fencing.add_fence_test_parser(sub)
+    from remus.common.fencing.cli import add_fence_test_parser
+    add_fence_test_parser(sub)
 
     from remus.common import drill, libvirt_import, reprotect_cli, status_cli
     libvirt_import.add_import_parser(sub)

@@ -25,11 +25,11 @@ import subprocess
 import sys
 import tempfile
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from remus.common import config
+from remus.common.guest_types import BuildError, GuestImage
 
 # Bump whenever the build logic changes what ends up in the image.
 FORMAT_VERSION = 1
@@ -42,17 +42,6 @@ MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_
            "virtio_pci", "failover", "net_failover", "virtio_net", "virtio_blk")
 
 GUEST_FILES = Path(__file__).with_name("guest_files")
-
-
-class BuildError(RuntimeError):
-    """The guest cannot be built; the message says why."""
-
-
-@dataclass(frozen=True)
-class GuestImage:
-    kernel: Path
-    initrd: Path
-    kernel_version: str
 
 
 def default_cache_dir() -> Path:

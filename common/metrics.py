@@ -11,7 +11,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from remus.common.config import _host_port
+from remus.common.config import host_port
 from remus.common.status import Status
 
 PAUSE_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -82,5 +82,5 @@ class Metrics:
             self.ack.observe(stats.ack_ms / 1000)
 
     def serve(self, address: str) -> None:
-        host, port = _host_port(address, port_required=True)
+        host, port = host_port(address, port_required=True)
         start_http_server(port, addr=host, registry=self.registry)

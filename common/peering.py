@@ -5,8 +5,7 @@ from pathlib import Path
 
 from remus.common.config import Config
 from remus.common.heartbeat import Heartbeat, HeartbeatConfig, Link
-
-PEER = {"primary": "backup", "backup": "primary"}
+from remus.common.peer_map import PEER
 
 
 def heartbeat_for(cfg: Config, role: str) -> Heartbeat | None:

@@ -29,8 +29,9 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-NODES = ("primary", "backup")
-PEER_OF = {"primary": "backup", "backup": "primary"}
+from remus.common.peer_map import NODES, PEER
+
+PEER_OF = PEER  # the name this module has always offered
 CERT_VALIDITY = datetime.timedelta(days=3652)  # ten years
 
 
@@ -247,10 +248,7 @@ def generate(directory: str | os.PathLike, nodes: list[str], force: bool = False
 
     EC P-256 keys, ten years of validity, key files 0600, certificates 0644.
     Returns the files written."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.hazmat.primitives import serialization
 
     d = Path(directory).absolute()
     preflight(d, nodes, force)
@@ -258,72 +256,104 @@ def generate(directory: str | os.PathLike, nodes: list[str], force: bool = False
     now = datetime.datetime.now(datetime.timezone.utc)
     start = now - datetime.timedelta(minutes=5)  # tolerate small clock differences
     written: list[Path] = []
-
-    def write(path: Path, data: bytes, mode: int) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)  # whatever the umask
-        os.replace(tmp, path)
-        written.append(path)
-
-    def pem_key(key) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-
     ca_crt, ca_key_path = d / "ca.crt", d / "ca.key"
     if ca_crt.exists() and ca_key_path.exists() and not force:
-        try:
-            ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
-            ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-        except ValueError as exc:
-            raise ValueError(f"the existing CA in {d} cannot be used ({exc}); "
-                             f"use --force to make a new one") from None
+        ca_cert, ca_key = _load_ca(ca_crt, ca_key_path)
     else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"remus CA {d.name}"),
-                             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "remus")])
-        ca_cert = (x509.CertificateBuilder()
-                   .subject_name(ca_name).issuer_name(ca_name)
-                   .public_key(ca_key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(start).not_valid_after(now + CERT_VALIDITY)
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                   .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                                key_encipherment=False, data_encipherment=False,
-                                                key_agreement=False, key_cert_sign=True,
-                                                crl_sign=True, encipher_only=False,
-                                                decipher_only=False), critical=True)
-                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                                  critical=False)
-                   .sign(ca_key, hashes.SHA256()))
-        write(ca_key_path, pem_key(ca_key), 0o600)
-        write(ca_crt, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-
+        ca_cert, ca_key = _new_ca(d.name, start, now)
+        written.append(_write(ca_key_path, _pem_key(ca_key), 0o600))
+        written.append(_write(ca_crt, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644))
     for node in nodes:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node),
-                                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "remus")]))
-                .issuer_name(ca_cert.subject)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(start).not_valid_after(now + CERT_VALIDITY)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
-                # Each node is a server (backup) or a client (primary); one cert serves both.
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]),
-                               critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                    ca_key.public_key()), critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        write(d / f"{node}.tls.key", pem_key(key), 0o600)
-        write(d / f"{node}.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        cert, key = _node_cert(node, ca_cert, ca_key, start, now)
+        written.append(_write(d / f"{node}.tls.key", _pem_key(key), 0o600))
+        written.append(_write(d / f"{node}.crt", cert.public_bytes(serialization.Encoding.PEM),
+                              0o644))
     return written
+
+
+def _write(path: Path, data: bytes, mode: int) -> Path:
+    """Put `data` in `path` with `mode`, through a temporary file: `path` is never half written."""
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, mode)  # whatever the umask
+    os.replace(tmp, path)
+    return path
+
+
+def _pem_key(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _load_ca(ca_crt: Path, ca_key_path: Path) -> tuple:
+    """(certificate, key) of the CA already in the directory, to issue more certificates."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
+        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    except ValueError as exc:
+        raise ValueError(f"the existing CA in {ca_crt.parent} cannot be used ({exc}); "
+                         f"use --force to make a new one") from None
+    return ca_cert, ca_key
+
+
+def _new_ca(dir_name: str, start: datetime.datetime, now: datetime.datetime) -> tuple:
+    """(certificate, key) of a new self-signed CA that may sign node certificates only."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"remus CA {dir_name}"),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "remus")])
+    ca_cert = (x509.CertificateBuilder()
+               .subject_name(ca_name).issuer_name(ca_name)
+               .public_key(ca_key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(start).not_valid_after(now + CERT_VALIDITY)
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                            key_encipherment=False, data_encipherment=False,
+                                            key_agreement=False, key_cert_sign=True,
+                                            crl_sign=True, encipher_only=False,
+                                            decipher_only=False), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                              critical=False)
+               .sign(ca_key, hashes.SHA256()))
+    return ca_cert, ca_key
+
+
+def _node_cert(node: str, ca_cert, ca_key, start: datetime.datetime,
+               now: datetime.datetime) -> tuple:
+    """(certificate, key) of `node`, issued by the CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node),
+                                     x509.NameAttribute(NameOID.ORGANIZATION_NAME, "remus")]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(now + CERT_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
+            # Each node is a server (backup) or a client (primary); one cert serves both.
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return cert, key
 
 
 # ------------------------------------------------------------------- config
