@@ -48,6 +48,16 @@ class FailoverJudge:
         if self.lost_at is None:
             self.lost_at, self.lost_reason = now, reason
 
+    def session_failed(self, now: float, reason: str) -> None:
+        """The session broke on this side (a local error, not the primary's doing). The
+        primary sees its stream drop and runs on without us, so the replica is stale
+        unless the heartbeat says the primary is gone as well. Without a heartbeat
+        nothing can say so: the replica is stale, never resumed on a local failure."""
+        if self.heartbeat:
+            self.stream_lost(now, reason)
+        else:
+            self.stale = True
+
     def peer(self, alive: bool) -> None:
         self.peer_alive = alive
 

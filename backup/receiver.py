@@ -14,6 +14,7 @@ import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from remus.backup.admission import Admission, addresses_of
 from remus.backup.failover import FailoverJudge
 from remus.backup.inputlog import InputLog
 from remus.backup.replica import SYNCING, Replica
@@ -63,8 +64,19 @@ class Receiver:
         self.inputs = InputLog(INPUT_LOG_CAP)  # for the current session
         self._replica_io = ThreadPoolExecutor(1, thread_name_prefix="replica")
         self.media: list[tuple[str, str]] = []  # read-only media here: (file, "SIZE:SHA256")
+        self.admission = Admission(addresses_of(cfg.primary_endpoint[0]))
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ip = writer.get_extra_info("peername")[0]
+        if not self.admission.admit(ip):
+            writer.transport.abort()
+            return
+        try:
+            await self._handle(reader, writer)
+        finally:
+            self.admission.release(ip)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "%s:%d" % writer.get_extra_info("peername")[:2]
         # Nothing is awaited before the upgrade, so no byte of the client hello can
         # land in the plain reader.
@@ -76,8 +88,13 @@ class Receiver:
             reason = await self._serve(conn, reader, writer)
         except asyncio.CancelledError:
             reason = None  # superseded by a newer session
-        except Exception as exc:  # noqa: BLE001 - a bug must not turn into an activation
-            _log.error("session-failed", peer=peer, error=repr(exc), action="dropping the connection")
+        except Exception as exc:  # noqa: BLE001 - the judge decides what a failure here means
+            _log.error("session-failed", peer=peer, error=repr(exc),
+                       action="dropping the connection; the replica is stale until a new "
+                              "session resynchronises it")
+            if conn is self.current and not conn.superseded:
+                self.judge.session_failed(time.monotonic(), f"the session failed here: {exc!r}")
+                self.changed.set()
             reason = None
         finally:
             writer.close()
