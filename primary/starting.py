@@ -14,7 +14,8 @@ from remus.common import log
 from remus.common.exitcodes import EXIT_UNDECIDED
 from remus.common.nicgroup import make_netbuf
 from remus.common.peering import grace_s
-from remus.common.qemu import GuestPaths, QemuGuest
+from remus.common.qemu import GuestError, GuestPaths, QemuGuest
+from remus.common.ramfile import RamFileError, create_ram_file
 from remus.common.roles import Role, RunningGuest
 from remus.common.status import HOLDING_ROLES, RoleName
 from remus.primary.protecting import Protecting
@@ -67,8 +68,10 @@ async def boot(cfg, generation: int, no_net: bool) -> RunningGuest:
     """The guest booted fresh on this host, its output held by the NICs' buffers
     (unless `no_net`)."""
     run_dir = Path(cfg.primary.state_dir) / "run"
-    ram_file = Path(cfg.guest.ram_dir) / f"remus-{cfg.guest.name}-primary.ram"
-    ram_file.unlink(missing_ok=True)  # never start from an old RAM image
+    try:
+        ram_file = create_ram_file(Path(cfg.guest.ram_dir), cfg.guest.name)
+    except (RamFileError, OSError) as exc:
+        raise GuestError(f"guest RAM file: {exc}") from None
     guest = QemuGuest(cfg, GuestPaths(run_dir=run_dir, ram_file=ram_file))
     run_dir.mkdir(parents=True, exist_ok=True)
     netbuf = make_netbuf(cfg, run_dir, buffering=not no_net)
