@@ -9,18 +9,13 @@ from pathlib import Path
 import pytest
 
 from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
-from remus.common.netns import Lan
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not (shutil.which("fence_dummy") or shutil.which("/usr/sbin/fence_dummy")),
                                  reason="fence_dummy (Debian fence-agents) is not installed")]
 REMUSCTL = str(Path(sys.executable).parent / "remusctl")
 
-
-@pytest.fixture(scope="module")
-def lan():
-    with Lan(second_link=True) as lan:
-        yield lan
+LAN_OPTIONS = {"second_link": True}  # the conftest's `lan` fixture
 
 
 @pytest.mark.parametrize("how", ["s", "s2", "r", "r2", "c", "c2", "kill", "partition", "backup-crash"])
