@@ -3,15 +3,17 @@ certain cleanup. Used by the tests, the demo and the benchmarks."""
 from __future__ import annotations
 
 import json
+import math
 import os
-import threading
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,6 +30,74 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def toml_value(v) -> str:
+    """`v` as a TOML value: a string (escaped), bool, int, float, list or inline table."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, str):
+        return '"' + "".join(_toml_char(c) for c in v) + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"no TOML form for {type(v).__name__}: {v!r}")
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
+                 "\r": "\\r"}
+
+
+def _toml_char(c: str) -> str:
+    if c in _TOML_ESCAPES:
+        return _TOML_ESCAPES[c]
+    return f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
+
+
+def toml_key(key: str) -> str:
+    return key if key and re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_value(key)
+
+
+def merge_tables(data: dict, overrides: dict[str, dict]) -> None:
+    """Merge {table: {key: value}} into the parsed config `data`, in place."""
+    for table, values in overrides.items():
+        if not isinstance(data.setdefault(table, {}), dict):
+            raise ValueError(f"[{table}] is an array of tables in this config; cannot override it")
+        data[table].update(values)
+
+
+def toml_document(data: dict) -> str:
+    """A TOML document for a parsed one (nested tables, arrays of tables, values)."""
+    return "\n".join(_toml_table([], data, None)) + "\n"
+
+
+def _is_table_array(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+def _toml_table(path: list[str], table: dict, header: str | None) -> list[str]:
+    lines = [header] if header else []
+    subtables = []
+    for key, v in table.items():
+        if isinstance(v, dict) or _is_table_array(v):
+            subtables.append((key, v))
+        else:
+            lines.append(f"{toml_key(key)} = {toml_value(v)}")
+    for key, v in subtables:
+        name = ".".join(toml_key(k) for k in (*path, key))
+        if isinstance(v, dict):
+            lines += _toml_table([*path, key], v, f"[{name}]")
+        else:
+            for item in v:
+                lines += _toml_table([*path, key], item, f"[[{name}]]")
+    return lines
 
 
 class Daemon:
@@ -110,42 +180,53 @@ class Pair:
     def __init__(self, image, workdir: Path, lan: Lan | None = None, disk_mib: int = 0,
                  extra_config: str = "", insecure: bool = False, memory_mib: int = 128,
                  guest_config: str = "", kernel_boot: bool = True, append_extra: str = "",
-                 **replication):
+                 config_overrides: dict[str, dict] | None = None, **replication):
         """Without `lan`: both daemons on this host, guest NIC in QEMU user mode with a
         host forward. With `lan`: daemons on the namespace hosts, guest bridged and
         its output buffered. `kernel_boot=False`: no -kernel, the guest boots from its
         first disk (see boot_append); `guest_config`: more [guest] lines. The stream
         runs over TLS with material in workdir/keys (the heartbeat's keys too, see
-        ha_config), or plain TCP with `insecure`."""
+        ha_config), or plain TCP with `insecure`. `replication`: [replication] keys;
+        `extra_config`: more TOML text; `config_overrides`: {table: {key: value}}
+        merged into all of that last (see write_config)."""
         self.workdir = workdir
         self.insecure = insecure
         self.keys = make_keys(workdir)
-        tls = "insecure = true" if insecure else f'dir = "{self.keys}"'
         self.lan = lan
         self.http_port = free_port()
         self.stream_port = free_port()
         self.ram_dir = Path("/dev/shm") / f"remus-test-{os.getpid()}-{self.stream_port}"
         self.ram_dir.mkdir()
-        rep = {"interval_ms": 200, "stream_timeout_ms": 2000, **replication}
-        rep_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in rep.items())
-        if lan is None:
-            ip, gw, primary, backup = "10.0.2.15/24", "10.0.2.2", "127.0.0.1", "127.0.0.1"
-            network = f'mode = "user"\nhost_forward = ["tcp:127.0.0.1:{self.http_port}-:80"]'
-        else:
-            ip, gw = lan.addr["guest"] + "/24", lan.addr["client"]
-            primary, backup = lan.addr["primary"], lan.addr["backup"]
-            network = f'mode = "bridged"\nbridge = "{lan.bridge}"'
-        disk = ""
         if disk_mib:
             self.disk = workdir / "guest.disk"
             with open(self.disk, "wb") as f:
                 f.truncate(disk_mib << 20)
-            disk = f'disk = "{self.disk}"'
+        ip, gw = self._guest_address()
         self.boot_append = f"console=ttyS0 quiet panic=-1 remus.ip={ip} remus.gw={gw} {append_extra}"
         kernel = (f'kernel = "{image.kernel}"\ninitrd = "{image.initrd}"\n'
                   f'append = "{self.boot_append}"') if kernel_boot else ""
+        disk = f'disk = "{self.disk}"' if disk_mib else ""
         self.config = workdir / "guest.toml"
-        self.config.write_text(f"""
+        self.base_config = (self._guest_table(memory_mib, kernel, disk, guest_config)
+                            + self._daemon_tables(replication) + extra_config + "\n")
+        self.config_overrides = config_overrides or {}
+        self.write_config()
+        self.daemons: list[Daemon] = []
+        self.primary: Daemon | None = None
+        self.backup: Daemon | None = None
+
+    def _guest_address(self) -> tuple[str, str]:
+        """The guest's address (with its prefix length) and gateway."""
+        if self.lan is None:
+            return "10.0.2.15/24", "10.0.2.2"
+        return self.lan.addr["guest"] + "/24", self.lan.addr["client"]
+
+    def _guest_table(self, memory_mib: int, kernel: str, disk: str, guest_config: str) -> str:
+        if self.lan is None:
+            network = f'mode = "user"\nhost_forward = ["tcp:127.0.0.1:{self.http_port}-:80"]'
+        else:
+            network = f'mode = "bridged"\nbridge = "{self.lan.bridge}"'
+        return f"""
 [guest]
 name = "demo"
 memory_mib = {memory_mib}
@@ -155,21 +236,43 @@ ram_dir = "{self.ram_dir}"
 {guest_config}
 [network]
 {network}
-[replication]
+"""
+
+    def _daemon_tables(self, replication: dict) -> str:
+        """[replication], [primary], [backup] and [tls]."""
+        rep = {"interval_ms": 200, "stream_timeout_ms": 2000, **replication}
+        rep_lines = "\n".join(f"{key} = {toml_value(v)}" for key, v in rep.items())
+        if self.lan is None:
+            primary = backup = "127.0.0.1"
+        else:
+            primary, backup = self.lan.addr["primary"], self.lan.addr["backup"]
+        tls = "insecure = true" if self.insecure else f'dir = "{self.keys}"'
+        return f"""[replication]
 {rep_lines}
 [primary]
 address = "{primary}"
-state_dir = "{workdir / 'primary'}"
+state_dir = "{self.workdir / 'primary'}"
 [backup]
 address = "{backup}:{self.stream_port}"
-state_dir = "{workdir / 'backup'}"
+state_dir = "{self.workdir / 'backup'}"
 [tls]
 {tls}
-{extra_config}
-""")
-        self.daemons: list[Daemon] = []
-        self.primary: Daemon | None = None
-        self.backup: Daemon | None = None
+"""
+
+    def write_config(self, overrides: dict[str, dict] | None = None) -> None:
+        """(Re)write the config file: the pair's own TOML with `config_overrides`, then
+        `overrides`, merged in ({table: {key: value}}: a key given replaces or adds that
+        key of the table; a table the config lacks is added). With no overrides at all
+        the text is written as built, unparsed. A test can hand one daemon a different
+        config by rewriting it between starts."""
+        layers = [layer for layer in (self.config_overrides, overrides) if layer]
+        if not layers:
+            self.config.write_text(self.base_config)
+            return
+        data = tomllib.loads(self.base_config)
+        for layer in layers:
+            merge_tables(data, layer)
+        self.config.write_text(toml_document(data))
 
     def _on(self, role: str) -> list[str]:
         return self.lan.exec(role) if self.lan else []

@@ -16,10 +16,13 @@ def guest_image():
 
 
 @pytest.fixture(scope="module")
-def two_wire_lan():
-    """Namespace hosts on one switch plus a second heartbeat wire."""
+def lan(request):
+    """Namespace hosts (common/netns.py), one set for the module's tests, deleted after
+    its last test whether the tests passed or not. A module picks the Lan's options
+    with a module-level dict, e.g. LAN_OPTIONS = {"second_link": True}; without it, a
+    plain Lan()."""
     from remus.common.netns import Lan
-    with Lan(second_link=True) as lan:
+    with Lan(**getattr(request.module, "LAN_OPTIONS", {})) as lan:
         yield lan
 
 

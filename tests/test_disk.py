@@ -11,17 +11,9 @@ import time
 import pytest
 
 from remus.common.localpair import Pair, records_on_disk, wait_until
-from remus.common.netns import Lan
 from remus.common.probe import read_replies
 
 pytestmark = pytest.mark.integration
-
-
-
-@pytest.fixture(scope="module")
-def lan():
-    with Lan() as lan:
-        yield lan
 
 
 def replies(probe) -> list[int]:

@@ -1,6 +1,7 @@
 """Failover drills, first-class: every phase of the checkpoint cycle, and a plain kill,
 through heartbeat and fencing, with zero replies lost."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -8,28 +9,24 @@ from pathlib import Path
 
 import pytest
 
+from remus.common.control import query
 from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
-from remus.common.netns import Lan
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not (shutil.which("fence_dummy") or shutil.which("/usr/sbin/fence_dummy")),
                                  reason="fence_dummy (Debian fence-agents) is not installed")]
 REMUSCTL = str(Path(sys.executable).parent / "remusctl")
+ACTIVATING = re.compile(r"\bWARNING activating ")  # the backup's log line as it takes the guest
 
-
-@pytest.fixture(scope="module")
-def lan():
-    with Lan(second_link=True) as lan:
-        yield lan
+LAN_OPTIONS = {"second_link": True}  # the conftest's `lan` fixture
 
 
 @pytest.mark.parametrize("how", ["s", "s2", "r", "r2", "c", "c2", "kill", "partition", "backup-crash"])
 def test_drill_reports_zero_lost_replies(guest_image, lan, tmp_path, how):
     extra, status = ha_config(lan, tmp_path)
-    pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra)
-    if how == "partition":  # a primary cut off must not answer clients the backup never sees
-        pair.config.write_text(pair.config.read_text().replace(
-            'state_dir = "', 'on_backup_loss = "pause"\nstate_dir = "', 1))
+    # A primary cut off (partition) must not answer clients the backup never sees.
+    overrides = {"primary": {"on_backup_loss": "pause"}} if how == "partition" else None
+    pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra, config_overrides=overrides)
     switch = PowerSwitch(status, pair)
     switch.start()
     try:
@@ -47,10 +44,19 @@ def test_drill_reports_zero_lost_replies(guest_image, lan, tmp_path, how):
         events = [e["event"] for e in report["timeline"]]
         if how == "backup-crash":
             assert events[:2] == ["inject", "primary-degraded"] and report["detection_ms"] is None
-            assert "WARNING activating" not in pair.primary.log()
+            # The backup died without taking the guest; the primary runs on, unprotected.
+            assert pair.backup.proc.poll() is not None, "the drill did not kill the backup"
+            assert not ACTIVATING.search(pair.backup.log()), pair.backup.tail()
+            assert pair.replica_record().get("state") != "activated"
+            assert pair.primary.proc.poll() is None, pair.primary.tail()
+            # ("connecting" between its attempts to reach a backup again)
+            wait_until(lambda: query(pair.workdir / "primary")["state"] == "degraded", 15,
+                       "the primary to report itself degraded")
             return
         assert report["detection_ms"] > 0 and report["fencing_ms"] > 0 and report["downtime_ms"] > 0
         assert events == ["inject", "activated", "first-reply"]
+        # The line the backup-crash case looks for is there when the backup does activate.
+        assert ACTIVATING.search(pair.backup.log()), pair.backup.tail()
         if how == "partition":
             assert "guest-paused" in pair.primary.log() and switch.cut_at is not None
         elif how != "kill":

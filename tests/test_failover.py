@@ -73,9 +73,7 @@ def test_a_standby_guest_that_dies_is_replaced_and_the_failover_uses_the_new_one
 
 
 def test_primary_stopping_on_purpose_is_not_taken_over(make_pair):
-    pair = make_pair(stream_timeout_ms=300)
-    pair.config.write_text(pair.config.read_text().replace(
-        'state_dir = "', 'on_stop = "shutdown"\nstate_dir = "', 1))
+    pair = make_pair(stream_timeout_ms=300, config_overrides={"primary": {"on_stop": "shutdown"}})
     pair.start_backup()
     pair.start_primary()
     pair.primary.wait_for(r"protecting epoch=\d+", 60)
@@ -208,9 +206,7 @@ def test_a_primary_below_the_known_generation_is_refused_in_the_handshake(make_p
 
 
 def test_torn_replica_is_refused(make_pair):
-    pair = make_pair()
-    pair.config.write_text(pair.config.read_text().replace(
-        'state_dir = "', 'on_stop = "shutdown"\nstate_dir = "', 1))
+    pair = make_pair(config_overrides={"primary": {"on_stop": "shutdown"}})
     pair.start_backup()
     pair.start_primary()
     pair.primary.wait_for(r"protecting epoch=\d+", 60)
@@ -228,9 +224,7 @@ def test_torn_replica_is_refused(make_pair):
 
 
 def test_on_backup_loss_pause_keeps_the_guest_stopped_until_the_backup_returns(make_pair):
-    pair = make_pair(interval_ms=200)
-    text = pair.config.read_text().replace('state_dir = "', 'on_backup_loss = "pause"\nstate_dir = "', 1)
-    pair.config.write_text(text)
+    pair = make_pair(interval_ms=200, config_overrides={"primary": {"on_backup_loss": "pause"}})
     pair.protect()
     value = int(pair.get("inc"))
     pair.backup.kill9()
@@ -250,16 +244,32 @@ def test_on_backup_loss_pause_keeps_the_guest_stopped_until_the_backup_returns(m
     assert int(wait_until(lambda: pair.try_get("inc"), 30, "the guest resumed by the operator")) == value + 2
 
 
-def test_status_reports_both_daemons_consistently(make_pair):
+@pytest.fixture(scope="module")
+def watched_pair(guest_image, tmp_path_factory):
+    """One protected pair with metrics endpoints, shared by the tests below that only
+    read its status and metrics: none of them may stop, kill or reconfigure it."""
+    from remus.common.localpair import Pair, free_port
+
+    ports = free_port(), free_port()
+    pair = Pair(guest_image, tmp_path_factory.mktemp("watched"), interval_ms=100,
+                config_overrides={"metrics": {"primary": f"127.0.0.1:{ports[0]}",
+                                              "backup": f"127.0.0.1:{ports[1]}"}})
+    try:
+        pair.start_backup()
+        pair.start_primary()
+        pair.primary.wait_for(r"protecting epoch=\d+", 60)
+        yield pair
+    finally:
+        pair.cleanup()
+
+
+def test_status_reports_both_daemons_consistently(watched_pair):
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    pair = make_pair(interval_ms=100)
-    pair.start_backup()
-    pair.start_primary()
-    pair.primary.wait_for(r"protecting epoch=\d+", 60)
+    pair = watched_pair
     ctl = [str(Path(sys.executable).parent / "remusctl"), "status", "--config", str(pair.config)]
 
     def status():
@@ -282,28 +292,20 @@ def test_status_reports_both_daemons_consistently(make_pair):
     assert "PROTECTING" in text and "STANDBY" in text
 
 
-def test_metrics_endpoints_are_scraped_and_parsed(make_pair):
+def test_metrics_endpoints_are_scraped_and_parsed(watched_pair):
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from remus.common.localpair import free_port
+    endpoints = watched_pair.config_overrides["metrics"]
 
-    pair = make_pair(interval_ms=100)
-    ports = free_port(), free_port()
-    pair.config.write_text(pair.config.read_text() + f'\n[metrics]\nprimary = "127.0.0.1:{ports[0]}"\n'
-                                                      f'backup = "127.0.0.1:{ports[1]}"\n')
-    pair.start_backup()
-    pair.start_primary()
-    pair.primary.wait_for(r"protecting epoch=\d+", 60)
-
-    def scrape(port):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+    def scrape(role):
+        with urllib.request.urlopen(f"http://{endpoints[role]}/metrics", timeout=10) as r:
             text = r.read().decode()
         return {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
 
     def primary_after(n):
-        m = scrape(ports[0])
+        m = scrape("primary")
         return m if m.get("remus_checkpoints_total") and m["remus_checkpoints_total"].value >= n else None
 
     m = wait_until(lambda: primary_after(5), 30, "five checkpoints in the metrics")
@@ -313,7 +315,7 @@ def test_metrics_endpoints_are_scraped_and_parsed(make_pair):
     assert m["remus_state"].labels == {"role": "primary", "state": "protecting"}
     later = wait_until(lambda: primary_after(m["remus_checkpoints_total"].value + 3), 30, "more checkpoints")
     assert later["remus_last_committed_epoch"].value > m["remus_last_committed_epoch"].value
-    b = wait_until(lambda: (b := scrape(ports[1]))["remus_standby_guest"].labels["state"] == "ready"
+    b = wait_until(lambda: (b := scrape("backup"))["remus_standby_guest"].labels["state"] == "ready"
                    and b, 30, "the backup's standby guest in the metrics")
     assert b["remus_state"].labels == {"role": "backup", "state": "standby"}
     assert b["remus_failovers_total"].value == 0

@@ -7,17 +7,12 @@ import pytest
 
 from remus.common.control import query
 from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
-from remus.common.netns import Lan
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not shutil.which("fence_dummy") and not shutil.which("/usr/sbin/fence_dummy"),
                                  reason="fence_dummy (Debian fence-agents) is not installed")]
 
-
-@pytest.fixture(scope="module")
-def lan():
-    with Lan(second_link=True) as lan:
-        yield lan
+LAN_OPTIONS = {"second_link": True}  # the conftest's `lan` fixture
 
 
 def protected_pair(guest_image, lan, workdir, fence_type="file", device=None, **replication):

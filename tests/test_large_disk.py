@@ -10,7 +10,6 @@ import time
 import pytest
 
 from remus.common.localpair import MemoryWatch, Pair, records_on_disk, wait_until
-from remus.common.netns import Lan
 from remus.common.probe import read_replies
 
 pytestmark = pytest.mark.integration
@@ -20,12 +19,6 @@ DISK_MIB = 20 << 10
 DATA_AT = [(k * 1536 + 100) * MiB for k in range(13)]  # 8 MiB of data at each
 ZERO_AT_MIB, ZERO_MIB = 64, 128                         # the region the guest wipes
 BOUND = 256 * MiB                                       # beyond guest RAM (compare's shadow)
-
-
-@pytest.fixture(scope="module")
-def lan():
-    with Lan() as lan:
-        yield lan
 
 
 def allocated(path) -> int:

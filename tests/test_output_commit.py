@@ -9,18 +9,13 @@ import time
 import pytest
 
 from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
-from remus.common.netns import Lan
 from remus.common.probe import read_replies, taken_back
 
 pytestmark = pytest.mark.integration
 
 INTERVAL_MS = 200
 
-
-@pytest.fixture(scope="module")
-def lan():
-    with Lan(second_link=True) as lan:
-        yield lan
+LAN_OPTIONS = {"second_link": True}  # the conftest's `lan` fixture
 
 
 def replies(probe) -> list[tuple[float, int]]:

@@ -14,14 +14,13 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not (shutil.which("fence_dummy") or shutil.which("/usr/sbin/fence_dummy")),
                                  reason="fence_dummy (Debian fence-agents) is not installed")]
 
+LAN_OPTIONS = {"second_link": True}  # the conftest's `lan` fixture
 
 
-
-def test_fail_over_reprotect_and_fail_back_without_losing_a_reply(guest_image, two_wire_lan,
-                                                                  tmp_path):
-    extra, power_a = ha_config(two_wire_lan, tmp_path)
+def test_fail_over_reprotect_and_fail_back_without_losing_a_reply(guest_image, lan, tmp_path):
+    extra, power_a = ha_config(lan, tmp_path)
     power_b = tmp_path / "power-backup"
-    pair = Pair(guest_image, tmp_path, lan=two_wire_lan, extra_config=extra)
+    pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra)
     switches = []
     try:
         pair.protect()
@@ -47,7 +46,7 @@ def test_fail_over_reprotect_and_fail_back_without_losing_a_reply(guest_image, t
         assert status_a["role"] == "backup", status_a
 
         # remusctl reprotect on host B: B becomes the primary, A its backup.
-        r = subprocess.run([*two_wire_lan.exec("backup"), str(BIN / "remusctl"), "reprotect",
+        r = subprocess.run([*lan.exec("backup"), str(BIN / "remusctl"), "reprotect",
                             "-c", str(pair.config), "--timeout", "300"],
                            capture_output=True, text=True, timeout=330)
         assert r.returncode == 0, r.stdout + r.stderr

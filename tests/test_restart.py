@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not (shutil.which("fence_dummy") or shutil.which("/usr/sbin/fence_dummy")),
                                  reason="fence_dummy (Debian fence-agents) is not installed")]
 
-
+LAN_OPTIONS = {"second_link": True}  # the conftest's `lan` fixture
 
 
 def assert_nothing_taken_back(probe) -> None:
@@ -21,11 +21,11 @@ def assert_nothing_taken_back(probe) -> None:
     assert values and not taken_back(values), f"replies taken back: {taken_back(values)}"
 
 
-def test_restarting_the_primary_service_hands_the_guest_over_both_ways(guest_image, two_wire_lan,
+def test_restarting_the_primary_service_hands_the_guest_over_both_ways(guest_image, lan,
                                                                       tmp_path):
-    extra, power_a = ha_config(two_wire_lan, tmp_path)
+    extra, power_a = ha_config(lan, tmp_path)
     power_b = tmp_path / "power-backup"
-    pair = Pair(guest_image, tmp_path, lan=two_wire_lan, extra_config=extra, reprotect="auto")
+    pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra, reprotect="auto")
     try:
         pair.protect()
         probe = pair.start_probe()
@@ -62,10 +62,10 @@ def test_restarting_the_primary_service_hands_the_guest_over_both_ways(guest_ima
         pair.cleanup()
 
 
-def test_restarting_the_backup_service_resyncs_cleanly_and_still_fails_over(guest_image, two_wire_lan,
+def test_restarting_the_backup_service_resyncs_cleanly_and_still_fails_over(guest_image, lan,
                                                                               tmp_path):
-    extra, power_a = ha_config(two_wire_lan, tmp_path)
-    pair = Pair(guest_image, tmp_path, lan=two_wire_lan, extra_config=extra)
+    extra, power_a = ha_config(lan, tmp_path)
+    pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra)
     switch = PowerSwitch(power_a, pair)
     rng = random.Random(26)
     try:

@@ -17,18 +17,13 @@ import pytest
 
 from remus.common.boot_disk import make_boot_disk
 from remus.common.localpair import Pair, assert_nothing_taken_back, records_on_disk, wait_until
-from remus.common.netns import Lan
 from remus.common.probe import read_replies
 
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
 
-
-@pytest.fixture(scope="module")
-def lan():
-    with Lan(guest_lan2=True) as lan:
-        yield lan
+LAN_OPTIONS = {"guest_lan2": True}  # the conftest's `lan` fixture
 
 
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"

@@ -87,10 +87,9 @@ def test_primary_refuses_a_backup_of_another_ca(make_pair, tmp_path):
     pair = make_pair(interval_ms=100)
     impostor = tmp_path / "impostor"
     tls.generate(impostor, ["backup", "primary"])
-    text = pair.config.read_text()
-    pair.config.write_text(text.replace(f'dir = "{pair.keys}"', f'dir = "{impostor}"'))
+    pair.write_config({"tls": {"dir": str(impostor)}})
     pair.start_backup()
-    pair.config.write_text(text)  # the primary reads the genuine material
+    pair.write_config()  # the primary reads the genuine material
     pair.start_primary()
     pair.primary.wait_for(r"backup-refused reason=\"TLS handshake with the backup failed: "
                           r"the peer's certificate is not from our CA", 60)

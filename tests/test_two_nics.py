@@ -7,16 +7,11 @@ import time
 import pytest
 
 from remus.common.localpair import Pair, assert_nothing_taken_back, wait_until
-from remus.common.netns import Lan
 from remus.common.probe import read_replies
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def lan():
-    with Lan(guest_lan2=True) as lan:
-        yield lan
+LAN_OPTIONS = {"guest_lan2": True}  # the conftest's `lan` fixture
 
 
 def nics(lan) -> str:
