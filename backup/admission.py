@@ -6,8 +6,10 @@ holding enough idle connections starves the real session of descriptors and
 the replica never becomes resumable. So connections are refused before any
 byte is read when they come from an address other than the primary's (the
 primary binds its end to [primary] address), or past a cap in total and per
-source. Refusals are counted and logged as a summary at most every
-SUMMARY_EVERY_S, not one line each.
+source; at a cap the oldest connection that has not authenticated yet is
+closed to make room, so stalled handshakes cannot lock the primary out.
+Refusals are counted and logged as a summary at most every SUMMARY_EVERY_S,
+not one line each.
 """
 from __future__ import annotations
 
@@ -50,42 +52,63 @@ def addresses_of(host: str) -> set[str] | None:
     return {normalise(info[4][0]) for info in infos}
 
 
+class Ticket:
+    """One admitted connection; `abort` ends it if it has to make room."""
+
+    def __init__(self, ip: str, abort):
+        self.ip, self.abort = ip, abort
+        self.authenticated = False  # past TLS (or the hello, without TLS): never evicted
+
+
 class Admission:
     def __init__(self, allowed: set[str] | None, max_connections: int = MAX_CONNECTIONS,
                  max_per_source: int = MAX_PER_SOURCE, clock=time.monotonic):
         self.allowed = allowed
         self.max_connections, self.max_per_source = max_connections, max_per_source
-        self.open: Counter[str] = Counter()
-        self.refused: Counter[str] = Counter()  # by reason, since the last summary
+        self.tickets: list[Ticket] = []  # oldest first
+        self.refused: Counter[str] = Counter()  # by source and reason, since the last summary
         self.refused_total = 0
+        self.evicted_total = 0
         self._clock = clock
         self._summary_at = clock()
 
-    def admit(self, ip: str) -> bool:
-        """Whether a new connection from `ip` may be served; if so, `release` it later."""
+    def admit(self, ip: str, abort=lambda: None) -> Ticket | None:
+        """A ticket if a new connection from `ip` may be served (`release` it later), else
+        None. At a cap, the oldest connection of that source (or of all) that has not
+        authenticated yet makes room: stalled handshakes cannot lock the primary out."""
         ip = normalise(ip)
-        reason = None
         if self.allowed is not None and ip not in self.allowed:
-            reason = "not the primary's address"
-        elif sum(self.open.values()) >= self.max_connections:
-            reason = "too many connections"
-        elif self.open[ip] >= self.max_per_source:
-            reason = "too many connections from this address"
-        if reason is None:
-            self.open[ip] += 1
-            return True
-        self.refused[f"{ip}: {reason}"] += 1
+            return self._refuse(ip, "not the primary's address")
+        same = [t for t in self.tickets if t.ip == ip]
+        if len(same) >= self.max_per_source and not self._evict(same):
+            return self._refuse(ip, "too many connections from this address")
+        if len(self.tickets) >= self.max_connections and not self._evict(self.tickets):
+            return self._refuse(ip, "too many connections")
+        ticket = Ticket(ip, abort)
+        self.tickets.append(ticket)
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        if ticket in self.tickets:
+            self.tickets.remove(ticket)
+
+    def _evict(self, among: list[Ticket]) -> bool:
+        victim = next((t for t in among if not t.authenticated), None)
+        if victim is None:
+            return False
+        self.release(victim)
+        victim.abort()
+        self.evicted_total += 1
+        self._count(f"{victim.ip}: evicted, not authenticated in time for a newer connection")
+        return True
+
+    def _refuse(self, ip: str, reason: str) -> None:
+        self._count(f"{ip}: {reason}")
+        return None
+
+    def _count(self, what: str) -> None:
+        self.refused[what] += 1
         self.refused_total += 1
-        self._maybe_summarise()
-        return False
-
-    def release(self, ip: str) -> None:
-        ip = normalise(ip)
-        self.open[ip] -= 1
-        if self.open[ip] <= 0:
-            del self.open[ip]
-
-    def _maybe_summarise(self) -> None:
         now = self._clock()
         if now - self._summary_at < SUMMARY_EVERY_S and self.refused_total > 1:
             return

@@ -38,8 +38,9 @@ INPUT_LOG_CAP = 16 << 20  # input held for replay; more is left to the clients' 
 class Connection:
     """One inbound checkpoint stream."""
 
-    def __init__(self, peer: str):
+    def __init__(self, peer: str, ticket=None):
         self.peer = peer
+        self.ticket = ticket  # its admission to the stream port
         self.session: str | None = None
         self.superseded = False
         self.task: asyncio.Task | None = None
@@ -67,22 +68,27 @@ class Receiver:
         self.admission = Admission(addresses_of(cfg.primary_endpoint[0]))
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        ip = writer.get_extra_info("peername")[0]
-        if not self.admission.admit(ip):
+        task = asyncio.current_task()
+        ticket = self.admission.admit(writer.get_extra_info("peername")[0], task.cancel)
+        if ticket is None:
             writer.transport.abort()
             return
         try:
-            await self._handle(reader, writer)
+            await self._handle(reader, writer, ticket)
+        except asyncio.CancelledError:
+            writer.transport.abort()  # evicted before it authenticated
         finally:
-            self.admission.release(ip)
+            self.admission.release(ticket)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      ticket) -> None:
         peer = "%s:%d" % writer.get_extra_info("peername")[:2]
         # Nothing is awaited before the upgrade, so no byte of the client hello can
         # land in the plain reader.
         if self.tls_context is not None and not await self._authenticate(peer, writer):
             return
-        conn = Connection(peer)
+        ticket.authenticated = self.tls_context is not None
+        conn = Connection(peer, ticket)
         conn.task = asyncio.current_task()
         try:
             reason = await self._serve(conn, reader, writer)
@@ -264,6 +270,8 @@ class Receiver:
             _log.warning("session-superseded", old=old.session, new=session)
         conn.session = session
         self.current = conn
+        if conn.ticket is not None:
+            conn.ticket.authenticated = True  # a session: never evicted for a newcomer
         self.inputs.clear()
         self.judge.session_started()
         await self._io(self.replica.begin_session, session, self.fingerprint,

@@ -212,6 +212,7 @@ class Pair:
         self.config_overrides = config_overrides or {}
         self.write_config()
         self.daemons: list[Daemon] = []
+        self.daemon_wrapper: list[str] = []  # e.g. prlimit: what the daemons run under
         self.primary: Daemon | None = None
         self.backup: Daemon | None = None
 
@@ -278,13 +279,15 @@ state_dir = "{self.workdir / 'backup'}"
         return self.lan.exec(role) if self.lan else []
 
     def start_backup(self, *extra: str) -> Daemon:
-        self.backup = self._start("backup", [*self._on("backup"), str(BIN / "remus-backup"),
+        self.backup = self._start("backup", [*self._on("backup"), *self.daemon_wrapper,
+                                             str(BIN / "remus-backup"),
                                              "--config", str(self.config), *extra])
         self.backup.wait_for(r"backup-start", 15)
         return self.backup
 
     def start_primary(self, *extra: str) -> Daemon:
-        self.primary = self._start("primary", [*self._on("primary"), str(BIN / "remus-primary"),
+        self.primary = self._start("primary", [*self._on("primary"), *self.daemon_wrapper,
+                                               str(BIN / "remus-primary"),
                                                "--config", str(self.config), *extra])
         return self.primary
 

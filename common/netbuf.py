@@ -23,6 +23,9 @@ from remus.common.hooks import CheckpointDevice
 _log = log.get("remus.netbuf")
 
 MAX_FRAME = 65536 + 64  # an Ethernet frame with offloads; anything longer is a broken stream
+MIN_FRAME = 14          # an Ethernet header; anything shorter is no frame
+FRAME_OVERHEAD = 64     # what holding a frame costs beyond its bytes (object, list slot)
+INBOUND_CAP = 4 << 20   # frames towards a guest that does not read them (paused, stuck)
 WARN_EVERY_S = 5.0
 
 
@@ -43,11 +46,13 @@ class EpochQueue:
         self.released_frames = 0
 
     def hold(self, frame: bytes) -> bool:
-        if self.held_bytes + len(frame) > self.cap_bytes:
+        """Hold `frame` for its epoch, unless that would pass the cap. The cap counts the
+        memory a frame really takes, so tiny frames cannot hold many times the cap."""
+        if self.held_bytes + len(frame) + FRAME_OVERHEAD > self.cap_bytes:
             self.dropped_frames += 1  # like a full NIC queue: TCP will resend
             return False
         self.open.append(frame)
-        self.held_bytes += len(frame)
+        self.held_bytes += len(frame) + FRAME_OVERHEAD
         self.held_frames += 1
         return True
 
@@ -78,7 +83,7 @@ class EpochQueue:
 
     def _account(self, out: list[bytes]) -> None:
         self.held_frames -= len(out)
-        self.held_bytes -= sum(map(len, out))
+        self.held_bytes -= sum(map(len, out)) + FRAME_OVERHEAD * len(out)
         self.released_frames += len(out)
 
 
@@ -98,7 +103,10 @@ class UserspaceNetBuffer(CheckpointDevice):
         self._to_guest: asyncio.StreamWriter | None = None
         self._connected = asyncio.Event()
         self._last_warning = 0.0
+        self._last_inbound_warning = 0.0
         self.tap_write_drops = 0
+        self.inbound_dropped = 0  # towards the guest, past INBOUND_CAP
+        self.runt_frames = 0      # from the guest, shorter than an Ethernet header
         self.silenced = False
         # Told of every batch of frames handed to the guest (the replicator copies
         # them to the backup for replay after a failover).
@@ -114,7 +122,8 @@ class UserspaceNetBuffer(CheckpointDevice):
         q = self.queue
         return {"held_frames": q.held_frames, "held_bytes": q.held_bytes,
                 "dropped_frames": q.dropped_frames, "released_frames": q.released_frames,
-                "tap_write_drops": self.tap_write_drops}
+                "tap_write_drops": self.tap_write_drops, "inbound_dropped": self.inbound_dropped,
+                "runt_frames": self.runt_frames}
 
     async def start(self) -> None:
         """Before QEMU starts: it connects to our socket at launch."""
@@ -145,7 +154,11 @@ class UserspaceNetBuffer(CheckpointDevice):
                 if not 0 < length <= MAX_FRAME:
                     _log.error("netbuf-bad-frame", length=length, action="closing the guest NIC stream")
                     break
-                self._from_guest(await reader.readexactly(length))
+                frame = await reader.readexactly(length)
+                if length < MIN_FRAME:
+                    self.runt_frames += 1  # no Ethernet frame: never sent, never held
+                    continue
+                self._from_guest(frame)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -179,18 +192,33 @@ class UserspaceNetBuffer(CheckpointDevice):
             _log.debug("tap-write-failed", error=exc.strerror)
 
     def _from_wire(self) -> None:
-        # Traffic towards the guest is never held.
+        # Traffic towards the guest is never held, but a guest that does not read it
+        # (paused, stuck) must not make it pile up here: past INBOUND_CAP it is dropped,
+        # as a full NIC ring would.
         batch: list[bytes] = []
         for _ in range(64):
             try:
                 frame = os.read(self._tap_fd, MAX_FRAME)
             except OSError:  # BlockingIOError included: nothing more to read
                 break
-            if self._to_guest is not None and frame:
-                self._to_guest.writelines((struct.pack(">I", len(frame)), frame))  # no copy
-                batch.append(frame)
+            if self._to_guest is None or not frame:
+                continue
+            if self._to_guest.transport.get_write_buffer_size() >= INBOUND_CAP:
+                self._drop_inbound()
+                continue
+            self._to_guest.writelines((struct.pack(">I", len(frame)), frame))  # no copy
+            batch.append(frame)
         if batch and self.inbound_listener is not None:
             self.inbound_listener(batch)
+
+    def _drop_inbound(self) -> None:
+        self.inbound_dropped += 1
+        now = time.monotonic()
+        if now - self._last_inbound_warning >= WARN_EVERY_S:
+            self._last_inbound_warning = now
+            _log.warning("netbuf-inbound-full", cap_bytes=INBOUND_CAP,
+                         dropped_frames=self.inbound_dropped,
+                         detail="the guest does not take its input; dropping frames towards it")
 
     def to_guest(self, frames: list[bytes]) -> int:
         """Hand `frames` to the guest's NIC as if they came from the wire (the input

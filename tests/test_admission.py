@@ -10,20 +10,35 @@ def test_only_the_primarys_address_is_served():
     a = Admission({"10.0.0.1"})
     assert a.admit("10.0.0.1")
     assert a.admit("::ffff:10.0.0.1"), "the same address, IPv4-mapped"
-    assert not a.admit("10.0.0.9")
+    assert a.admit("10.0.0.9") is None
     assert a.refused_total == 1
 
 
-def test_caps_in_total_and_per_source_and_release_makes_room():
+def test_at_a_cap_the_oldest_unauthenticated_connection_makes_room():
     a = Admission(None, max_connections=5, max_per_source=2)
-    assert a.admit("10.0.0.1") and a.admit("10.0.0.1")
-    assert not a.admit("10.0.0.1"), "a third from one source"
-    assert a.admit("10.0.0.2") and a.admit("10.0.0.2") and a.admit("10.0.0.3")
-    assert not a.admit("10.0.0.4"), "past the total"
-    a.release("10.0.0.1")
-    assert a.admit("10.0.0.4"), "room again"
-    assert not a.admit("10.0.0.5"), "full again"
-    assert sum(a.open.values()) == 5
+    aborted = []
+    t1 = a.admit("10.0.0.1", lambda: aborted.append("t1"))
+    a.admit("10.0.0.1", lambda: aborted.append("t2"))
+    t1.authenticated = True  # the session
+    t3 = a.admit("10.0.0.1", lambda: aborted.append("t3"))
+    assert t3 is not None and aborted == ["t2"], "the stalled one goes, not the session"
+    t3.authenticated = True
+    assert a.admit("10.0.0.1") is None, "two sessions from one source: nothing to evict"
+    others = [a.admit(f"10.0.0.{i}", lambda i=i: aborted.append(i)) for i in (2, 3, 4)]
+    assert all(others) and len(a.tickets) == 5
+    assert a.admit("10.0.0.5") and aborted[-1] == 2, "the oldest pending overall"
+    a.release(t1)
+    assert len(a.tickets) == 4 and a.evicted_total == 2
+
+
+def test_a_flood_of_idle_connections_cannot_lock_the_primary_out():
+    a = Admission({"10.0.0.1", "10.0.0.66"})
+    session = a.admit("10.0.0.1")
+    session.authenticated = True
+    for _ in range(2000):  # an attacker at an allowed address, reopening what is closed
+        a.admit("10.0.0.66")
+    assert a.admit("10.0.0.1") is not None, "the primary's reconnection still gets in"
+    assert session in a.tickets
 
 
 def test_refusals_are_summarised_not_logged_each(caplog):
