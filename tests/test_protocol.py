@@ -5,6 +5,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+import msgpack
 import numpy as np
 import pytest
 import zstandard
@@ -1076,3 +1077,31 @@ def test_precopy_flag_is_covered_by_the_checksum():
     assert sent == checkpoint_checksum(1, True, 1.0, idx, pages, b"", precopy=True)
     # A round whose flag were flipped in transit would not verify.
     assert sent != checkpoint_checksum(1, True, 1.0, idx, pages, b"", precopy=False)
+
+
+# --------------------------------------------------------------------------
+# Hostile headers: nesting
+
+
+def _nested_frame(t: bytes, field: bytes, rest: dict) -> bytes:
+    """A frame whose header has type `t`, the field `field` holding a list nested 1000
+    deep, and the fields of `rest` (msgpack would refuse to pack such a list)."""
+    body = msgpack.packb(rest)[1:] if rest else b""
+    raw = (bytes([0x82 + len(rest)]) + b"\xa1t" + bytes([0xa0 + len(t)]) + t
+           + bytes([0xa0 + len(field)]) + field + b"\x91" * 1000 + b"\xc0" + body)
+    return struct.pack(">II", len(raw), 0) + raw
+
+
+def test_deeply_nested_hello_is_refused_with_a_reject():
+    d = Daemon()
+    with pytest.raises(ProtocolError, match="nests lists or maps") as info:
+        d.feed(_nested_frame(b"hello", b"version", {}))
+    assert header_of(info.value.reply)["t"] == "reject"
+    assert d.proto.state == "failed"
+
+
+def test_deeply_nested_reject_is_a_protocol_error_for_the_primary():
+    p = PrimaryProtocol(SESSION)
+    with pytest.raises(ProtocolError, match="nests lists or maps"):
+        p.receive(_nested_frame(b"reject", b"reason", {"generation": 1}))
+    assert p.state == "failed"
