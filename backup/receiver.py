@@ -31,15 +31,17 @@ _log = log.get("remus.backup")
 
 READ_CHUNK = 1 << 20
 PROGRESS_EVERY_S = 0.5  # while a checkpoint streams in, tell the primary this often
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # from accepting a connection to its hello checked (TLS included)
 INPUT_LOG_CAP = 16 << 20  # input held for replay; more is left to the clients' TCP
 
 
 class Connection:
     """One inbound checkpoint stream."""
 
-    def __init__(self, peer: str):
+    def __init__(self, peer: str, handshake_deadline: float = 0.0):
         self.peer = peer
+        # monotonic time by which the handshake (TLS and hello) must be done
+        self.handshake_deadline = handshake_deadline
         self.session: str | None = None
         self.superseded = False
         self.task: asyncio.Task | None = None
@@ -78,11 +80,12 @@ class Receiver:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "%s:%d" % writer.get_extra_info("peername")[:2]
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         # Nothing is awaited before the upgrade, so no byte of the client hello can
         # land in the plain reader.
         if self.tls_context is not None and not await self._authenticate(peer, writer):
             return
-        conn = Connection(peer)
+        conn = Connection(peer, deadline)
         conn.task = asyncio.current_task()
         try:
             reason = await self._serve(conn, reader, writer)
@@ -135,7 +138,10 @@ class Receiver:
         conn.staged = StagedData(self.replica.dir)
         try:
             while True:
-                timeout = stream_timeout if conn.session else HANDSHAKE_TIMEOUT
+                # Before the session, one deadline for the whole handshake: a peer
+                # trickling its hello cannot hold the connection longer.
+                timeout = stream_timeout if conn.session else \
+                    conn.handshake_deadline - time.monotonic()
                 try:
                     data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
                 except asyncio.TimeoutError:

@@ -144,10 +144,14 @@ class FrameDecoder:
 
     _PREFIX, _HEADER, _PAYLOAD = 0, 1, 2
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 header_check: Callable[[dict, int], None] | None = None) -> None:
+        """`header_check(header, payload_len)` runs as soon as a frame's header is in,
+        before a byte of its payload is taken; it may raise ProtocolError."""
         if not isinstance(max_payload, int) or not 0 <= max_payload <= _U32_MAX:
             raise ValueError(f"max_payload must be an int from 0 to {_U32_MAX}")
         self.max_payload = max_payload
+        self._header_check = header_check
         self._stage = self._PREFIX
         self._need = PREFIX_SIZE
         self._chunks: list[bytes] = []
@@ -225,6 +229,8 @@ class FrameDecoder:
             elif self._stage == self._HEADER:
                 try:
                     self._header = decode_header(part)
+                    if self._header_check is not None:
+                        self._header_check(self._header, self._payload_len)
                 except ProtocolError as exc:
                     raise self._fail(str(exc)) from None
                 self._stage, self._need = self._PAYLOAD, self._payload_len

@@ -127,6 +127,9 @@ MAX_DISK_SIZE = 1 << 50
 MAX_DISKS = 16
 MAX_NICS = 8
 FROM_BACKUP = frozenset({"welcome", "reject", "ack", "progress"})
+# Before the hello is checked, a frame announcing more payload than this is refused on
+# its header (a hello carries none; the slack lets another version's hello be named).
+HANDSHAKE_MAX_PAYLOAD = 64 * 1024
 
 
 def check_fields(frame: Frame, sender: str, allowed: frozenset[str]) -> tuple[str, dict]:
