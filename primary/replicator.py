@@ -296,6 +296,12 @@ class Replicator:
             raise BackupRefused(f"TLS: {reason} (is {host}:{port} our backup?)")
         return reader, writer
 
+    def protocol(self, session: str) -> PrimaryProtocol:
+        """What the backup sends, checked; its reject can supersede this primary only
+        if TLS authenticated the backup."""
+        return PrimaryProtocol(session, generation=self.generation,
+                               authenticated=self.tls_context is not None)
+
     async def _session(self) -> None:
         self.state = PrimaryState.CONNECTING
         reader, writer = await self._connect()
@@ -304,7 +310,7 @@ class Replicator:
         self.session = session
         self.barrier_epoch = 0
         rep = self.cfg.replication
-        proto = PrimaryProtocol(session)
+        proto = self.protocol(session)
         self._encoder = CheckpointEncoder(PAGE_SIZE, rep.compression, rep.zstd_level)
         try:
             writer.write(self._encoder.hello(self.cfg.fingerprint(), session, self.cfg.memory_bytes,
@@ -346,8 +352,13 @@ class Replicator:
                 raise SessionLost("backup closed the connection during the handshake")
             for event in proto.receive(data):
                 if isinstance(event, Rejected):
-                    if event.generation > self.generation:
+                    if event.supersedes:
                         raise Superseded(event.reason, event.generation)
+                    if event.generation > self.generation:
+                        raise BackupRefused(
+                            f"{event.reason} (over plain TCP the backup is not authenticated, "
+                            f"so its claim of generation {event.generation} does not make "
+                            f"this primary stand down; only the heartbeat may)")
                     raise BackupRefused(event.reason)
                 if isinstance(event, Welcome):
                     self._handshake_eofs = 0

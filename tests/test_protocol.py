@@ -1152,3 +1152,27 @@ def test_after_the_hello_big_frames_are_welcome_even_in_the_same_read():
     staged = [e.checkpoint for e in d.events if isinstance(e, CheckpointStaged)]
     assert len(staged) == 1
     assert_same(staged[0], sent[0])
+
+
+# --------------------------------------------------------------------------
+# A reject claiming a newer generation: only an authenticated backup supersedes
+
+
+@pytest.mark.parametrize("authenticated, claimed, supersedes", [
+    (True, 5, True),      # TLS: the backup is who it says; a newer holder exists
+    (True, 2, False),     # ... not newer than ours: a plain refusal
+    (False, 5, False),    # plain TCP: anyone could have sent it
+    (False, 99, False),
+])
+def test_reject_supersedes_only_from_an_authenticated_backup(authenticated, claimed, supersedes):
+    p = PrimaryProtocol(SESSION, generation=2, authenticated=authenticated)
+    reject = frame({"t": "reject", "reason": "stale primary", "generation": claimed})
+    assert p.receive(reject) == [Rejected("stale primary", claimed, supersedes)]
+    assert p.state == "rejected"
+
+
+def test_a_primary_protocol_trusts_no_reject_by_default():
+    reject = frame({"t": "reject", "reason": "stale primary", "generation": 9})
+    assert not PrimaryProtocol(SESSION).receive(reject)[0].supersedes
+    with pytest.raises(ValueError):
+        PrimaryProtocol(SESSION, generation=-1)

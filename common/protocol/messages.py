@@ -9,7 +9,9 @@ is in the frame payload)::
                    and sha256 of each read-only medium, "SIZE:HEX"), generation (the
                    generation at which the sender holds the guest)
     welcome  B->P  version, session, generation (the highest this backup knows of)
-    reject   B->P  reason, generation (as in welcome; a primary below it must stand down)
+    reject   B->P  reason, generation (as in welcome; a primary below it must stand down,
+                   if the backup is authenticated: over plain TCP only the heartbeat may
+                   make it)
     begin    P->B  epoch (>= 1), full, taken_at (unix time the guest was paused, or
                    the copy started for pre-copy), disk_synced, precopy
     pages    P->B  count, codec ("zstd"|"none"), xor, raw_len
