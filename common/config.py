@@ -194,7 +194,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                    "TLS material for the checkpoint stream: ca.crt, and per node NODE.crt and "
                    "NODE.tls.key (remusctl keys generate); may be the heartbeat keys_dir"),
         "insecure": Key(bool, False, None,
-                        "plain TCP for the checkpoint stream: unauthenticated and unencrypted"),
+                        "plain TCP for the checkpoint stream: unauthenticated and unencrypted; "
+                        "anyone who reaches the backup's port can feed the replica, or forge a "
+                        "session and a handover that makes the backup take the guest over "
+                        "without fencing"),
     },
     "metrics": {
         "primary": Key(str, "", lambda v: (host_port(v, port_required=True), v)[1] if v else v,
