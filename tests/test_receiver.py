@@ -3,6 +3,7 @@ what an unauthenticated peer can make it do before a session exists."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from types import SimpleNamespace
 
@@ -91,3 +92,32 @@ def test_a_big_first_frame_is_refused_before_its_payload(tmp_path, announce):
     reply, rest, took = asyncio.run(asyncio.wait_for(scenario(), 10))
     assert b"reject" in reply and b"payload" in reply
     assert rest == b"" and took < 2.0
+
+
+def test_a_flood_of_bad_peers_logs_a_few_lines_and_a_count(tmp_path, monkeypatch, caplog):
+    """Fifty connections that each send garbage: the first few are logged with their
+    reason, the rest only counted, in one summary line once the interval is over."""
+    monkeypatch.setattr(receiver_mod, "LOG_BURST", 3, raising=False)
+    monkeypatch.setattr(receiver_mod, "LOG_INTERVAL_S", 0.5, raising=False)
+    caplog.set_level(logging.INFO, logger="remus.backup")
+    rec = _receiver(tmp_path)
+
+    async def scenario():
+        server = await asyncio.start_server(rec.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            for _ in range(50):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                await _closed_after(reader, 5.0)
+                writer.close()
+            await asyncio.sleep(0.7)  # the interval is over: the summary is due
+        finally:
+            server.close()
+            rec._replica_io.shutdown(wait=False)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    lines = [r.getMessage() for r in caplog.records if "stream-rejected" in r.getMessage()]
+    assert len(lines) == 4, lines
+    assert lines[-1].startswith("stream-rejected peer=127.0.0.1 suppressed=47 ")
+    assert "suppressed 47 similar events in the last" in lines[-1]
