@@ -30,10 +30,11 @@ from remus.common.protocol.events import (CheckpointStaged, DiskWritten, DiskZer
                                           PagesReceived, PeerBye, PeerHandover, Send,
                                           SessionOpened, StagedCheckpoint)
 from remus.common.protocol.messages import (CODECS, DISK_EXTENT, DISK_SECTOR, FROM_PRIMARY,
-                                            HANDSHAKE_MAX_PAYLOAD, INPUT_LEN, LE_U32, MAX_DISK_SIZE, MAX_EPOCH,
-                                            MAX_FRAME_RAW, MAX_INPUT_COUNT, MAX_INPUT_FRAME,
-                                            MAX_NICS, MIN_INPUT_FRAME, PROTOCOL_VERSION,
-                                            SESSION_RE, ZERO_EXTENT, check_fields, check_int)
+                                            HANDSHAKE_MAX_PAYLOAD, INPUT_LEN, LE_U32,
+                                            MAX_DISK_SIZE, MAX_EPOCH, MAX_FRAME_RAW,
+                                            MAX_INPUT_COUNT, MAX_INPUT_FRAME, MAX_NICS,
+                                            MIN_INPUT_FRAME, PROTOCOL_VERSION, SESSION_RE,
+                                            ZERO_EXTENT, check_fields, check_int)
 from remus.common.wire import DEFAULT_MAX_PAYLOAD, Frame, FrameDecoder, ProtocolError, encode_frame
 
 
