@@ -61,7 +61,7 @@ def test_a_trickled_hello_is_cut_off_at_the_handshake_deadline(tmp_path, monkeyp
             rec._replica_io.shutdown(wait=False)
 
     took = asyncio.run(asyncio.wait_for(scenario(), 10))
-    assert 0.8 <= took <= 2.0, took
+    assert 0.8 <= took <= 3.0, took
     assert rec.current is None
 
 
