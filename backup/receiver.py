@@ -14,7 +14,7 @@ import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from remus.backup.admission import Admission, addresses_of
+from remus.backup.admission import Admission, addresses_of, normalise
 from remus.backup.failover import FailoverJudge
 from remus.backup.inputlog import InputLog
 from remus.backup.replica import SYNCING, Replica
@@ -31,15 +31,20 @@ _log = log.get("remus.backup")
 
 READ_CHUNK = 1 << 20
 PROGRESS_EVERY_S = 0.5  # while a checkpoint streams in, tell the primary this often
-HANDSHAKE_TIMEOUT = 10.0
+LOG_BURST, LOG_INTERVAL_S = 5, 60.0  # per event and source, for what a peer can provoke
+HANDSHAKE_TIMEOUT = 10.0  # from accepting a connection to its hello checked (TLS included)
 INPUT_LOG_CAP = 16 << 20  # input held for replay; more is left to the clients' TCP
 
 
 class Connection:
     """One inbound checkpoint stream."""
 
-    def __init__(self, peer: str, ticket=None):
+    def __init__(self, peer: str, handshake_deadline: float = 0.0, source: str = "",
+                 ticket=None):
         self.peer = peer
+        self.source = source  # the peer's address without the port: whom a log line is about
+        # monotonic time by which the handshake (TLS and hello) must be done
+        self.handshake_deadline = handshake_deadline
         self.ticket = ticket  # its admission to the stream port
         self.session: str | None = None
         self.superseded = False
@@ -66,6 +71,9 @@ class Receiver:
         self._replica_io = ThreadPoolExecutor(1, thread_name_prefix="replica")
         self.media: list[tuple[str, str]] = []  # read-only media here: (file, "SIZE:SHA256")
         self.admission = Admission(addresses_of(cfg.primary_endpoint[0]))
+        # What any peer can provoke, once per connection: a few lines per source and
+        # minute, then a count.
+        self.limited = log.RateLimited(_log, burst=LOG_BURST, interval=LOG_INTERVAL_S)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -82,22 +90,23 @@ class Receiver:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       ticket) -> None:
-        peer = "%s:%d" % writer.get_extra_info("peername")[:2]
+        peername = writer.get_extra_info("peername")
+        conn = Connection("%s:%d" % peername[:2], time.monotonic() + HANDSHAKE_TIMEOUT,
+                          normalise(peername[0]), ticket)
         # Nothing is awaited before the upgrade, so no byte of the client hello can
         # land in the plain reader.
-        if self.tls_context is not None and not await self._authenticate(peer, writer):
+        if self.tls_context is not None and not await self._authenticate(conn, writer):
             return
         ticket.authenticated = self.tls_context is not None
-        conn = Connection(peer, ticket)
         conn.task = asyncio.current_task()
         try:
             reason = await self._serve(conn, reader, writer)
         except asyncio.CancelledError:
             reason = None  # superseded by a newer session
         except Exception as exc:  # noqa: BLE001 - the judge decides what a failure here means
-            _log.error("session-failed", peer=peer, error=repr(exc),
-                       action="dropping the connection; the replica is stale until a new "
-                              "session resynchronises it")
+            self.limited.error("session-failed", conn.source, peer=conn.peer, error=repr(exc),
+                               action="dropping the connection; the replica is stale until "
+                                      "a new session resynchronises it")
             if conn is self.current and not conn.superseded:
                 self.judge.session_failed(time.monotonic(), f"the session failed here: {exc!r}")
                 self.changed.set()
@@ -108,7 +117,7 @@ class Receiver:
             self.judge.stream_lost(time.monotonic(), reason)
             self.changed.set()
 
-    async def _authenticate(self, peer: str, writer: asyncio.StreamWriter) -> bool:
+    async def _authenticate(self, conn: Connection, writer: asyncio.StreamWriter) -> bool:
         """TLS handshake, then the peer must be the other host; else log why and close.
 
         The server is plain TCP upgraded here, rather than start_server(ssl=...),
@@ -116,14 +125,16 @@ class Receiver:
         try:
             await writer.start_tls(self.tls_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - SSL errors, resets, the timeout: all logged
-            _log.error("tls-handshake-failed", peer=peer, reason=tls.describe(exc),
-                       action="connection closed; replica and session untouched")
+            self.limited.error("tls-handshake-failed", conn.source, peer=conn.peer,
+                               reason=tls.describe(exc),
+                               action="connection closed; replica and session untouched")
             writer.transport.abort()
             return False
         reason = tls.check_peer(writer.get_extra_info("peercert"), self.peer_node)
         if reason is not None:
-            _log.error("stream-refused", peer=peer, reason=reason,
-                       action="connection closed before reading; replica and session untouched")
+            self.limited.error("stream-refused", conn.source, peer=conn.peer, reason=reason,
+                               action="connection closed before reading; replica and "
+                                      "session untouched")
             writer.transport.abort()
             return False
         return True
@@ -141,12 +152,15 @@ class Receiver:
         conn.staged = StagedData(self.replica.dir)
         try:
             while True:
-                timeout = stream_timeout if conn.session else HANDSHAKE_TIMEOUT
+                # Before the session, one deadline for the whole handshake: a peer
+                # trickling its hello cannot hold the connection longer.
+                timeout = stream_timeout if conn.session else \
+                    conn.handshake_deadline - time.monotonic()
                 try:
                     data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
                 except asyncio.TimeoutError:
                     if not conn.session:
-                        _log.warning("handshake-timeout", peer=conn.peer)
+                        self.limited.warning("handshake-timeout", conn.source, peer=conn.peer)
                         return None
                     return f"no checkpoint traffic for {self.cfg.replication.stream_timeout_ms} ms"
                 except OSError as exc:
@@ -179,11 +193,13 @@ class Receiver:
             writer.write(reply)
         if eof:
             # EOF in the middle of a checkpoint: the primary died sending it.
-            _log.warning("checkpoint-truncated", peer=conn.peer, detail=str(exc))
+            self.limited.warning("checkpoint-truncated", conn.source, peer=conn.peer,
+                                 detail=str(exc))
             return "primary closed the stream in the middle of a checkpoint"
-        _log.error("stream-rejected", peer=conn.peer, session=conn.session or "-",
-                   error=str(exc), replica_epoch=self.replica.state.epoch,
-                   action="dropping the connection; replica untouched")
+        self.limited.error("stream-rejected", conn.source, peer=conn.peer,
+                           session=conn.session or "-", error=str(exc),
+                           replica_epoch=self.replica.state.epoch,
+                           action="dropping the connection; replica untouched")
         return None
 
     async def _io(self, fn, *args):

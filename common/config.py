@@ -103,6 +103,19 @@ def _links(v: list) -> list:
     return links
 
 
+def _metrics_address(v: str) -> str:
+    """HOST:PORT of a metrics endpoint; ":PORT" or a bare "PORT" is 127.0.0.1:PORT,
+    this host only (name a host, or 0.0.0.0, to be scraped from elsewhere)."""
+    if not v:
+        return v
+    if v.isdigit():
+        v = ":" + v
+    if v.startswith(":"):
+        v = "127.0.0.1" + v
+    host_port(v, port_required=True)
+    return v
+
+
 def _str_list(v: list) -> list:
     if not all(isinstance(x, str) for x in v):
         raise ValueError("must be a list of strings")
@@ -194,13 +207,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
                    "TLS material for the checkpoint stream: ca.crt, and per node NODE.crt and "
                    "NODE.tls.key (remusctl keys generate); may be the heartbeat keys_dir"),
         "insecure": Key(bool, False, None,
-                        "plain TCP for the checkpoint stream: unauthenticated and unencrypted"),
+                        "plain TCP for the checkpoint stream: unauthenticated and unencrypted; "
+                        "anyone who reaches the backup's port can feed the replica, or forge a "
+                        "session and a handover that makes the backup take the guest over "
+                        "without fencing"),
     },
     "metrics": {
-        "primary": Key(str, "", lambda v: (host_port(v, port_required=True), v)[1] if v else v,
-                       "HOST:PORT of the primary's Prometheus endpoint (empty: off)"),
-        "backup": Key(str, "", lambda v: (host_port(v, port_required=True), v)[1] if v else v,
-                      "HOST:PORT of the backup's Prometheus endpoint (empty: off)"),
+        "primary": Key(str, "", _metrics_address,
+                       "[HOST]:PORT of the primary's Prometheus endpoint (empty: off; "
+                       "without a host: 127.0.0.1)"),
+        "backup": Key(str, "", _metrics_address,
+                      "[HOST]:PORT of the backup's Prometheus endpoint (empty: off; "
+                      "without a host: 127.0.0.1)"),
     },
     "primary": {
         "address": Key(str, None, lambda v: (host_port(v, port_required=False), v)[1],

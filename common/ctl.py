@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         "existing node files are kept unless --force (which also makes a new CA). "
         "Copy to the primary: ca.crt, primary.crt, primary.tls.key, primary.key_secret, "
         "backup.key; to the backup: ca.crt, backup.crt, backup.tls.key, backup.key_secret, "
-        "primary.key. Then set [tls] dir (and [heartbeat] keys_dir) to that folder.")
+        "primary.key. Then set [tls] dir (and [heartbeat] keys_dir) to that folder. "
+        "The alternative, [tls] insecure = true, leaves the stream unauthenticated: anyone "
+        "who reaches the backup's port can feed its replica, or forge a session and a "
+        "handover that makes the backup take the guest over without fencing.")
     gen.add_argument("--dir", type=Path, required=True,
                      help="folder for the key files (created if missing)")
     gen.add_argument("--node", action="append", required=True, metavar="NAME",

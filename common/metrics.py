@@ -2,19 +2,24 @@
 
 Gauges are read from the daemon's status at scrape time, so they can never
 disagree with `remusctl status`; histograms and counters are fed as events
-happen. Off unless `[metrics]` names an address for this role.
+happen. Off unless `[metrics]` names an address for this role (an address
+without a host is 127.0.0.1). Served by metrics_http.MetricsServer: at most
+MAX_CONNECTIONS at once, REQUEST_TIMEOUT_S for each.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from remus.common.config import host_port
+from remus.common.metrics_http import MetricsServer
 from remus.common.status import Status
 
 PAUSE_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
+MAX_CONNECTIONS = 16     # Prometheus needs one; the rest is room for curl and retries
+REQUEST_TIMEOUT_S = 5.0  # for a connection to send its request and take the reply
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
@@ -73,6 +78,7 @@ class Metrics:
         self.failovers = Counter("remus_failovers", "activations of the backup", registry=r)
         self.fencing = Counter("remus_fencing_attempts", "fencing rounds", ["result"], registry=r)
         r.register(_StatusCollector(status))
+        self.server: MetricsServer | None = None
 
     def observe_epoch(self, stats) -> None:
         self.checkpoints.inc()
@@ -82,5 +88,14 @@ class Metrics:
             self.ack.observe(stats.ack_ms / 1000)
 
     def serve(self, address: str) -> None:
+        """Serve GET /metrics at HOST:PORT from a thread of its own; OSError if the
+        address cannot be bound."""
         host, port = host_port(address, port_required=True)
-        start_http_server(port, addr=host, registry=self.registry)
+        self.server = MetricsServer(lambda: generate_latest(self.registry), host, port,
+                                    MAX_CONNECTIONS, REQUEST_TIMEOUT_S)
+        self.server.start()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None

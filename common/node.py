@@ -95,6 +95,8 @@ class Node:
         if self.hb is not None:
             await self.hb.stop()
         await self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     async def peer_beat(self, wait_s: float) -> dict | None:
         """The peer's latest beat, waiting up to `wait_s` for one (None: silent)."""

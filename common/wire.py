@@ -11,13 +11,16 @@ Nothing here touches a socket: ``encode_frame`` returns the bytes to send and
 ``FrameDecoder.feed`` turns received bytes (split anywhere) into ``Frame``s.
 Oversized lengths are rejected as soon as the 8-byte prefix is complete, so a
 broken or hostile peer can never make the decoder buffer more than
-``PREFIX_SIZE + MAX_HEADER + max_payload`` bytes.
+``PREFIX_SIZE + MAX_HEADER + max_payload`` bytes. A header is flat: scalars and
+lists of scalars; containers nested deeper than ``MAX_DEPTH`` are refused, so
+no later step (a check, an error message, a log line) can recurse without end.
+A decoder's ``header_check`` sees each header before its payload is read.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
@@ -25,6 +28,8 @@ PREFIX = struct.Struct(">II")
 PREFIX_SIZE = PREFIX.size  # 8
 MAX_HEADER = 64 * 1024
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
+# The map itself is level 1, a list in it level 2; one level to spare.
+MAX_DEPTH = 3
 _U32_MAX = 0xFFFFFFFF
 
 
@@ -77,19 +82,51 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not allowed in a frame header")
 
 
-def decode_header(raw: bytes | memoryview) -> dict:
-    """Decode and check a frame header; ProtocolError if it is not a valid one."""
+def nesting_depth(value: Any, limit: int) -> int:
+    """How deeply `value` nests lists and maps (a scalar: 0, a flat list: 1), counted
+    without recursion and only up to ``limit + 1`` (anything deeper reads as that)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > limit:
+            return depth
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list, tuple)))
+    return deepest
+
+
+def unpack_map(raw: bytes | memoryview, what: str = "frame header",
+               max_depth: int = MAX_DEPTH) -> dict:
+    """A msgpack map with str keys, nested at most ``max_depth`` levels (the map
+    counts as one); ProtocolError naming `what` if it is anything else."""
     try:
-        header = msgpack.unpackb(
+        value = msgpack.unpackb(
             raw, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext
         )
-    except Exception as exc:  # msgpack raises a zoo of exception types
-        raise ProtocolError(f"frame header is not valid msgpack: {exc}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError(f"frame header must be a msgpack map, got {type(header).__name__}")
-    for key in header:
+    except Exception as exc:  # msgpack raises a zoo of exception types (StackError,
+        # ValueError, ...); RecursionError is one of them too
+        raise ProtocolError(f"{what} is not valid msgpack: {type(exc).__name__}: "
+                            f"{str(exc)[:80]}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} must be a msgpack map, got {type(value).__name__}")
+    if nesting_depth(value, max_depth) > max_depth:
+        raise ProtocolError(f"{what} nests lists or maps more than {max_depth} levels deep")
+    for key in value:
         if not isinstance(key, str):
-            raise ProtocolError(f"frame header key {key!r} is not a string")
+            raise ProtocolError(f"{what} key {key!r:.40} is not a string")
+    return value
+
+
+def decode_header(raw: bytes | memoryview) -> dict:
+    """Decode and check a frame header; ProtocolError if it is not a valid one."""
+    header = unpack_map(raw)
     t = header.get("t")
     if not isinstance(t, str):
         raise ProtocolError('frame header has no str "t" (message type)')
@@ -107,10 +144,14 @@ class FrameDecoder:
 
     _PREFIX, _HEADER, _PAYLOAD = 0, 1, 2
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 header_check: Callable[[dict, int], None] | None = None) -> None:
+        """`header_check(header, payload_len)` runs as soon as a frame's header is in,
+        before a byte of its payload is taken; it may raise ProtocolError."""
         if not isinstance(max_payload, int) or not 0 <= max_payload <= _U32_MAX:
             raise ValueError(f"max_payload must be an int from 0 to {_U32_MAX}")
         self.max_payload = max_payload
+        self._header_check = header_check
         self._stage = self._PREFIX
         self._need = PREFIX_SIZE
         self._chunks: list[bytes] = []
@@ -188,6 +229,8 @@ class FrameDecoder:
             elif self._stage == self._HEADER:
                 try:
                     self._header = decode_header(part)
+                    if self._header_check is not None:
+                        self._header_check(self._header, self._payload_len)
                 except ProtocolError as exc:
                     raise self._fail(str(exc)) from None
                 self._stage, self._need = self._PAYLOAD, self._payload_len

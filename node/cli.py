@@ -19,8 +19,17 @@ from remus.primary.record import read_generation
 from remus.primary.starting import Starting
 
 
+INSECURE_NOTE = (
+    "[tls] insecure = true (plain TCP for the checkpoint stream) is unsafe: the stream is "
+    "unencrypted and neither host is authenticated on it. Anyone who reaches the backup's "
+    "port can feed its replica, or forge a session and a handover, which makes the backup "
+    "take the guest over at once WITHOUT fencing while the primary still runs it. A "
+    "primary over plain TCP never stands down on the backup's word, only on the "
+    "heartbeat's.")
+
+
 def _parser(prog: str, other: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=INSECURE_NOTE)
     p.add_argument("--config", "-c", required=True, metavar="FILE",
                    help=f"the guest's TOML config (the same file as on {other})")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

@@ -39,6 +39,7 @@ SUMMARY_EVERY_S = 10.0
 HANDOVER_CLOSE_S = 5.0  # how long a handing-over primary waits for the backup to hang up
 PRECOPY_DONE_PAGES = 2048  # a pre-copy round this small (8 MiB) ends pre-copy
 INPUT_BACKLOG_MAX = 4 << 20  # beyond this much unsent stream, input is not copied to the backup
+RETRY_LOG_BURST, RETRY_LOG_INTERVAL_S = 3, 300.0  # backup-refused/-unreachable lines
 
 
 class SessionLost(Exception):
@@ -132,6 +133,10 @@ class Replicator:
         self._progress_at = 0.0         # when the backup last said a checkpoint is flowing
         self._handshake_eofs = 0        # handshakes in a row the backup closed
         self.sync = SyncProgress()
+        # A backup that keeps refusing, or stays away, is retried every few seconds
+        # for as long as it lasts: a few lines, then a count.
+        self._limited = log.RateLimited(_log, burst=RETRY_LOG_BURST,
+                                        interval=RETRY_LOG_INTERVAL_S, source_field="backup")
         if disk is not None:
             disk.set_on_full(self._wake.set)  # the epoch's disk writes reached the cap
 
@@ -147,7 +152,7 @@ class Replicator:
             except Superseded:
                 raise
             except BackupRefused as exc:
-                _log.error("backup-refused", reason=str(exc))
+                self._limited.error("backup-refused", self._backup, reason=str(exc))
                 backoff = BACKOFF_MAX
             except (SessionLost, OSError, ProtocolError, asyncio.TimeoutError) as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -155,7 +160,8 @@ class Replicator:
                     _log.warning("backup-lost", reason=reason, last_committed=self.committed_epoch,
                                  action="running unprotected, reconnecting")
                 else:
-                    _log.info("backup-unreachable", reason=reason, retry_s=backoff)
+                    self._limited.info("backup-unreachable", self._backup, reason=reason,
+                                       retry_s=backoff)
             self._fail_handover()
             # On cancellation the stream stays open, so that say_bye() can still use it.
             await self._close_stream()
@@ -296,6 +302,16 @@ class Replicator:
             raise BackupRefused(f"TLS: {reason} (is {host}:{port} our backup?)")
         return reader, writer
 
+    @property
+    def _backup(self) -> str:
+        return "%s:%d" % self.cfg.backup_endpoint
+
+    def protocol(self, session: str) -> PrimaryProtocol:
+        """What the backup sends, checked; its reject can supersede this primary only
+        if TLS authenticated the backup."""
+        return PrimaryProtocol(session, generation=self.generation,
+                               authenticated=self.tls_context is not None)
+
     async def _session(self) -> None:
         self.state = PrimaryState.CONNECTING
         reader, writer = await self._connect()
@@ -304,7 +320,7 @@ class Replicator:
         self.session = session
         self.barrier_epoch = 0
         rep = self.cfg.replication
-        proto = PrimaryProtocol(session)
+        proto = self.protocol(session)
         self._encoder = CheckpointEncoder(PAGE_SIZE, rep.compression, rep.zstd_level)
         try:
             writer.write(self._encoder.hello(self.cfg.fingerprint(), session, self.cfg.memory_bytes,
@@ -346,8 +362,13 @@ class Replicator:
                 raise SessionLost("backup closed the connection during the handshake")
             for event in proto.receive(data):
                 if isinstance(event, Rejected):
-                    if event.generation > self.generation:
+                    if event.supersedes:
                         raise Superseded(event.reason, event.generation)
+                    if event.generation > self.generation:
+                        raise BackupRefused(
+                            f"{event.reason} (over plain TCP the backup is not authenticated, "
+                            f"so its claim of generation {event.generation} does not make "
+                            f"this primary stand down; only the heartbeat may)")
                     raise BackupRefused(event.reason)
                 if isinstance(event, Welcome):
                     self._handshake_eofs = 0

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgpack
 import psutil
 import pytest
 import zmq.auth
@@ -435,3 +436,30 @@ def test_remusctl_keys_generate(tmp_path):
     h = subprocess.run([str(BIN / "remusctl"), "keys", "generate", "--help"],
                        capture_output=True, text=True, timeout=60)
     assert h.returncode == 0 and "--node" in h.stdout and "0600" in h.stdout
+
+
+BEAT = {"node": "primary", "role": "primary", "session": "s", "generation": 1, "epoch": 1,
+        "seq": 1, "sent_at": 1.0}
+
+
+@pytest.mark.parametrize("extra, accepted", [
+    (b"", True),
+    (b"\xa1x" + b"\x91" * 2 + b"\xc0", False),       # a beat is flat
+    (b"\xa1x" + b"\x91" * 1000 + b"\xc0", False),    # ~1000 deep: unpacks, then recursion
+    (b"\xa1x" + b"\x91" * 3000 + b"\xc0", False),    # deeper than msgpack's own stack
+], ids=["flat", "2-deep", "1000-deep", "3000-deep"])
+def test_a_nested_beat_is_dropped_as_malformed(keys, caplog, extra, accepted):
+    """The beat loop's handling of one received beat, without sockets."""
+    from types import SimpleNamespace
+
+    from remus.common.heartbeat.runner import Runner
+    cfg = config(keys, "backup", "primary", [Link(addr(1), addr(2))])
+    outbox = SimpleNamespace(put=lambda msg: None)
+    runner = Runner(cfg, ("backup", "", 1, 0), None, outbox, os.getpid())
+    packed = msgpack.packb(BEAT)
+    data = bytes([packed[0] + (1 if extra else 0)]) + packed[1:] + extra
+    runner.on_beat(0, data)
+    assert (runner.last_beat == BEAT) is accepted
+    assert runner.links[0].rejected == (0 if accepted else 1)
+    if not accepted:
+        assert log_lines(caplog, "peer-rejected", 'reason="malformed beat"')

@@ -5,6 +5,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+import msgpack
 import numpy as np
 import pytest
 import zstandard
@@ -1076,3 +1077,102 @@ def test_precopy_flag_is_covered_by_the_checksum():
     assert sent == checkpoint_checksum(1, True, 1.0, idx, pages, b"", precopy=True)
     # A round whose flag were flipped in transit would not verify.
     assert sent != checkpoint_checksum(1, True, 1.0, idx, pages, b"", precopy=False)
+
+
+# --------------------------------------------------------------------------
+# Hostile headers: nesting
+
+
+def _nested_frame(t: bytes, field: bytes, rest: dict) -> bytes:
+    """A frame whose header has type `t`, the field `field` holding a list nested 1000
+    deep, and the fields of `rest` (msgpack would refuse to pack such a list)."""
+    body = msgpack.packb(rest)[1:] if rest else b""
+    raw = (bytes([0x82 + len(rest)]) + b"\xa1t" + bytes([0xa0 + len(t)]) + t
+           + bytes([0xa0 + len(field)]) + field + b"\x91" * 1000 + b"\xc0" + body)
+    return struct.pack(">II", len(raw), 0) + raw
+
+
+def test_deeply_nested_hello_is_refused_with_a_reject():
+    d = Daemon()
+    with pytest.raises(ProtocolError, match="nests lists or maps") as info:
+        d.feed(_nested_frame(b"hello", b"version", {}))
+    assert header_of(info.value.reply)["t"] == "reject"
+    assert d.proto.state == "failed"
+
+
+def test_deeply_nested_reject_is_a_protocol_error_for_the_primary():
+    p = PrimaryProtocol(SESSION)
+    with pytest.raises(ProtocolError, match="nests lists or maps"):
+        p.receive(_nested_frame(b"reject", b"reason", {"generation": 1}))
+    assert p.state == "failed"
+
+
+# --------------------------------------------------------------------------
+# Before the handshake: the first frame is judged on its header
+
+
+def _header_only(header: dict, payload_len: int) -> bytes:
+    """A frame's prefix and header, announcing `payload_len` bytes that never follow."""
+    packed = msgpack.packb(header, use_bin_type=True)
+    return struct.pack(">II", len(packed), payload_len) + packed
+
+
+@pytest.mark.parametrize("header, payload_len, message", [
+    (None, 64 << 20, "hello with a payload of 67108864 bytes"),
+    (None, (64 << 10) + 1, "hello with a payload of 65537 bytes"),
+    ({"t": "begin", "epoch": 1, "full": True, "taken_at": 0.0, "disk_synced": False,
+      "precopy": False}, 0, "first message must be 'hello', got 'begin'"),
+    ({"t": "pages", "count": 1, "codec": "none", "xor": False, "raw_len": PS}, 1 << 20,
+     "first message must be 'hello', got 'pages'"),
+    ({"t": "bogus"}, 32 << 20, "first message must be 'hello', got 'bogus'"),
+])
+def test_first_frame_is_refused_on_its_header_before_its_payload(header, payload_len, message):
+    """Over plain TCP anyone may connect: a 64 MiB 'hello', or any other frame, must not
+    make the backup read (and hold) its payload before the handshake."""
+    if header is None:
+        header = FrameDecoder().feed(hello_frame())[0].header
+    d = Daemon()
+    with pytest.raises(ProtocolError, match=message) as info:
+        d.feed(_header_only(header, payload_len))
+    assert header_of(info.value.reply)["t"] == "reject"
+    assert d.proto.state == "failed"
+
+
+def test_a_hello_with_a_small_payload_is_still_read_and_refused():
+    d = Daemon()
+    with pytest.raises(ProtocolError, match="must not carry a payload"):
+        d.feed(frame(FrameDecoder().feed(hello_frame())[0].header, b"x" * 100))
+
+
+def test_after_the_hello_big_frames_are_welcome_even_in_the_same_read():
+    frames, sent = make_stream(n_ckpt=1, batch=64, ps=4096, npages=64, compression="none")
+    assert max(len(f) for f in frames) > 64 << 10
+    d = Daemon(ps=4096, npages=64)
+    d.feed(b"".join(frames))  # the hello and a full checkpoint in one piece
+    staged = [e.checkpoint for e in d.events if isinstance(e, CheckpointStaged)]
+    assert len(staged) == 1
+    assert_same(staged[0], sent[0])
+
+
+# --------------------------------------------------------------------------
+# A reject claiming a newer generation: only an authenticated backup supersedes
+
+
+@pytest.mark.parametrize("authenticated, claimed, supersedes", [
+    (True, 5, True),      # TLS: the backup is who it says; a newer holder exists
+    (True, 2, False),     # ... not newer than ours: a plain refusal
+    (False, 5, False),    # plain TCP: anyone could have sent it
+    (False, 99, False),
+])
+def test_reject_supersedes_only_from_an_authenticated_backup(authenticated, claimed, supersedes):
+    p = PrimaryProtocol(SESSION, generation=2, authenticated=authenticated)
+    reject = frame({"t": "reject", "reason": "stale primary", "generation": claimed})
+    assert p.receive(reject) == [Rejected("stale primary", claimed, supersedes)]
+    assert p.state == "rejected"
+
+
+def test_a_primary_protocol_trusts_no_reject_by_default():
+    reject = frame({"t": "reject", "reason": "stale primary", "generation": 9})
+    assert not PrimaryProtocol(SESSION).receive(reject)[0].supersedes
+    with pytest.raises(ValueError):
+        PrimaryProtocol(SESSION, generation=-1)

@@ -276,3 +276,30 @@ def test_decoder_buffer_is_bounded_and_only_raises_protocol_error(pieces, max_pa
         dec.close()
     except ProtocolError as exc:
         assert "middle of a frame" in str(exc)
+
+
+def _nested(depth: int) -> bytes:
+    """msgpack of a list nested `depth` levels deep around nil (packb itself refuses to
+    build one this deep)."""
+    return b"\x91" * depth + b"\xc0"
+
+
+def _header_with(field: bytes) -> bytes:
+    """A header {"t": "hello", "v": <field>}, `field` given as msgpack bytes."""
+    return b"\x82\xa1t\xa5hello\xa1v" + field
+
+
+@pytest.mark.parametrize("depth", [3, 50, 1000, 1023, 5000])
+def test_deeply_nested_header_is_a_protocol_error(depth):
+    """A hostile header nesting lists ~1000 deep unpacked fine, then broke whatever
+    recursed over it next (a check, an error message) with RecursionError."""
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError, match="nests lists or maps|not valid msgpack"):
+        dec.feed(raw_frame(_header_with(_nested(depth))))
+
+
+def test_header_nesting_limit():
+    assert FrameDecoder().feed(raw_frame(_header_with(_nested(2))))[0].header == {
+        "t": "hello", "v": [[None]]}
+    with pytest.raises(ProtocolError, match="more than 3 levels"):
+        FrameDecoder().feed(raw_frame(_header_with(b"\x81\xa1k" + _nested(2))))

@@ -37,6 +37,7 @@ from remus.common.heartbeat.keys import load_keys
 from remus.common.heartbeat.outbox import Outbox
 from remus.common.heartbeat.settings import (LOGGER, MAX_TEXT, HeartbeatConfig, HeartbeatError,
                                              Link, endpoint)
+from remus.common.wire import ProtocolError, unpack_map
 
 _log = log.get(LOGGER)
 
@@ -44,6 +45,7 @@ MAX_BEAT_BYTES = 4096          # a beat is ~150 bytes; anything much larger is n
 _JITTER_WINDOW = 1000          # send intervals kept for the percentiles
 _REJECT_LOG_PERIOD_S = 10.0    # a refused peer reconnects all the time: one line per period
 _PEER_BEAT_PERIOD_S = 1.0      # PeerBeat at most this often unless role/session/generation change
+_BEAT_DEPTH = 2                # a beat is a map of scalars; one level to spare
 _BEAT_FIELDS = ("node", "role", "session", "generation", "epoch", "seq", "sent_at")
 
 
@@ -309,10 +311,7 @@ class Runner:
     def on_beat(self, index: int, data: bytes) -> None:
         st = self.links[index]
         now = time.monotonic()
-        beat = None
-        if len(data) <= MAX_BEAT_BYTES:
-            with contextlib.suppress(Exception):
-                beat = msgpack.unpackb(data, raw=False)
+        beat = decode_beat(data)
         if not _valid_beat(beat):
             self.rejected(index, "malformed beat")
             return
@@ -421,6 +420,17 @@ def _handshake_error(event: int, value: int) -> str:
                 return name[len("PROTOCOL_ERROR_"):].lower()
         return f"protocol error {value:#x}"
     return zmq.strerror(value) if value else "no detail"
+
+
+def decode_beat(data: bytes) -> dict | None:
+    """The map a beat carries, or None if it is not one: too long, not msgpack, not a
+    map, or nesting lists or maps (a beat is flat: a deep one is never ours)."""
+    if len(data) > MAX_BEAT_BYTES:
+        return None
+    try:
+        return unpack_map(data, "beat", max_depth=_BEAT_DEPTH)
+    except ProtocolError:
+        return None
 
 
 def _valid_beat(beat: Any) -> bool:

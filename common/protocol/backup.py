@@ -3,7 +3,10 @@ the frames it answers with.
 
 Limits on the backup besides the frame limits in ``wire``: the decoded size of
 one pages or device frame (``raw_len``) is at most ``max_payload`` too (the
-encoder keeps pages frames at or below ``MAX_FRAME_RAW`` decoded bytes).
+encoder keeps pages frames at or below ``MAX_FRAME_RAW`` decoded bytes). Before
+the handshake, the first frame is refused on its header alone (nothing of its
+payload read) unless it is a hello announcing at most ``HANDSHAKE_MAX_PAYLOAD``
+bytes: an unauthenticated peer cannot make the backup take in 64 MiB.
 
 Disk data is handed out frame by frame as ``DiskWritten`` and ``DiskZeroed``
 events, in stream order. Streaming (``BackupProtocol(stream=True)``, what the
@@ -27,10 +30,11 @@ from remus.common.protocol.events import (CheckpointStaged, DiskWritten, DiskZer
                                           PagesReceived, PeerBye, PeerHandover, Send,
                                           SessionOpened, StagedCheckpoint)
 from remus.common.protocol.messages import (CODECS, DISK_EXTENT, DISK_SECTOR, FROM_PRIMARY,
-                                            INPUT_LEN, LE_U32, MAX_DISK_SIZE, MAX_EPOCH,
-                                            MAX_FRAME_RAW, MAX_INPUT_COUNT, MAX_INPUT_FRAME,
-                                            MAX_NICS, MIN_INPUT_FRAME, PROTOCOL_VERSION,
-                                            SESSION_RE, ZERO_EXTENT, check_fields, check_int)
+                                            HANDSHAKE_MAX_PAYLOAD, INPUT_LEN, LE_U32,
+                                            MAX_DISK_SIZE, MAX_EPOCH, MAX_FRAME_RAW,
+                                            MAX_INPUT_COUNT, MAX_INPUT_FRAME, MAX_NICS,
+                                            MIN_INPUT_FRAME, PROTOCOL_VERSION, SESSION_RE,
+                                            ZERO_EXTENT, check_fields, check_int)
 from remus.common.wire import DEFAULT_MAX_PAYLOAD, Frame, FrameDecoder, ProtocolError, encode_frame
 
 
@@ -104,7 +108,8 @@ class BackupProtocol:
             raise ValueError("more pages than uint32 page indices can address")
         self.max_payload = max_payload
         self._read_previous = read_previous
-        self._decoder = FrameDecoder(max_payload)
+        self._decoder = FrameDecoder(max_payload, header_check=self._check_header)
+        self._headers = 0  # frame headers seen
         self._dctx = zstandard.ZstdDecompressor()
         self.session: str | None = None
         self.state = "await-hello"  # idle, in-checkpoint, bye, closed, failed
@@ -199,6 +204,20 @@ class BackupProtocol:
         self._error = message
         self._open = None
         self.state = "failed"
+
+    def _check_header(self, header: dict, payload_len: int) -> None:
+        """The first frame, before a byte of its payload is read: a hello, and small.
+        Until the hello is checked nothing vouches for the peer (over plain TCP it may
+        be anyone), so it must not make this side read or hold a bulk payload."""
+        self._headers += 1
+        if self._headers > 1:
+            return
+        t = header["t"]
+        if t != "hello":
+            raise ProtocolError(f"the first message must be 'hello', got {t!r:.40}")
+        if payload_len > HANDSHAKE_MAX_PAYLOAD:
+            raise ProtocolError(f"hello with a payload of {payload_len} bytes; at most "
+                                f"{HANDSHAKE_MAX_PAYLOAD} before the handshake")
 
     def _handle(self, frame: Frame, events: list) -> None:
         version = frame.header.get("version")

@@ -14,8 +14,14 @@ class Welcome:
 
 @dataclass(frozen=True)
 class Rejected:
+    """The backup refused the session. `generation` is the highest it knows to have
+    held the guest; `supersedes`: that is newer than the primary's and the backup is
+    authenticated (TLS), so the primary's copy is stale and must stand down. From an
+    unauthenticated backup (plain TCP) the same claim is only a refusal: anyone who
+    reaches the primary's connection could have sent it."""
     reason: str
     generation: int = 0
+    supersedes: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ is in the frame payload)::
                    and sha256 of each read-only medium, "SIZE:HEX"), generation (the
                    generation at which the sender holds the guest)
     welcome  B->P  version, session, generation (the highest this backup knows of)
-    reject   B->P  reason, generation (as in welcome; a primary below it must stand down)
+    reject   B->P  reason, generation (as in welcome; a primary below it must stand down,
+                   if the backup is authenticated: over plain TCP only the heartbeat may
+                   make it)
     begin    P->B  epoch (>= 1), full, taken_at (unix time the guest was paused, or
                    the copy started for pre-copy), disk_synced, precopy
     pages    P->B  count, codec ("zstd"|"none"), xor, raw_len
@@ -127,6 +129,9 @@ MAX_DISK_SIZE = 1 << 50
 MAX_DISKS = 16
 MAX_NICS = 8
 FROM_BACKUP = frozenset({"welcome", "reject", "ack", "progress"})
+# Before the hello is checked, a frame announcing more payload than this is refused on
+# its header (a hello carries none; the slack lets another version's hello be named).
+HANDSHAKE_MAX_PAYLOAD = 64 * 1024
 
 
 def check_fields(frame: Frame, sender: str, allowed: frozenset[str]) -> tuple[str, dict]:

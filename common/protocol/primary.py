@@ -17,10 +17,15 @@ class PrimaryProtocol:
     arrive for exactly those epochs, in order.
     """
 
-    def __init__(self, session: str, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, session: str, max_payload: int = DEFAULT_MAX_PAYLOAD, *,
+                 generation: int = 1, authenticated: bool = False) -> None:
+        """`generation`: the one this primary holds the guest at; `authenticated`: the
+        backup proved who it is (TLS). Only then may its reject supersede us."""
         if not isinstance(session, str) or not SESSION_RE.fullmatch(session):
             raise ValueError(f"session must be 32 lowercase hex digits, got {session!r}")
         self.session = session
+        self.generation = check_int("generation", generation, 0, MAX_EPOCH)
+        self.authenticated = bool(authenticated)
         self._decoder = FrameDecoder(max_payload)
         self._outstanding: deque[int] = deque()
         self._last_sent = 0
@@ -81,7 +86,8 @@ class PrimaryProtocol:
             if self.state != "await-welcome":
                 raise ProtocolError("reject from the backup after it welcomed the session")
             self.state = "rejected"
-            return Rejected(f["reason"], f["generation"])
+            newer = f["generation"] > self.generation
+            return Rejected(f["reason"], f["generation"], newer and self.authenticated)
         # ack
         epoch = f["epoch"]
         if self.state != "ready":
