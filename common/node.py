@@ -75,6 +75,7 @@ class Node:
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_loop_error_logger())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         if self.hb is not None:
@@ -108,6 +109,21 @@ class Node:
             if beat is not None or time.monotonic() >= deadline or self.stop.is_set():
                 return beat
             await asyncio.sleep(0.05)
+
+
+def _loop_error_logger():
+    """asyncio's own error reports (e.g. accept() failing with EMFILE, once per attempt,
+    each with a traceback) as rate-limited log lines: a flood of them must not bury the
+    journal. The traceback goes to the debug level."""
+    limited = log.RateLimited(_log, burst=3, interval=60.0, source_field="message")
+
+    def report(loop, context: dict) -> None:
+        message = context.get("message", "unhandled error in the event loop")
+        exc = context.get("exception")
+        if limited.error("event-loop-error", message, message=message,
+                         error=repr(exc) if exc is not None else None):
+            _log.debug("event-loop-error-detail", context=repr(context))
+    return report
 
 
 class _Commands(dict):

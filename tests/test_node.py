@@ -98,3 +98,18 @@ def test_status_is_typed_and_serialises_to_the_control_json(tmp_path):
     status = node.status()
     assert status.role is RoleName.BACKUP and status.generation == 5
     assert json.loads(json.dumps(status.to_dict()))["role"] == "backup"
+
+
+def test_asyncio_error_reports_are_rate_limited(caplog):
+    """accept() failing with EMFILE makes asyncio report once per attempt, each with a
+    traceback: a flood of those must not bury the log."""
+    from remus.common.node import _loop_error_logger
+
+    report = _loop_error_logger()
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(1000):
+            report(None, {"message": "socket.accept() out of system resource",
+                          "exception": OSError(24, "Too many open files")})
+    lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 3 and "Too many open files" in lines[0].getMessage()
+    assert "Traceback" not in caplog.text
