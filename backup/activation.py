@@ -1,5 +1,9 @@
 """Taking the guest over: fence the lost primary, then resume the replica.
 
+Only within the takeover window (common/takeover.py): past it the lost primary
+may have released output the replica does not have, so the backup stands by
+with a stale replica instead, and says so.
+
 QEMU is prepared on the replica (the standby guest's, or launched now) while
 fencing runs: nothing in that lets the guest execute or send a frame. The
 guest runs only once the primary is known off, as the holder of a new
@@ -23,6 +27,7 @@ from remus.common.fencing import Fencer, fence_with_retry
 from remus.common.qemu import GuestError, QemuGuest
 from remus.common.roles import Role, RunningGuest
 from remus.common.status import BackupState, BackupStatus, RoleName
+from remus.common.takeover import takeover_window_s
 from remus.common.tap import send_to_guest
 
 _log = log.get("remus.backup")
@@ -42,6 +47,8 @@ class TakingOver(Role):
         self.cfg, self.verdict, self.activate_now = cfg, verdict, activate_now
         self.standing_by = standing_by  # the Standby role it follows: replica, receiver, ...
         self.state = BackupState.ACTIVATING
+        self.window_s = takeover_window_s(cfg)
+        self.deadline: float | None = None  # monotonic; None: no window (handover, operator)
 
     def beat_role(self) -> RoleName:
         return RoleName.FENCING  # a starting peer must not boot the guest from now on
@@ -69,28 +76,27 @@ class TakingOver(Role):
         sdnotify.notify("STATUS=primary lost: fencing and activating")
         lost_at = sb.judge.lost_at or decided_at
         detect_ms = (decided_at - lost_at) * 1000
+        self.deadline = (lost_at + self.window_s
+                         if self.verdict.fence and not self.activate_now else None)
         _log.warning("primary-lost", reason=self.verdict.reason, last_epoch=replica.state.epoch,
-                     detect_ms=detect_ms)
+                     detect_ms=detect_ms, takeover_window_s=round(self.window_s, 3)
+                     if self.deadline is not None else None)
         try:
             replica.check_activatable(cfg.fingerprint())
         except ReplicaError as exc:
             _log.error("activation-refused", reason=str(exc))
             return EXIT_ACTIVATION_REFUSED
         prepared = asyncio.create_task(prepare_guest(cfg, replica, sb.standby))
-        fenced_ms = 0.0
-        if sb.fencer is not None and not self.activate_now and self.verdict.fence:
-            self.state = BackupState.FENCING
-            node.publish(replica.state.session, replica.state.epoch)
-            result = await fence_primary(cfg, sb.fencer, node.stop, receiver, node.metrics)
-            if result is None:
-                await discard_launch(prepared)
-                return EXIT_OK  # stopped while fencing
-            fenced_ms = result.seconds * 1000
-            self.state = BackupState.ACTIVATING
+        fenced_ms = await self._fence(node, prepared)
+        if not isinstance(fenced_ms, float):
+            return fenced_ms
         generation = max(replica.state.generation, receiver.peer_generation) + 1
         running = await self._launched(prepared, generation)
         if isinstance(running, int):
             return running
+        if self._window_passed():  # the last moment: nothing has run yet
+            await running.close()
+            return self._give_up("the guest was ready only after the takeover window")
         try:
             await self._resume(running, decided_at)
         except ActivationFailed as exc:
@@ -106,6 +112,44 @@ class TakingOver(Role):
                                   "epoch": replica.state.epoch, "generation": generation}
         return Active(cfg, running, replica.state.session, replica.state.epoch,
                       receiver.last_failover)
+
+    async def _fence(self, node, prepared: asyncio.Task) -> float | Role | int:
+        """Fence the primary within the window: the time it took (ms), or what follows if
+        it did not succeed in time (a stale standby) or the daemon was stopped."""
+        sb = self.standing_by
+        if sb.fencer is None or not self.verdict.fence or self.activate_now:
+            return 0.0
+        self.state = BackupState.FENCING
+        node.publish(sb.replica.state.session, sb.replica.state.epoch)
+        fencing = fence_primary(self.cfg, sb.fencer, node.stop, sb.receiver, node.metrics)
+        try:
+            result = await asyncio.wait_for(fencing, max(0.0, self.deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            await discard_launch(prepared)
+            return self._give_up("fencing did not succeed within the takeover window")
+        if result is None:
+            await discard_launch(prepared)
+            return EXIT_OK  # stopped while fencing
+        self.state = BackupState.ACTIVATING
+        if self._window_passed():
+            await discard_launch(prepared)
+            return self._give_up("fencing succeeded only after the takeover window")
+        return result.seconds * 1000
+
+    def _window_passed(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def _give_up(self, why: str) -> Role:
+        """Past the window the primary may have released output the replica does not
+        have: resuming it could take back replies clients saw. Stand by, stale."""
+        reason = (f"{why} ({self.window_s:.1f} s after the stream was lost): the primary may "
+                  "have released output since the last checkpoint; the replica is stale")
+        _log.error("takeover-window-passed", reason=reason,
+                   action="not activating; standing by until a new session resynchronises the "
+                          "replica",
+                   hint="if the primary host is known to be off and its output never left, "
+                        "remus-backup --activate-now resumes this replica anyway")
+        return self.standing_by.after_missed_window(reason)
 
     async def _launched(self, prepared: asyncio.Task, generation: int) -> RunningGuest | int:
         replica = self.standing_by.replica

@@ -100,7 +100,7 @@ async def reprotect_when_peer_stands_by(hb, reprotect: asyncio.Event) -> None:
     waits as our backup."""
     while not reprotect.is_set():
         beat = hb.view().last_beat
-        if (beat is not None and beat.get("role") == RoleName.BACKUP.value
+        if (beat is not None and beat.get("role") in (RoleName.BACKUP.value, RoleName.STALE.value)
                 and hb.view().peer_alive):
             _log.warning("reprotect-auto", peer_generation=beat.get("generation"),
                          detail="the other host stands by as the backup")

@@ -34,12 +34,18 @@ class FailoverJudge:
         self.lost_reason = ""
         self.peer_alive = heartbeat
         self.stale = False
+        self.stale_reason: str | None = None
         self.handover: str | None = None
 
     def session_started(self) -> None:
         self.resumable = False
         self.lost_at = None
         self.stale = False
+        self.stale_reason = None
+
+    def mark_stale(self, reason: str) -> None:
+        """The replica must not be resumed until a new session resynchronises it."""
+        self.stale, self.stale_reason = True, reason
 
     def committed(self) -> None:
         self.resumable = True
@@ -56,7 +62,7 @@ class FailoverJudge:
         if self.heartbeat:
             self.stream_lost(now, reason)
         else:
-            self.stale = True
+            self.mark_stale(reason)
 
     def peer(self, alive: bool) -> None:
         self.peer_alive = alive
@@ -81,7 +87,7 @@ class FailoverJudge:
                                      "heartbeat link")
         if now - self.lost_at < self.grace_s:
             return Verdict(WAIT, "stream lost; waiting for the heartbeat's verdict")
-        self.stale = True
-        return Verdict(STALE, f"{self.lost_reason}, but the primary still beats: it is alive and "
-                              "runs unprotected; not activating, the replica is stale until it "
-                              "resynchronises")
+        reason = (f"{self.lost_reason}, but the primary still beats: it is alive and runs "
+                  "unprotected; not activating, the replica is stale until it resynchronises")
+        self.mark_stale(reason)
+        return Verdict(STALE, reason)

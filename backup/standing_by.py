@@ -31,9 +31,11 @@ _log = log.get("remus.backup")
 class Standby(Role):
     name = RoleName.BACKUP
 
-    def __init__(self, cfg: Config, activate_now: bool = False):
-        """`activate_now`: the operator's takeover (--activate-now), without a session."""
-        self.cfg, self.activate_now = cfg, activate_now
+    def __init__(self, cfg: Config, activate_now: bool = False, stale_reason: str | None = None):
+        """`activate_now`: the operator's takeover (--activate-now), without a session;
+        `stale_reason`: why the replica may not be resumed (a takeover that missed its
+        window), until a new session."""
+        self.cfg, self.activate_now, self.stale_reason = cfg, activate_now, stale_reason
         self.replica: Replica | None = None
         self.receiver: Receiver | None = None
         self.standby: StandbyGuest | None = None
@@ -44,6 +46,8 @@ class Standby(Role):
         node.generation = self.replica.state.generation
         self._warn_unsafe(node, tls_context)
         self.judge = FailoverJudge(node.hb is not None, grace_s(self.cfg))
+        if self.stale_reason is not None:
+            self.judge.mark_stale(self.stale_reason)
         self.receiver = Receiver(self.cfg, self.replica, self.judge, tls_context,
                                  PEER[node.host])
         self.receiver.media = await asyncio.to_thread(read_only_media, self.cfg)
@@ -60,6 +64,7 @@ class Standby(Role):
             verdict = await self._verdict(node)
             if verdict is None:
                 _log.info("backup-stop", reason="signal", replica_state=self.replica.state.state)
+                await self._say_stale(node, "the backup is stopping")
                 return EXIT_OK
             taking_over = True
             return TakingOver(self.cfg, self, verdict, self.activate_now)
@@ -77,6 +82,15 @@ class Standby(Role):
             self.judge.lost_at = time.monotonic()
             return Verdict(FAILOVER, "operator asked (--activate-now)")
         return await wait_for_failover(self.receiver, node, self.standby)
+
+    async def _say_stale(self, node, reason: str) -> None:
+        """Leaving: beat that this replica will not be resumed, so a primary holding its
+        output for the takeover window releases it now instead of waiting."""
+        if node.hb is None:
+            return
+        self.judge.mark_stale(reason)
+        node.publish()
+        await asyncio.sleep(3 * self.cfg.heartbeat.interval_ms / 1000)  # a few beats carry it
 
     def _warn_unsafe(self, node, tls_context) -> None:
         cfg, s = self.cfg, self.replica.state
@@ -100,6 +114,16 @@ class Standby(Role):
                          "stream is plain TCP, unauthenticated and unencrypted; anyone who "
                          f"reaches {cfg.backup.address} can feed the replica (unsafe)")
 
+    def beat_role(self) -> RoleName:
+        # A backup that will not resume its replica says so: a primary holding its output
+        # for the takeover window may then release it at once.
+        judge = getattr(self, "judge", None)
+        return RoleName.STALE if judge is not None and judge.stale else RoleName.BACKUP
+
+    def after_missed_window(self, reason: str) -> "Standby":
+        """The role after a takeover that missed its window: standing by, stale."""
+        return Standby(self.cfg, stale_reason=reason)
+
     def status(self, node) -> BackupStatus:
         if self.receiver is None:
             return super().status(node)
@@ -114,7 +138,8 @@ class Standby(Role):
             heartbeat_status(node.hb), replica=r.as_dict(),
             fencing={"configured": plan.configured, "levels": len(plan.levels),
                      "last_failure": receiver.last_fencing},
-            last_failover=receiver.last_failover, standby_guest=standby)
+            last_failover=receiver.last_failover, standby_guest=standby,
+            stale_reason=judge.stale_reason if judge.stale else None)
 
 
 async def follow_heartbeat(hb, receiver: Receiver) -> None:
@@ -152,9 +177,9 @@ async def wait_for_failover(receiver: Receiver, node,
             standby.want(replica.state.session)
         if v.action == STALE:
             _log.warning("replica-stale", reason=v.reason)
-        if receiver.current is not None:
-            node.generation = replica.state.generation
-            node.publish(receiver.current.session or "", replica.state.epoch)
+        node.generation = replica.state.generation
+        session = receiver.current.session if receiver.current is not None else None
+        node.publish(session or "", replica.state.epoch)
         receiver.changed.clear()
         try:  # re-judge on news, and at least every 50 ms while a verdict is pending
             await asyncio.wait_for(receiver.changed.wait(), 0.05)

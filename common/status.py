@@ -16,6 +16,7 @@ class RoleName(str, Enum):
     PRIMARY = "primary"      # runs the guest and checkpoints it to the other host
     BACKUP = "backup"        # keeps the replica; takes the guest over when the primary is lost
     FENCING = "fencing"      # a backup making sure the lost primary is off (beats only)
+    STALE = "stale"          # a backup whose replica may not be resumed (beats only)
     ACTIVE = "active"        # runs a taken-over guest, unprotected until re-protected
     STOOD_DOWN = "stood-down"  # stopped its copy: a newer generation holds the guest
 
@@ -34,6 +35,7 @@ class PrimaryState(str, Enum):
     DEGRADED = "degraded"        # the backup is lost; the guest runs unprotected
     PAUSED = "paused"            # the backup is lost; the guest waits (on_backup_loss = pause)
     HANDED_OVER = "handed-over"  # the guest was handed to the backup
+    HOLDING = "holding"          # the backup is lost; output held until it can no longer take over
 
     def __str__(self) -> str:
         return self.value
@@ -97,6 +99,7 @@ class PrimaryStatus(Status):
     input_copied: dict = field(default_factory=dict)
     sync: dict | None = None
     disk_throttled_s: float | None = None
+    output_hold_s_left: float | None = None  # while holding: until the output flows again
     usage: dict = field(default_factory=dict)
 
 
@@ -106,6 +109,7 @@ class BackupStatus(Status):
     fencing: dict = field(default_factory=dict)
     last_failover: dict | None = None
     standby_guest: dict = field(default_factory=lambda: {"state": "off"})
+    stale_reason: str | None = None
 
 
 @dataclass

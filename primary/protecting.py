@@ -81,6 +81,7 @@ class Protecting(Role):
         self.replicator = Replicator(cfg, guest, self.capture, self.hooks, self.epochs,
                                      self.disk, self.generation, tls_context, PEER[node.host],
                                      media)
+        self.replicator.hold.backup_gave_up = lambda: backup_gave_up(node.hb)
         if netbuf is not None:
             netbuf.set_inbound_listener(self.replicator.forward_input)
         if node.metrics is not None:
@@ -193,7 +194,7 @@ class Protecting(Role):
             input_copied={"forwarded": rep.input_forwarded, "skipped": rep.input_skipped},
             sync=rep.sync.describe(time.monotonic()),
             disk_throttled_s=round(self.disk.throttled_s, 3) if self.disk is not None else None,
-            usage=guest.usage())
+            output_hold_s_left=rep.hold.left_s(), usage=guest.usage())
 
     def _drill(self, phase: str) -> dict:
         point = DRILL_POINTS.get(phase, phase)
@@ -218,6 +219,15 @@ class Protecting(Role):
         return {"ok": True}
 
 
+def backup_gave_up(hb) -> bool:
+    """The backup is alive and beats that its replica is stale: it will not resume."""
+    if hb is None:
+        return False
+    view = hb.view()
+    beat = view.last_beat
+    return view.peer_alive and beat is not None and beat.get("role") == RoleName.STALE.value
+
+
 async def _resume_on_request(requested: asyncio.Event, replicator: Replicator) -> None:
     """SIGUSR1: the operator resumes a guest paused for a lost backup."""
     while True:
@@ -232,7 +242,8 @@ async def report_to_systemd(replicator: Replicator) -> None:
     shown, ready = "", False
     while True:
         state = replicator.state
-        if not ready and state in (PrimaryState.PROTECTING, PrimaryState.DEGRADED, PrimaryState.PAUSED):
+        if not ready and state in (PrimaryState.PROTECTING, PrimaryState.DEGRADED, PrimaryState.PAUSED,
+                                   PrimaryState.HOLDING):
             sdnotify.notify("READY=1")
             ready = True
         text = f"{state}, epoch {replicator.committed_epoch}" if state == PrimaryState.PROTECTING else state

@@ -26,6 +26,8 @@ from remus.common.stats import EpochLog, EpochStats
 from remus.common.wire import ProtocolError
 from remus.common.hooks import Hooks
 from remus.common.status import PrimaryState
+from remus.common.takeover import output_hold_s
+from remus.primary.output_hold import OutputHold
 
 _log = log.get("remus.primary")
 
@@ -133,6 +135,10 @@ class Replicator:
         self._progress_at = 0.0         # when the backup last said a checkpoint is flowing
         self._handshake_eofs = 0        # handshakes in a row the backup closed
         self.sync = SyncProgress()
+        self.last_sent_at = 0.0         # monotonic: the last bytes written to the backup
+        # After losing a protected session: output held for the takeover window.
+        self.hold = OutputHold(hooks, output_hold_s(cfg), lambda: False)
+        self.hold.on_release = self._released
         # A backup that keeps refusing, or stays away, is retried every few seconds
         # for as long as it lasts: a few lines, then a count.
         self._limited = log.RateLimited(_log, burst=RETRY_LOG_BURST,
@@ -145,6 +151,7 @@ class Replicator:
         while True:
             while self.partitioned:
                 await asyncio.sleep(1.0)
+            lost_protected = False
             try:
                 await self._session()
             except HandedOver:
@@ -156,7 +163,8 @@ class Replicator:
                 backoff = BACKOFF_MAX
             except (SessionLost, OSError, ProtocolError, asyncio.TimeoutError) as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                if self.state == PrimaryState.PROTECTING:
+                lost_protected = self.state == PrimaryState.PROTECTING
+                if lost_protected:
                     _log.warning("backup-lost", reason=reason, last_committed=self.committed_epoch,
                                  action="running unprotected, reconnecting")
                 else:
@@ -170,10 +178,23 @@ class Replicator:
             if self.ever_protected and self.cfg.primary.on_backup_loss == "pause":
                 await self._pause_for_backup()
             elif not self.paused_for_backup:
-                await self.hooks.unprotected()
-            self.state = PrimaryState.PAUSED if self.paused_for_backup else PrimaryState.DEGRADED
+                await self._hold_or_release(lost_protected)
+            self.state = (PrimaryState.PAUSED if self.paused_for_backup else
+                          PrimaryState.HOLDING if self.hold.active else PrimaryState.DEGRADED)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _hold_or_release(self, lost_protected: bool) -> None:
+        """The backup is gone: if it may hold a resumable checkpoint, hold the output for
+        the takeover window; else (or already holding) let it flow as before."""
+        if lost_protected and self.hold.hold_s > 0:
+            self.hold.start(self.last_sent_at)
+        elif not self.hold.active:
+            await self.hooks.unprotected()
+
+    def _released(self) -> None:
+        if self.state == PrimaryState.HOLDING:
+            self.state = PrimaryState.DEGRADED
 
     async def partition(self) -> None:
         """A drill: cut the checkpoint stream, as a network partition would."""
@@ -225,6 +246,7 @@ class Replicator:
             self.input_skipped += len(frames)
             return
         writer.write(encoder.input(self.barrier_epoch, frames, nic))
+        self.last_sent_at = time.monotonic()
         self.input_forwarded += len(frames)
 
     def drill_point(self, point: str) -> None:
@@ -423,6 +445,7 @@ class Replicator:
             await self._checkpoint(proto, epoch, full=epoch == 1)
             if epoch == first:
                 self.state = PrimaryState.PROTECTING
+                await self.hold.end()  # this commit released what the lost session held
                 st = self.epochs.recent[-1]
                 # The output of the whole sync waited for this ack.
                 _log.info("protecting", epoch=epoch, interval_ms=self.cfg.replication.interval_ms,
@@ -520,6 +543,7 @@ class Replicator:
             if frame is None:
                 return wire
             self._writer.write(frame)
+            self.last_sent_at = time.monotonic()
             wire += len(frame)
             self.sync.wire_bytes += len(frame) if self.state == PrimaryState.SYNCING else 0
             frames_sent += 1

@@ -25,7 +25,21 @@ def _handshake(rep: Replicator, proto: PrimaryProtocol, claimed: int):
 
 
 def _replicator(tls_context) -> Replicator:
-    return Replicator(None, None, None, None, None, generation=1, tls_context=tls_context)
+    return Replicator(_CONFIG, None, None, None, None, generation=1, tls_context=tls_context)
+
+
+def _config():
+    import tempfile
+    from pathlib import Path
+
+    from remus.common.config import load
+    path = Path(tempfile.mkdtemp()) / "g.toml"
+    path.write_text('[guest]\nname = "g"\nkernel = "k"\n[primary]\naddress = "127.0.0.1"\n'
+                    '[backup]\naddress = "127.0.0.1:1"\n[tls]\ninsecure = true\n')
+    return load(path)
+
+
+_CONFIG = _config()
 
 
 def test_an_unauthenticated_reject_with_a_newer_generation_is_only_a_refusal():

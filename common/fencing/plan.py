@@ -18,6 +18,7 @@ line or a result detail: everything an agent or command prints is scrubbed.
 
     [fencing]
     timeout_s = 20                      # per device action
+    takeover_window_s = 50              # optional; default: derived (common/takeover.py)
     retry_min_s = 1                     # backoff between whole-plan rounds
     retry_max_s = 60
     on_fence_failure = "stay-passive"   # or "activate": UNSAFE, see below
@@ -55,7 +56,8 @@ from remus.common.errors import ConfigError
 SBIN_PATH = "/usr/sbin:/sbin"
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-_TOP_KEYS = ("timeout_s", "retry_min_s", "retry_max_s", "on_fence_failure", "notify", "level")
+_TOP_KEYS = ("timeout_s", "retry_min_s", "retry_max_s", "on_fence_failure", "notify",
+             "takeover_window_s", "level")
 _DEVICE_KEYS = {"agent": ("kind", "agent", "options", "secrets", "name", "target"),
                 "command": ("kind", "command", "name", "target")}
 # Which host a device powers off. The [backup] host needs fencing too once it runs
@@ -100,6 +102,7 @@ class FencingPlan:
     retry_max_s: float = 60.0
     on_fence_failure: str = "stay-passive"
     notify: tuple[str, ...] = ()
+    takeover_window_s: float | None = None  # set explicitly; else derived (common/takeover.py)
 
     @property
     def configured(self) -> bool:
@@ -116,7 +119,13 @@ class FencingPlan:
         levels = tuple(kept for level in self.levels
                        if (kept := tuple(d for d in level if d.target == target)))
         return FencingPlan(levels, self.timeout_s, self.retry_min_s, self.retry_max_s,
-                           self.on_fence_failure, self.notify)
+                           self.on_fence_failure, self.notify, self.takeover_window_s)
+
+    def round_bound_s(self) -> float:
+        """The longest one round of every level can take: an agent's off then status, a
+        command's single run, each bounded by timeout_s."""
+        return sum(self.timeout_s * (2 if isinstance(d, AgentDevice) else 1)
+                   for level in self.levels for d in level)
 
     def secret_values(self) -> set[str]:
         return {s.value for level in self.levels for d in level
@@ -290,6 +299,8 @@ def parse(table: dict | None, base_dir: Path) -> FencingPlan:
         raise ConfigError(f"[fencing] on_fence_failure: must be \"stay-passive\" or \"activate\" "
                           f"(\"activate\" is UNSAFE: see the docs) (got {policy!r})")
     notify = _argv(table.get("notify", []), base_dir, "[fencing] notify", allow_empty=True)
+    window = (_number(table, "takeover_window_s", 0, where)
+              if "takeover_window_s" in table else None)
 
     levels_raw = table.get("level", [])
     if not isinstance(levels_raw, list):
@@ -313,5 +324,6 @@ def parse(table: dict | None, base_dir: Path) -> FencingPlan:
         levels.append(tuple(_parse_device(d, base_dir, f"{lw} device {j}")
                             for j, d in enumerate(devices_raw, 1)))
     return FencingPlan(levels=tuple(levels), timeout_s=timeout_s, retry_min_s=retry_min_s,
-                       retry_max_s=retry_max_s, on_fence_failure=policy, notify=notify)
+                       retry_max_s=retry_max_s, on_fence_failure=policy, notify=notify,
+                       takeover_window_s=window)
 
