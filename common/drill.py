@@ -25,6 +25,7 @@ from remus.common.probe import read_replies, taken_back
 from remus.common.waiting import wait_until
 from remus.common.hooks import DRILL_POINTS
 from remus.common.status import BackupState, RoleName
+from remus.common.takeover import output_hold_s
 
 PHASES = {**{v: v for v in DRILL_POINTS.values()}, **DRILL_POINTS}
 
@@ -66,6 +67,7 @@ def _try_status(state_dir: Path) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
+    args.hold_s = output_hold_s(cfg)
     if not (cfg.primary.drill_target or args.yes):
         print("remusctl drill: refusing: this pair is not marked as a drill target "
               "([primary] drill_target = true) and --yes was not given", file=sys.stderr)
@@ -138,17 +140,31 @@ def _await_outcome(args, primary_dir: Path, backup_dir: Path, out: Path, injecte
                    timeline: list) -> dict:
     """Wait for what the drill should lead to; the status of the host that carries on."""
     if args.backup_crash:
-        after = wait_until(lambda: (s := _try_status(primary_dir)).get("state") in ("degraded", "paused")
-                           and s, 60, "the primary to notice the backup's loss")
-        timeline.append((f"primary-{after['state']}", time.time(), "primary runs without a backup"))
-        if after["state"] == "degraded":  # with on_backup_loss = pause no reply comes
-            wait_until(lambda: sum(t > injected for t, _ in _replies(out)) >= 3, 60,
-                       "replies from the unprotected primary")
-        return after
+        return _await_unprotected(primary_dir, out, injected, timeline, args.hold_s)
     after = wait_until(lambda: (s := _try_status(backup_dir)).get("role") == RoleName.ACTIVE.value
                        and s, 120, "the backup to activate")
     wait_until(lambda: any(t > injected for t, _ in _replies(out)), 60,
                "a reply from the activated guest")
+    return after
+
+
+def _await_unprotected(primary_dir: Path, out: Path, injected: float, timeline: list,
+                       hold_s: float) -> dict:
+    """The backup died: the primary holds its output for the takeover window, then runs
+    on unprotected (or stays paused, with on_backup_loss = pause)."""
+    def state() -> dict | bool:
+        s = _try_status(primary_dir)
+        return s.get("state") in ("holding", "degraded", "paused") and s
+    after = wait_until(state, 60, "the primary to notice the backup's loss")
+    if after["state"] == "holding":
+        timeline.append(("primary-holding", time.time(),
+                         f"output held for up to {hold_s:.1f} s (the takeover window)"))
+        after = wait_until(lambda: (s := state()) and s["state"] != "holding" and s,
+                           hold_s + 30, "the primary to release its output")
+    timeline.append((f"primary-{after['state']}", time.time(), "primary runs without a backup"))
+    if after["state"] == "degraded":  # with on_backup_loss = pause no reply comes
+        wait_until(lambda: sum(t > injected for t, _ in _replies(out)) >= 3, 60,
+                   "replies from the unprotected primary")
     return after
 
 

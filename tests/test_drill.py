@@ -24,9 +24,9 @@ LAN_OPTIONS = {"second_link": True}  # the conftest's `lan` fixture
 @pytest.mark.parametrize("how", ["s", "s2", "r", "r2", "c", "c2", "kill", "partition", "backup-crash"])
 def test_drill_reports_zero_lost_replies(guest_image, lan, tmp_path, how):
     extra, status = ha_config(lan, tmp_path)
-    # A primary cut off (partition) must not answer clients the backup never sees.
-    overrides = {"primary": {"on_backup_loss": "pause"}} if how == "partition" else None
-    pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra, config_overrides=overrides)
+    # Defaults throughout: a primary cut off (partition) holds its output for the
+    # takeover window, so it answers no client the backup never sees.
+    pair = Pair(guest_image, tmp_path, lan=lan, extra_config=extra)
     switch = PowerSwitch(status, pair)
     switch.start()
     try:
@@ -43,7 +43,11 @@ def test_drill_reports_zero_lost_replies(guest_image, lan, tmp_path, how):
         assert report["replies_lost"] == 0 and report["replies"] >= 4
         events = [e["event"] for e in report["timeline"]]
         if how == "backup-crash":
-            assert events[:2] == ["inject", "primary-degraded"] and report["detection_ms"] is None
+            # Output held for the takeover window (nobody can tell a dead backup from one
+            # about to take over), then released.
+            assert events[:3] == ["inject", "primary-holding", "primary-degraded"], events
+            assert report["detection_ms"] is None
+            assert re.search(r"output-released held_s=", pair.primary.log())
             # The backup died without taking the guest; the primary runs on, unprotected.
             assert pair.backup.proc.poll() is not None, "the drill did not kill the backup"
             assert not ACTIVATING.search(pair.backup.log()), pair.backup.tail()
@@ -58,7 +62,9 @@ def test_drill_reports_zero_lost_replies(guest_image, lan, tmp_path, how):
         # The line the backup-crash case looks for is there when the backup does activate.
         assert ACTIVATING.search(pair.backup.log()), pair.backup.tail()
         if how == "partition":
-            assert "guest-paused" in pair.primary.log() and switch.cut_at is not None
+            log = pair.primary.log()
+            assert "output-held" in log and "output-released" not in log, pair.primary.tail()
+            assert switch.cut_at is not None
         elif how != "kill":
             assert "drill-die" in pair.primary.log()
     finally:
