@@ -128,13 +128,7 @@ class Pair:
         self.ram_dir.mkdir()
         rep = {"interval_ms": 200, "stream_timeout_ms": 2000, **replication}
         rep_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in rep.items())
-        if lan is None:
-            ip, gw, primary, backup = "10.0.2.15/24", "10.0.2.2", "127.0.0.1", "127.0.0.1"
-            network = f'mode = "user"\nhost_forward = ["tcp:127.0.0.1:{self.http_port}-:80"]'
-        else:
-            ip, gw = lan.addr["guest"] + "/24", lan.addr["client"]
-            primary, backup = lan.addr["primary"], lan.addr["backup"]
-            network = f'mode = "bridged"\nbridge = "{lan.bridge}"'
+        ip, gw, primary, backup, network = self._network(lan)
         disk = ""
         if disk_mib:
             self.disk = workdir / "guest.disk"
@@ -170,6 +164,15 @@ state_dir = "{workdir / 'backup'}"
         self.daemons: list[Daemon] = []
         self.primary: Daemon | None = None
         self.backup: Daemon | None = None
+
+    def _network(self, lan: Lan | None) -> tuple[str, str, str, str, str]:
+        """The guest's address and gateway, the daemons' addresses, the [network] lines."""
+        if lan is None:
+            network = f'mode = "user"\nhost_forward = ["tcp:127.0.0.1:{self.http_port}-:80"]'
+            return "10.0.2.15/24", "10.0.2.2", "127.0.0.1", "127.0.0.1", network
+        network = f'mode = "bridged"\nbridge = "{lan.bridge}"'
+        return (lan.addr["guest"] + "/24", lan.addr["client"], lan.addr["primary"],
+                lan.addr["backup"], network)
 
     def _on(self, role: str) -> list[str]:
         return self.lan.exec(role) if self.lan else []
