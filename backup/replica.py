@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from remus.common.capture import PAGE_SIZE
-from remus.common.durable import open_private, private_dir, write_atomic
+from remus.common.durable import open_private, private_dir, tighten, write_atomic
 
 FORMAT = 2  # 1: a single disk_size instead of disk_sizes
 
@@ -111,6 +111,9 @@ class Replica:
         self.device_file = self.dir / "device.state"
         self.disk_file = self.dir / "replica.disk"  # the first mirrored disk's
         self.record_file = self.dir / "replica.json"
+        for path in (self.ram_file, self.device_file, self.record_file,
+                     *self.dir.glob("replica.disk*")):
+            tighten(path)  # as an older version may have left them
         self.state = self._read_record()
         self._map: mmap.mmap | None = None
         self._ram_fd = -1  # pages are written and flushed through it

@@ -43,6 +43,17 @@ def open_private(path: Path, flags: int, mode: int = FILE_MODE) -> int:
     return fd
 
 
+def tighten(path: Path, mode: int = FILE_MODE) -> None:
+    """An existing regular file (one an older version left readable) made `mode`;
+    a missing file or a symlink is left alone."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+
+
 def fsync_dir(path: Path) -> None:
     """Flush a directory: the renames and creations in it are on disk after this."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
