@@ -119,6 +119,8 @@ class Replica:
         self._ram_fd = -1  # pages are written and flushed through it
         self.pages: np.ndarray | None = None
         self._disk_fds: list[int] = []
+        self._unflushed: set[int] = set()  # descriptors written since their last flush
+        self._flush_failed: str | None = None  # until the next session rewrites everything
 
     def _read_record(self) -> ReplicaState:
         try:
@@ -156,11 +158,13 @@ class Replica:
                   disk_sizes=list(disk_sizes), disk_synced=False, ram_complete=False)
         self._open_ram(ram_size)
         self._close_disk()
+        self._flush_failed = None  # its first checkpoint is full: every page written again
         for path, size in zip(self.disk_files(len(disk_sizes)), disk_sizes):
             # The session's mirror copies the whole disk again; start from an empty,
             # sparse file (a hole reads as zeroes).
             fd = open_private(path, os.O_WRONLY | os.O_TRUNC)
             self._disk_fds.append(fd)
+            self._unflushed.add(fd)  # the truncation too must be on disk before `committed`
             os.ftruncate(fd, size)
 
     def disk_files(self, count: int) -> list[Path]:
@@ -182,6 +186,7 @@ class Replica:
             os.close(fd)
             raise
         self._ram_fd = fd
+        self._unflushed.add(fd)
         self.pages = np.frombuffer(self._map, dtype=np.uint8).reshape(-1, PAGE_SIZE)
 
     def read_pages(self, indices: np.ndarray) -> np.ndarray:
@@ -261,10 +266,23 @@ class Replica:
     def _make_durable(self, device_state: bytes) -> None:
         """What a `committed` record stands for, on disk: the RAM file's and the disks'
         written pages flushed, the device state written whole. Only after this may the
-        record say `committed`."""
-        os.fdatasync(self._ram_fd)
-        for fd in self._disk_fds:
-            os.fdatasync(fd)
+        record say `committed`.
+
+        After a failed flush the kernel may have dropped the pages it could not write
+        and a later flush can succeed without them: nothing of this session is
+        committed again (the record stays `applying`); the next session, whose first
+        checkpoint writes every page and the whole disks, starts over."""
+        if self._flush_failed:
+            raise ReplicaError(f"a flush of the replica failed in this session "
+                               f"({self._flush_failed}); it is resynchronised by the next one")
+        for fd in [self._ram_fd, *self._disk_fds]:
+            if fd in self._unflushed:  # a flush costs a disk cache flush even when clean
+                try:
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    self._flush_failed = str(exc)
+                    raise
+                self._unflushed.discard(fd)
         write_atomic(self.device_file, device_state)
 
     def write_pages(self, indices: np.ndarray, pages: np.ndarray) -> None:
@@ -287,17 +305,20 @@ class Replica:
         if int(offsets.min()) < 0 or int(offsets.max()) >= npages * PAGE_SIZE:
             raise IndexError(f"page index out of range (0..{npages - 1})")
         data, fd = memoryview(np.ascontiguousarray(pages)).cast("B"), self._ram_fd
+        self._unflushed.add(fd)
         for i, offset in enumerate(offsets.tolist()):
             _pwrite_all(fd, data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE], offset)
 
     def _write_extents(self, disk: int, extents, data: memoryview) -> None:
         fd, pos = self._disk_fds[disk], 0
+        self._unflushed.add(fd)
         for offset, length in extents.tolist():
             _pwrite_all(fd, data[pos:pos + length], offset)
             pos += length
 
     def _zero_extents(self, disk: int, extents) -> None:
         fd = self._disk_fds[disk]
+        self._unflushed.add(fd)
         for offset, length in extents.tolist():
             punch_zeroes(fd, offset, length)
 
@@ -332,6 +353,7 @@ class Replica:
     def _close_disk(self) -> None:
         for fd in self._disk_fds:
             os.close(fd)
+            self._unflushed.discard(fd)
         self._disk_fds = []
 
     def close(self) -> None:
@@ -345,4 +367,5 @@ class Replica:
             self._map = None
         if self._ram_fd >= 0:
             os.close(self._ram_fd)
+            self._unflushed.discard(self._ram_fd)
             self._ram_fd = -1

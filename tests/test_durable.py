@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from remus.backup.replica import APPLYING, COMMITTED, SYNCING, Replica
+from remus.backup.replica import APPLYING, COMMITTED, SYNCING, Replica, ReplicaError
 from remus.backup.staging import StagedData
 from remus.common import durable
 from remus.common.capture import PAGE_SIZE
@@ -131,6 +131,10 @@ def test_the_first_commit_of_a_session_flushes_what_streamed_in_before_committed
     committed_replica(tmp_path)
     assert ("replace", "replica.json", SYNCING) in journal
     assert_flushed_before_committed(journal, {"replica.ram", "replica.disk"})
+    # A disk the session emptied (truncated) and never wrote: flushed all the same.
+    assert ("pwrite", "replica.disk1") not in journal
+    assert (journal.index(("fdatasync", "replica.disk1"))
+            < journal.index(("replace", "replica.json", COMMITTED)))
 
 
 def test_primary_json_is_written_flushed_renamed_and_its_directory_flushed(tmp_path,
@@ -328,3 +332,29 @@ def test_write_atomic_does_not_follow_a_symlink_planted_at_its_temporary_path(tm
     (tmp_path / "f.tmp").symlink_to(victim)
     durable.write_atomic(tmp_path / "f", b"data")
     assert victim.read_bytes() == b"keep" and (tmp_path / "f").read_bytes() == b"data"
+
+
+def test_after_a_failed_flush_nothing_of_the_session_is_committed_again(tmp_path, monkeypatch):
+    r = Replica(tmp_path)
+    r.begin_session("s1", FP, NPAGES * PAGE_SIZE, PAGE_SIZE, [DISK])
+    r.apply_pages(np.arange(NPAGES, dtype=np.uint32), pages(1))
+    fail_on(monkeypatch, "fdatasync", errno.EIO, "replica.ram")
+    with pytest.raises(OSError):
+        r.commit_streamed(1, True, 1.0, b"dev1", True)
+    assert r.state.state == SYNCING
+    # The kernel reports a writeback error once: this flush would succeed, the lost
+    # pages still lost.
+    with pytest.raises(ReplicaError, match="flush of the replica failed"):
+        r.commit_streamed(2, True, 2.0, b"dev2", True)
+    assert Replica(tmp_path).state.state == SYNCING
+    r.begin_session("s2", FP, NPAGES * PAGE_SIZE, PAGE_SIZE, [DISK])  # writes every page again
+    r.commit(1, True, 4.0, np.arange(NPAGES, dtype=np.uint32), pages(2), b"dev",
+             disk_synced=True)
+    r.check_activatable(FP)
+
+
+def test_a_file_not_written_since_its_last_flush_is_not_flushed_again(tmp_path, monkeypatch):
+    r = committed_replica(tmp_path)
+    journal = Journal(monkeypatch, tmp_path)
+    r.commit(2, False, 2.0, np.array([5], np.uint32), pages(8, 1), b"dev2")  # RAM only
+    assert [e for e in journal if e[0] == "fdatasync"] == [("fdatasync", "replica.ram")]
