@@ -66,13 +66,13 @@ class StagedData:
     def add_zeroes(self, disk: int, extents: np.ndarray) -> None:
         self._zeroes.append((disk, extents))
 
-    def apply(self, ram_pages: np.ndarray, write_extents: Callable, zero_extents: Callable) -> None:
+    def apply(self, write_pages: Callable, write_extents: Callable, zero_extents: Callable) -> None:
         """Into the replica: pages, disk data, zeroed ranges (all disjoint, so in any order)."""
         for indices, pages in self._pages:
-            ram_pages[indices] = pages
+            write_pages(indices, pages)
         for indices, pos, shape in self._spilled:
             size = shape[0] * shape[1]
-            ram_pages[indices] = np.frombuffer(self._read(pos, size), np.uint8).reshape(shape)
+            write_pages(indices, np.frombuffer(self._read(pos, size), np.uint8).reshape(shape))
         for disk, extents, pos, size in self._disk:
             write_extents(disk, extents, memoryview(self._read(pos, size)))
         for disk, extents in self._zeroes:

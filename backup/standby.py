@@ -22,6 +22,7 @@ from pathlib import Path
 from remus.backup.replica import Replica
 from remus.common import log
 from remus.common.config import Config
+from remus.common.durable import private_dir
 from remus.common.nicgroup import make_netbuf
 from remus.common.qemu import GuestPaths, QemuGuest
 from remus.common.waiting import cancel_and_wait
@@ -56,7 +57,7 @@ async def launch_guest(cfg: Config, replica: Replica) -> Launched:
     """QEMU on the replica's files waiting for incoming device state, with its network
     relay started but off the bridge. Nothing here lets the guest execute or send."""
     run_dir = Path(cfg.backup.state_dir) / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(run_dir)
     guest = QemuGuest(cfg, GuestPaths(run_dir=run_dir, ram_file=replica.ram_file))
     t0 = time.monotonic()
     netbuf = make_netbuf(cfg, run_dir, buffering=True)

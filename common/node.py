@@ -18,6 +18,7 @@ from pathlib import Path
 from remus.common import log, sdnotify
 from remus.common.config import Config
 from remus.common.control import ControlServer
+from remus.common.durable import private_dir
 from remus.common.metrics import Metrics
 from remus.common.peering import heartbeat_for
 from remus.common.roles import Role, RoleFactory
@@ -36,7 +37,10 @@ class Node:
         self.pid = os.getpid()
         self.generation = generation
         self.role: Role | None = None
-        self.state_dir = Path(getattr(cfg, host).state_dir)
+        # Owner-only (0700), an existing one tightened: it holds the guest's memory,
+        # disks and console, and the sockets that control the daemon.
+        self.state_dir = private_dir(Path(getattr(cfg, host).state_dir))
+        private_dir(self.state_dir / "run")
         self.hb = heartbeat_for(cfg, host)
         self.stop = asyncio.Event()
         self._watchdog: asyncio.Task | None = None

@@ -3,6 +3,10 @@
 The guest's RAM lives in a shared memory-backend-file so the daemons can read
 (primary) or fill (backup) it directly; migration with `x-ignore-shared` then
 carries only CPU and device state, which is what a checkpoint needs.
+
+QEMU runs with umask 077: what it creates (the primary's RAM file, the serial
+log) is owner-only, as is its run directory (0700). The serial log is kept
+under a size cap (common/console_log.py).
 """
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ from pathlib import Path
 import psutil
 from qemu.qmp import ConnectError, QMPClient
 
-from remus.common import log
+from remus.common import console_log, log
 from remus.common.config import Config
+from remus.common.durable import open_private, private_dir
 
 _log = log.get("remus.qemu")
 
@@ -139,7 +144,7 @@ def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = F
         "-object", f"memory-backend-file,id=mem,size={mem},mem-path={_opt(str(paths.ram_file))},"
                    "share=on",
         "-m", mem, "-smp", str(g.cpus),
-        "-serial", f"file:{paths.serial_log}",
+        *console_log.qemu_args(paths.serial_log),
         "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
     ]
     if g.kernel:
@@ -168,7 +173,19 @@ def build_command(cfg: Config, paths: GuestPaths, accel: str, incoming: bool = F
     return cmd
 
 
+def prepare_run_dir(paths: GuestPaths) -> int:
+    """The run directory (0700) ready for a launch: no stale QMP socket, the serial log
+    there and 0600 before QEMU appends to it. Returns a descriptor of qemu.stderr (0600,
+    appended to) for QEMU's output."""
+    private_dir(paths.run_dir)
+    paths.qmp_socket.unlink(missing_ok=True)
+    os.close(open_private(paths.serial_log, os.O_WRONLY | os.O_APPEND))
+    return open_private(paths.run_dir / "qemu.stderr", os.O_WRONLY | os.O_APPEND)
+
+
 def _die_with_parent() -> None:
+    # What QEMU creates (guest RAM, the console log) is for the owner only.
+    os.umask(0o077)
     # If the daemon dies, its guest must not run on unsupervised: the
     # backup is about to resume the same machine.
     libc = ctypes.CDLL(None, use_errno=True)
@@ -186,6 +203,7 @@ class QemuGuest:
         self.shutdown_reason: str | None = None
         self.process: psutil.Process | None = None
         self._shutdown_watch: asyncio.Task | None = None
+        self._console_watch: asyncio.Task | None = None
 
     @property
     def pid(self) -> int:
@@ -197,17 +215,20 @@ class QemuGuest:
                      host_forward: bool = True) -> None:
         """`replicas`: on a host running the guest from its replica, the replica files of
         the mirrored disks, in order (None: the disks the config names)."""
-        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        self.paths.qmp_socket.unlink(missing_ok=True)
+        stderr_log = prepare_run_dir(self.paths)
         cmd = build_command(self.cfg, self.paths, self.accel, incoming, net_args, replicas,
                             host_forward)
         _log.info("qemu-launch", accel=self.accel, why=self.accel_reason, incoming=incoming,
                   cmd=shlex.join(cmd))
-        stderr_log = open(self.paths.run_dir / "qemu.stderr", "ab")
-        self.proc = await asyncio.create_subprocess_exec(
-            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
-            preexec_fn=_die_with_parent, pass_fds=pass_fds)
-        stderr_log.close()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
+                preexec_fn=_die_with_parent, pass_fds=pass_fds)
+        finally:
+            os.close(stderr_log)
+        proc = self.proc
+        self._console_watch = asyncio.get_running_loop().create_task(console_log.keep_capped(
+            self.paths.serial_log, lambda: proc.returncode is None))
         self.process = psutil.Process(self.proc.pid)
         self.process.cpu_percent()  # start the CPU usage window
         await self._connect_qmp()
@@ -378,6 +399,7 @@ class QemuGuest:
         await self.close_qmp()
 
     async def close_qmp(self) -> None:
+        self._stop_console_watch()
         if self._shutdown_watch is not None:
             self._shutdown_watch.cancel()  # its listener never ends once QMP is gone
             self._shutdown_watch = None
@@ -389,5 +411,11 @@ class QemuGuest:
             self.qmp = None
 
     def kill(self) -> None:
+        self._stop_console_watch()
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
+
+    def _stop_console_watch(self) -> None:
+        if self._console_watch is not None:
+            self._console_watch.cancel()
+            self._console_watch = None

@@ -18,9 +18,11 @@ class RamFileError(RuntimeError):
     """The RAM file's place is not safe to use; the message says why."""
 
 
-def private_dir(path: Path) -> Path:
+def _own_private_dir(path: Path) -> Path:
     """`path` as a directory only this user can enter: created 0700, or an existing one
-    checked (a real directory, ours) and tightened to 0700."""
+    checked (a real directory, ours) and tightened to 0700. Stricter than
+    durable.private_dir: its parent (/dev/shm) is writable by everyone, so what is
+    there may have been planted."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -38,7 +40,7 @@ def private_dir(path: Path) -> Path:
 def create_ram_file(ram_dir: Path, guest: str, role: str = "primary") -> Path:
     """A new, empty RAM file for `guest`, readable by this user only. A leftover of this
     daemon (a regular file of ours) is removed first; anything else there is refused."""
-    directory = private_dir(Path(ram_dir) / f"remus-{guest}")
+    directory = _own_private_dir(Path(ram_dir) / f"remus-{guest}")
     path = directory / f"{role}.ram"
     _remove_own_leftover(path)
     try:

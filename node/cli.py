@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from remus.common.qemu import GuestError
 from remus.node.factory import HostRoles
 from remus.primary.record import read_generation
 from remus.primary.starting import Starting
+
+# What the daemons create is their owner's only (the systemd units say UMask=0077
+# too); the files that matter are created with explicit modes all the same.
+PRIVATE_UMASK = 0o077
 
 
 INSECURE_NOTE = (
@@ -108,12 +113,14 @@ async def run_backup(args: argparse.Namespace) -> int:
 def primary_main(argv: list[str] | None = None) -> int:
     args = primary_parser().parse_args(argv)
     log.setup("primary", args.log_level)
+    os.umask(PRIVATE_UMASK)
     return _run("remus-primary", run_primary(args), GuestError, EXIT_GUEST_FAILED, "guest-error")
 
 
 def backup_main(argv: list[str] | None = None) -> int:
     args = backup_parser().parse_args(argv)
     log.setup("backup", args.log_level)
+    os.umask(PRIVATE_UMASK)
     return _run("remus-backup", run_backup(args), (GuestError, ReplicaError), EXIT_FAILED,
                 "backup-failed")
 

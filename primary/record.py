@@ -3,9 +3,9 @@ may still run (primary.json in the state directory)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from remus.common.durable import write_atomic
 from remus.common.qemu import GuestError
 
 
@@ -28,10 +28,9 @@ def was_running(state_dir: Path) -> bool:
 
 
 def write_running(state_dir: Path, generation: int, running: bool) -> None:
-    path = state_dir / "primary.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"generation": generation, "running": running}))
-    os.replace(tmp, path)
+    """Durably: a host that loses power right after must find what was written here."""
+    write_atomic(state_dir / "primary.json",
+                 json.dumps({"generation": generation, "running": running}).encode())
 
 
 def _read_record(state_dir: Path) -> dict:

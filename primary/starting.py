@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from remus.common import log
+from remus.common.durable import private_dir
 from remus.common.exitcodes import EXIT_UNDECIDED
 from remus.common.nicgroup import make_netbuf
 from remus.common.peering import grace_s
@@ -73,7 +74,7 @@ async def boot(cfg, generation: int, no_net: bool) -> RunningGuest:
     except (RamFileError, OSError) as exc:
         raise GuestError(f"guest RAM file: {exc}") from None
     guest = QemuGuest(cfg, GuestPaths(run_dir=run_dir, ram_file=ram_file))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(run_dir)
     netbuf = make_netbuf(cfg, run_dir, buffering=not no_net)
     running = RunningGuest(guest, netbuf, ram_file, [d.path for d in cfg.mirrored_disks],
                            generation, cleanup=[lambda: ram_file.unlink(missing_ok=True)])

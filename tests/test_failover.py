@@ -6,6 +6,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import time
 
 import pytest
@@ -19,11 +20,30 @@ pytestmark = pytest.mark.integration
 ACTIVATING = re.compile(r"\bWARNING activating ")
 
 
+def assert_owner_only(pair) -> None:
+    """What the daemons and their QEMUs made: directories 0700, files 0600 (sockets
+    aside), the guest's RAM files included; and each host has its console log."""
+    wrong = []
+    for root in (pair.workdir / "primary", pair.workdir / "backup"):
+        for path in [root, *root.rglob("*")]:
+            mode = path.lstat().st_mode
+            want = 0o700 if stat.S_ISDIR(mode) else 0o600
+            if not stat.S_ISSOCK(mode) and stat.S_IMODE(mode) != want:
+                wrong.append(f"{path}: {oct(stat.S_IMODE(mode))}")
+    ram_files = list(pair.ram_dir.iterdir())
+    wrong += [f"{p}: {oct(stat.S_IMODE(p.stat().st_mode))}" for p in ram_files
+              if stat.S_IMODE(p.stat().st_mode) != 0o600]
+    assert ram_files and not wrong, wrong
+    for host in ("primary", "backup"):
+        assert (pair.workdir / host / "run" / "serial.log").exists()
+
+
 def test_activated_guest_resumes_the_last_committed_checkpoint(make_pair):
     # A long interval leaves a wide window after each commit in which the guest runs.
     pair = make_pair(interval_ms=1000)
     pair.protect()
     standby = pair.backup.wait_for(r"standby-guest-ready session=\S+ qemu_pid=(\d+)", 60).group(1)
+    assert_owner_only(pair)
     base = int(pair.get("get"))
     seen = [int(pair.get("inc")) for _ in range(5)]
     assert seen == list(range(base + 1, base + 6))

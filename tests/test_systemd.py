@@ -25,6 +25,31 @@ def test_unit_files_verify(tmp_path, unit):
     assert r.returncode == 0 and not r.stderr.strip() and not r.stdout.strip(), r.stderr + r.stdout
 
 
+def service_settings(unit: str) -> dict[str, list[str]]:
+    """The [Service] section's settings, each key with its values in order."""
+    out: dict[str, list[str]] = {}
+    section = None
+    for line in (UNITS / unit).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]":
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+@pytest.mark.parametrize("unit", ["remus-primary@.service", "remus-backup@.service"])
+def test_units_keep_the_state_private_and_allow_enough_descriptors(unit):
+    settings = service_settings(unit)
+    assert settings["UMask"] == ["0077"]
+    assert settings["StateDirectory"] == ["remus"]
+    assert settings["StateDirectoryMode"] == ["0700"]
+    assert settings["LimitNOFILE"] == ["65536"]
+
+
 def test_notify_reaches_the_socket(tmp_path, monkeypatch):
     path = tmp_path / "notify"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
