@@ -30,9 +30,12 @@ def assert_owner_only(pair) -> None:
             want = 0o700 if stat.S_ISDIR(mode) else 0o600
             if not stat.S_ISSOCK(mode) and stat.S_IMODE(mode) != want:
                 wrong.append(f"{path}: {oct(stat.S_IMODE(mode))}")
-    ram_files = list(pair.ram_dir.iterdir())
-    wrong += [f"{p}: {oct(stat.S_IMODE(p.stat().st_mode))}" for p in ram_files
-              if stat.S_IMODE(p.stat().st_mode) != 0o600]
+    ram_files = [p for p in pair.ram_dir.rglob("*") if p.is_file()]
+    for path in pair.ram_dir.rglob("*"):  # the primary's RAM file, in a directory of its own
+        mode = path.lstat().st_mode
+        want = 0o700 if stat.S_ISDIR(mode) else 0o600
+        if stat.S_IMODE(mode) != want:
+            wrong.append(f"{path}: {oct(stat.S_IMODE(mode))}")
     assert ram_files and not wrong, wrong
     for host in ("primary", "backup"):
         assert (pair.workdir / host / "run" / "serial.log").exists()
