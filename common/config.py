@@ -232,7 +232,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
                        "backup when started again); shutdown: the guest is stopped and the "
                        "backup told not to take over"),
         "on_backup_loss": Key(str, "continue", _choice("continue", "pause"),
-                              "continue: release held output and run unprotected (as Remus); "
+                              "continue: hold the output for the takeover window (the backup "
+                              "may be about to take over), then release it and run "
+                              "unprotected; "
                               "pause: keep the guest stopped until the backup returns or an "
                               "operator resumes it (SIGUSR1)"),
     },

@@ -296,6 +296,11 @@ state_dir = "{self.workdir / 'backup'}"
         self.daemons.append(d)
         return d
 
+    def load_config(self):
+        """The pair's config as the daemons read it."""
+        from remus.common.config import load
+        return load(self.config)
+
     def protect(self, boot_timeout: float = 120) -> None:
         """Backup and primary up, initial sync committed, guest service answering."""
         self.start_backup()

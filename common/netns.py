@@ -124,6 +124,15 @@ class Lan:
     def mend(self, role: str, wire: str = "lan") -> None:
         _ip("-n", self.ns["switch"], "link", "set", self._port(role, wire), "up")
 
+    def partition(self, a: str = "primary", b: str = "backup", heal: bool = False) -> None:
+        """Cut hosts `a` and `b` off from each other on every wire, while both still
+        reach everyone else (the client reaches both): blackhole routes both ways."""
+        action = "del" if heal else "add"
+        for here, there in ((a, b), (b, a)):
+            for addrs in (self.addr, self.addr2):
+                if there in addrs and here in addrs:
+                    _ip("-n", self.ns[here], "route", action, "blackhole", f"{addrs[there]}/32")
+
     @staticmethod
     def _port(role: str, wire: str) -> str:
         return f"{'to' if wire == 'lan' else 'hb'}-{role}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 from remus.common.config import Config
 from remus.common.peering import grace_s
 
-ACTIVATION_MARGIN_S = 2.0  # preparing QEMU beyond fencing, loading the device state
+ACTIVATION_MARGIN_S = 5.0  # QEMU launched without a standby, device state loaded, busy host
 HOLD_MARGIN_S = 1.0        # the backup's check before resuming, clock rates, scheduling
 
 

@@ -11,6 +11,7 @@ commit releases it. Then it flows again, unprotected.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Callable
 
@@ -21,12 +22,20 @@ from remus.common.waiting import cancel_and_wait
 _log = log.get("remus.primary")
 
 POLL_S = 0.1
+# Test-only: release on backup loss at once, as before the window existed, so a test can
+# show what the hold prevents. Never set in production.
+RELEASE_AT_ONCE_ENV = "REMUS_TEST_RELEASE_ON_BACKUP_LOSS"
 
 
 class OutputHold:
     def __init__(self, hooks: Hooks, hold_s: float, backup_gave_up: Callable[[], bool]):
         self.hooks = hooks
         self.hold_s = hold_s
+        if os.environ.get(RELEASE_AT_ONCE_ENV):
+            self.hold_s = 0.0
+            _log.warning("output-hold-off", detail=f"{RELEASE_AT_ONCE_ENV} is set (a test "
+                         "switch): output is released as soon as the backup is lost, which "
+                         "lets a partition take back replies clients saw (unsafe)")
         self.backup_gave_up = backup_gave_up  # the backup beats that its replica is stale
         self.until: float | None = None       # monotonic; None: not holding
         self.started_at = 0.0
