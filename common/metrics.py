@@ -46,6 +46,12 @@ class _StatusCollector:
                                   labels=["state"])
             g.add_metric([standby["state"]], 1)
             yield g
+        hold = getattr(s, "output_hold_s_left", None)
+        if hold is not None:
+            g = GaugeMetricFamily("remus_output_hold_seconds_left", "the backup is lost: how "
+                                  "long the guest's output stays held (the takeover window)")
+            g.add_metric([], hold)
+            yield g
         held = getattr(s, "held_output", None)
         if held:
             for key in ("held_frames", "held_bytes", "dropped_frames"):

@@ -81,11 +81,16 @@ def render(statuses: dict) -> str:
             sync = s.get("sync")
             if sync:
                 lines.append(sync_line(sync, s["state"] == "syncing"))
+            if s.get("output_hold_s_left") is not None:
+                lines.append(f"  BACKUP LOST: output held {s['output_hold_s_left']:.1f} s more "
+                             "(the takeover window: the backup may be taking over)")
             held = s.get("held_output")
             if held:
                 lines.append(f"  held output {held['held_frames']} frames, {held['held_bytes']} bytes; "
                              f"dropped {held['dropped_frames']}")
         elif "fencing" in s:
+            if s.get("stale_reason"):
+                lines.append(f"  REPLICA STALE: {s['stale_reason']}")
             f = s["fencing"]
             lines.append(f"  replica {s['replica']['state']}  fencing "
                          f"{'%d level(s)' % f['levels'] if f['configured'] else 'NOT CONFIGURED'}"

@@ -46,3 +46,13 @@ def test_render_shows_a_running_sync_with_rate_and_eta():
     sync.done_at = 112.0
     done = render({"primary": {**PRIMARY, "sync": sync.describe(200.0)}})
     assert "initial sync: done in 12.0 s, 1 pre-copy round(s), 300 MiB on the wire" in done
+
+
+def test_render_shows_the_output_hold_and_a_stale_replica_with_its_reason():
+    holding = {**PRIMARY, "state": "holding", "output_hold_s_left": 12.34}
+    stale = {**BACKUP, "state": "stale", "stale_reason": "fencing did not succeed within the "
+                                                          "takeover window"}
+    text = render({"primary": holding, "backup": stale})
+    assert "primary demo: HOLDING" in text and "output held 12.3 s more" in text
+    assert "REPLICA STALE: fencing did not succeed within the takeover window" in text
+    assert "output held" not in render({"primary": PRIMARY})
