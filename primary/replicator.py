@@ -166,7 +166,7 @@ class Replicator:
                 lost_protected = self.state == PrimaryState.PROTECTING
                 if lost_protected:
                     _log.warning("backup-lost", reason=reason, last_committed=self.committed_epoch,
-                                 action="running unprotected, reconnecting")
+                                 action=self._on_loss())
                 else:
                     self._limited.info("backup-unreachable", self._backup, reason=reason,
                                        retry_s=backoff)
@@ -183,6 +183,13 @@ class Replicator:
                           PrimaryState.HOLDING if self.hold.active else PrimaryState.DEGRADED)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _on_loss(self) -> str:
+        if self.cfg.primary.on_backup_loss == "pause":
+            return "pausing the guest, reconnecting"
+        if self.hold.hold_s > 0:
+            return "holding the output for the takeover window, reconnecting"
+        return "running unprotected, reconnecting"
 
     async def _hold_or_release(self, lost_protected: bool) -> None:
         """The backup is gone: if it may hold a resumable checkpoint, hold the output for
@@ -241,7 +248,8 @@ class Replicator:
         resumes the guest from a checkpoint taken before they arrived. Best effort:
         skipped while no session protects the guest or the stream is backed up."""
         writer, encoder = self._writer, self._encoder
-        if (writer is None or encoder is None or self.state not in (PrimaryState.SYNCING, PrimaryState.PROTECTING)
+        streaming = self.state in (PrimaryState.SYNCING, PrimaryState.PROTECTING)
+        if (writer is None or encoder is None or not streaming
                 or writer.transport.get_write_buffer_size() > INPUT_BACKLOG_MAX):
             self.input_skipped += len(frames)
             return
