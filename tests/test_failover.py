@@ -305,7 +305,10 @@ def test_status_reports_both_daemons_consistently(watched_pair):
     p, b = first["primary"], first["backup"]
     assert p["state"] == "protecting" and b["state"] == "standby"
     assert p["session"] == b["session"] and p["generation"] == b["generation"] == 1
-    assert abs(p["last_committed_epoch"] - b["last_committed_epoch"]) <= 1
+    # remusctl asks the primary first: the backup commits an epoch before the primary
+    # counts it, so the backup is never behind, and ahead only by what committed
+    # between the two questions.
+    assert p["last_committed_epoch"] <= b["last_committed_epoch"] <= p["last_committed_epoch"] + 10
     assert p["checkpoints_per_s"] > 0 and p["pause_p50_ms"] > 0 and p["bytes_per_s"] > 0
     assert p["heartbeat"] is None and b["fencing"]["configured"] is False
     later = wait_until(lambda: (s := status())["primary"]["last_committed_epoch"]
