@@ -887,35 +887,73 @@ def test_property_damaged_stream_never_stages_wrong_data(params, kind, data):
 
 
 def test_every_single_byte_corruption_and_truncation():
-    """Exhaustive over a small stream: no position where damage goes unnoticed."""
+    """Exhaustive over a small stream: no position where damage goes unnoticed.
+
+    Every flipped byte is refused (a ProtocolError from receive() or close())
+    and the checkpoint it lies in is never staged. Every truncation stages
+    exactly the checkpoints completed before the cut; close() accepts the cut
+    only at a checkpoint boundary (after hello or an end frame) and raises
+    everywhere else.
+    """
     frames, sent = make_stream(seed=11, n_ckpt=2, npages=8, ps=16, batch=3,
                                compression="zstd", xor=True)
     stream = b"".join(frames)
 
     def run(s):
+        """(error raised by receive, error raised by close, staged epochs)."""
         d = Daemon(ps=16, npages=8)
-        try:
-            d.feed(s)
-            d.proto.close()
-        except ProtocolError:
-            pass
+        fed_err = closed_err = None
+        try:  # frame by frame as a socket might deliver them, event by event
+            for piece in split(s, ends):
+                for ev in d.proto.events(piece):
+                    if isinstance(ev, CheckpointStaged):
+                        d.staged.append(ev.checkpoint)
+                        d.proto.ack(ev.checkpoint.epoch)
+        except ProtocolError as exc:
+            fed_err = exc
+        if fed_err is None:
+            try:
+                d.proto.close()
+            except ProtocolError as exc:
+                closed_err = exc
         for sc in d.staged:
             assert_same(sc, sent[sc.epoch - 1])
-        return len(d.staged)
+        return fed_err, closed_err, [sc.epoch for sc in d.staged]
 
-    boundaries = set()
-    pos = 0
+    # where each frame ends, and which checkpoint (0 = the handshake) it belongs to
+    ends = []
+    clean_cuts = {0: 0}  # cut position -> checkpoints complete before it
+    owner = []  # per byte: the epoch of the checkpoint it carries (0 = hello)
+    pos, epoch = 0, 0
     for f in frames:
+        t = header_of(f)["t"]
+        if t == "begin":
+            epoch = header_of(f)["epoch"]
+        owner += [epoch] * len(f)
         pos += len(f)
-        boundaries.add(pos)
+        ends.append(pos)
+        if t in ("hello", "end"):
+            clean_cuts[pos] = epoch
+    assert len(owner) == len(stream)
+    assert sorted(clean_cuts.values()) == [0, 0, 1, 2]  # the stream has what we think
+
     for i in range(len(stream)):
         damaged = bytearray(stream)
         damaged[i] ^= 0xA5
-        run(bytes(damaged))
-        # truncation: only complete checkpoints may be staged, and close() must
-        # complain unless the cut is exactly after a hello or end frame
-        staged = run(stream[:i])
-        assert staged <= 2
+        fed_err, closed_err, staged = run(bytes(damaged))
+        assert fed_err is not None or closed_err is not None, f"flipped byte {i} went unnoticed"
+        assert staged == list(range(1, owner[i])), (
+            f"flipped byte {i} (checkpoint {owner[i]}): staged {staged}")
+
+    for i in range(len(stream) + 1):
+        fed_err, closed_err, staged = run(stream[:i])
+        assert fed_err is None, f"cut at {i}: receive() refused a clean prefix: {fed_err}"
+        complete = max(n for cut, n in clean_cuts.items() if cut <= i)
+        assert staged == list(range(1, complete + 1)), f"cut at {i}: staged {staged}"
+        if i in clean_cuts:
+            assert closed_err is None, f"cut at boundary {i}: close() raised {closed_err}"
+        else:
+            assert closed_err is not None, f"cut at {i} (inside a frame or checkpoint): close() was silent"
 
 
 def test_full_checkpoint_128mib_is_fast():
