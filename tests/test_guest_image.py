@@ -52,13 +52,14 @@ def test_cache_key_changes_with_every_input(change, monkeypatch):
 def test_guest_files_cover_the_service():
     names = dict(gi._guest_files())
     for name in ("init", "www/cgi-bin/inc", "www/cgi-bin/get", "www/cgi-bin/dirty",
-                 "bin/remus-dirty", "lib/remus/cgi.sh"):
+                 "www/cgi-bin/record", "www/cgi-bin/disklast", "bin/remus-dirty", "lib/remus/cgi.sh"):
         assert name in names
     assert b"REMUS-GUEST-READY" in names["init"]
 
 
 @pytest.mark.skipif(not BUSYBOX, reason="no busybox on the host to check shell syntax")
 @pytest.mark.parametrize("name", ["init", "www/cgi-bin/inc", "www/cgi-bin/get", "www/cgi-bin/dirty",
+                                  "www/cgi-bin/record", "www/cgi-bin/disklast",
                                   "bin/remus-dirty", "lib/remus/cgi.sh"])
 def test_guest_scripts_parse(name):
     done = subprocess.run([BUSYBOX, "sh", "-n", str(gi.GUEST_FILES / name)], capture_output=True, text=True)
@@ -67,14 +68,16 @@ def test_guest_scripts_parse(name):
 
 # -- the counter CGI, run on the host with busybox sh ----------------------------
 
-def _cgi(tmp_path: Path, name: str, query: str = "") -> subprocess.Popen:
-    """Start a CGI script with its state in tmp_path instead of /run/remus."""
+def _cgi(tmp_path: Path, name: str, query: str = "", disk: str = "/dev/vda") -> subprocess.Popen:
+    """Start a CGI script with its state in tmp_path instead of /run/remus
+    (and the guest disk at `disk` instead of /dev/vda)."""
     lib = tmp_path / "cgi.sh"
     if not lib.exists():
         lib.write_text(gi.GUEST_FILES.joinpath("lib/remus/cgi.sh").read_text()
                        .replace("STATE=/run/remus", f"STATE={tmp_path}"))
         (tmp_path / "counter").write_bytes(b"")
-    script = gi.GUEST_FILES.joinpath("www/cgi-bin", name).read_text().replace("/lib/remus/cgi.sh", str(lib))
+    script = (gi.GUEST_FILES.joinpath("www/cgi-bin", name).read_text()
+              .replace("/lib/remus/cgi.sh", str(lib)).replace("/dev/vda", disk))
     return subprocess.Popen([BUSYBOX, "sh", "-c", script], stdout=subprocess.PIPE,
                             env={"QUERY_STRING": query, "PATH": os.environ["PATH"]})
 
@@ -100,6 +103,46 @@ def test_concurrent_increments_are_never_lost(tmp_path):
 def test_dirty_rejects_bad_page_counts(tmp_path, query):
     out = _cgi(tmp_path, "dirty", query).communicate(timeout=30)[0].decode()
     assert out.startswith("Status: 400")
+
+
+@pytest.fixture
+def loop_disk(tmp_path):
+    """A 64-sector block device (loop) over a zeroed file: (device, backing file)."""
+    backing = tmp_path / "disk.img"
+    backing.write_bytes(bytes(64 * 512))
+    done = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"no loop device for a block-device disk: {done.stderr.strip()}")
+    dev = done.stdout.strip()
+    yield dev, backing
+    subprocess.run(["losetup", "-d", dev], check=True)
+
+
+@pytest.mark.skipif(not BUSYBOX, reason="no busybox on the host to run the CGI scripts")
+def test_record_writes_numbered_synced_records_that_disklast_reports(tmp_path, loop_disk):
+    """What test_disk relies on: record N lands in sector N in the format
+    records_on_disk reads, concurrent records get distinct consecutive numbers,
+    and disklast reports the last one written."""
+    from remus.common.localpair import records_on_disk
+    dev, backing = loop_disk
+    assert _body(_cgi(tmp_path, "disklast", disk=dev)) == "0\n"
+    assert _body(_cgi(tmp_path, "record", disk=dev)) == "1\n"
+    procs = [_cgi(tmp_path, "record", disk=dev) for _ in range(20)]
+    assert sorted(int(_body(p)) for p in procs) == list(range(2, 22))
+    assert _body(_cgi(tmp_path, "disklast", disk=dev)) == "21\n"
+    assert not (tmp_path / "lock").exists()  # every record and disklast unlocked
+    assert records_on_disk(backing) == 21  # synced through the block device
+    data = backing.read_bytes()
+    assert data[:512] == bytes(512)  # sector 0 is never a record
+    assert data[21 * 512:21 * 512 + 512] == b"REC00000021\n" + bytes(500)  # padded to a sector
+    assert data[22 * 512:] == bytes(len(data) - 22 * 512)
+
+
+@pytest.mark.skipif(not BUSYBOX, reason="no busybox on the host to run the CGI scripts")
+def test_record_without_a_disk_refuses(tmp_path):
+    out = _cgi(tmp_path, "record", disk=str(tmp_path / "no-such-disk")).communicate(timeout=30)[0].decode()
+    assert out.startswith("Status: 503")
+    assert _body(_cgi(tmp_path, "disklast")) == "0\n"  # nothing was counted
 
 
 # -- initramfs and modules -------------------------------------------------------
@@ -169,7 +212,7 @@ def test_built_initramfs_holds_the_guest(image):
     assert init.startswith(b"#!/bin/busybox sh") and mode & 0o111
     assert members["bin/busybox"][1].startswith(b"\x7fELF") and members["bin/busybox"][0] & 0o111
     assert members["bin/sh"] == (stat.S_IFLNK | 0o777, b"busybox")
-    for cgi in ("inc", "get", "dirty"):
+    for cgi in ("inc", "get", "dirty", "record", "disklast"):  # record, disklast: test_disk
         assert members[f"www/cgi-bin/{cgi}"][0] & 0o111
     assert stat.S_ISCHR(members["dev/console"][0])
     order = members["etc/remus/modules"][1].decode().split()
