@@ -2,6 +2,7 @@
 it dies, never reused across sessions, and never a writer of the replica's RAM."""
 import asyncio
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -151,19 +152,28 @@ def test_a_standby_qemu_never_writes_the_replica_ram(make_pair, tmp_path):
     pair = make_pair()
     cfg = load(pair.config)
     replica = Replica(tmp_path / "replica")
-    pattern = np.random.default_rng(7).integers(0, 256, cfg.memory_bytes, dtype=np.uint8)
-    replica.ram_file.write_bytes(pattern.tobytes())
-    before = hashlib.sha256(replica.ram_file.read_bytes()).hexdigest()
+    rng = np.random.default_rng(7)
+    replica.ram_file.write_bytes(rng.integers(0, 256, cfg.memory_bytes, dtype=np.uint8).tobytes())
+    written = rng.integers(0, 256, cfg.memory_bytes, dtype=np.uint8).tobytes()
 
     async def main():
         launched = await launch_guest(cfg, replica)
         try:
             assert await launched.guest.status() == "inmigrate"
+            # The daemon commits a checkpoint into the file QEMU has mapped (shared):
+            # in place, never truncating it under QEMU.
+            with open(replica.ram_file, "r+b") as f:
+                f.write(written)
+                f.flush()
+                os.fsync(f.fileno())
+            assert await launched.guest.status() == "inmigrate"
+            await launched.guest.quit()  # QEMU's own exit path (QMP quit), not a SIGKILL
+            assert launched.guest.proc.returncode == 0
         finally:
             await launched.discard()
         assert not launched.alive()
     asyncio.run(main())
-    assert hashlib.sha256(replica.ram_file.read_bytes()).hexdigest() == before
+    assert hashlib.sha256(replica.ram_file.read_bytes()).digest() == hashlib.sha256(written).digest()
 
 
 @pytest.mark.integration
