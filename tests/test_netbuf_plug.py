@@ -419,6 +419,25 @@ def _qdiscs(ns, index) -> list:
         return [(q.get_attr("TCA_KIND"), q["parent"], q["handle"]) for q in ipr.get_qdiscs(index)]
 
 
+def _plug_qlen(ns, index) -> int:
+    """Packets the IFB's plug qdisc is holding."""
+    with IPRoute(netns=ns, flags=0) as ipr:
+        for q in ipr.get_qdiscs(index):
+            if q.get_attr("TCA_KIND") == "plug" and q["handle"] == PLUG_HANDLE:
+                return q.get_attr("TCA_STATS2").get_attr("TCA_STATS_QUEUE")["qlen"]
+    raise AssertionError("no plug qdisc")
+
+
+async def _plug_holds(ns, index, count, within=2.0) -> int:
+    """Wait (bounded) until the plug holds `count` packets; what it holds then."""
+    deadline = time.monotonic() + within
+    while True:
+        got = await asyncio.to_thread(_plug_qlen, ns, index)
+        if got >= count or time.monotonic() > deadline:
+            return got
+        await asyncio.sleep(0.02)
+
+
 def _redirect_filters(ns, index) -> list:
     with IPRoute(netns=ns, flags=0) as ipr:
         return [f for f in ipr.get_filters(index, parent=INGRESS_HANDLE)
@@ -593,10 +612,10 @@ def test_live_plug_holds_output_until_commit(netns):
             await dev.commit(1)
             sent = await tx()
             await _inject(netns, "rtap3")          # output of epoch 2
-            await asyncio.sleep(0.1)
+            assert await _plug_holds(netns, ifb, 2) == 2  # it reached the plug ...
             assert await tx() == sent              # held
             await dev.postsuspend(2)               # barrier after it
-            await asyncio.sleep(0.1)
+            assert await asyncio.to_thread(_plug_qlen, netns, ifb) == 2  # the barrier let none go
             assert await tx() == sent              # still held: not acknowledged
             await dev.commit(2)
             assert await _ifb_count(netns, "rifb3", "tx_packets", sent + 2) == sent + 2
