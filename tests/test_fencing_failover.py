@@ -2,11 +2,14 @@
 and a test "power switch" that cuts the primary host when its status file says off."""
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from remus.common.control import query
 from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
+from remus.common.probe import read_replies
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not shutil.which("fence_dummy") and not shutil.which("/usr/sbin/fence_dummy"),
@@ -106,19 +109,60 @@ def test_failing_fence_device_means_no_activation_and_a_loud_error(guest_image, 
         pair.cleanup()
 
 
+SNIFF = r"""
+import errno, socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # ETH_P_ALL
+s.bind((sys.argv[1], 0))
+print("ready", flush=True)
+while True:
+    try:
+        data, addr = s.recvfrom(65535)
+    except OSError as exc:  # the port was down when bound: reported once, then it works
+        if exc.errno == errno.ENETDOWN:
+            continue
+        raise
+    if addr[2] == socket.PACKET_OUTGOING:
+        continue  # what the switch sends to the host, not what the host sends
+    if data[12:14] == b"\x88\xb5" and data[14:23] == b"REMUS-END":
+        print("end", flush=True)
+        break
+    print(data[6:12].hex(":"), data[12:14].hex(), flush=True)
+"""
+
+END_MARK = r"""
+import socket
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+s.send(b"\xff" * 6 + bytes.fromhex("020000000001") + b"\x88\xb5" + b"REMUS-END".ljust(46, b"\0"))
+"""
+
+
 def test_stale_primary_stands_down_and_releases_nothing(guest_image, lan, tmp_path):
     # A fence device that claims success without cutting anything: the worst case.
     pair, _ = protected_pair(guest_image, lan, tmp_path, device='kind = "command"\ncommand = ["true"]')
+    guest_mac = pair.load_config().nics[0].mac
     try:
+        probe = pair.start_probe("inc")  # the stale guest has replies held when it is cut off
+        wait_until(lambda: read_replies(probe.log()), 30, "the probe's first reply")
         lan.cut("primary", "lan")
         lan.cut("primary", "hb")
         pair.backup.wait_for(r"activated epoch=", 60)
+        # Everything the primary host puts on the LAN, seen at its switch port, from the
+        # mend until the daemon has exited and a marker frame after it has come through.
+        sniffer = pair._start("sniffer", [*lan.exec("switch"), sys.executable, "-c", SNIFF, "to-primary"])
+        sniffer.wait_for(r"ready", 10)
         lan.mend("primary", "lan")
         lan.mend("primary", "hb")
         pair.primary.wait_for(r"stood-down", 30)
         assert pair.primary.proc.wait(30) == 5
         assert "netbuf-silenced" in pair.primary.log()
+        subprocess.run([*lan.exec("primary"), sys.executable, "-c", END_MARK], check=True)
+        sniffer.wait_for(r"(?m)^end$", 10)
+        from_guest = [line for line in sniffer.log().splitlines() if line.startswith(guest_mac)]
+        assert not from_guest, (f"the stale primary put {len(from_guest)} frames of the guest "
+                                f"({guest_mac}) on the LAN after the mend: {from_guest[:5]}")
         # The guest the client reaches is the activated one, and it keeps answering.
         assert wait_until(lambda: pair.try_get("get"), 60, "the activated guest")
     finally:
         pair.cleanup()
+
