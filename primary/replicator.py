@@ -343,7 +343,8 @@ class Replicator:
                                authenticated=self.tls_context is not None)
 
     async def _session(self) -> None:
-        self.state = PrimaryState.CONNECTING
+        if not self.hold.active:  # while holding, the state says so until a session syncs
+            self.state = PrimaryState.CONNECTING
         reader, writer = await self._connect()
         self._writer = writer
         session = secrets.token_hex(16)
