@@ -142,6 +142,14 @@ class Standby(Role):
             stale_reason=judge.stale_reason if judge.stale else None)
 
 
+def link_down_detail(hb, link: str) -> str:
+    """What a link going down means now, from the heartbeat's view of every link."""
+    others = [lk["link"] for lk in hb.view().links if lk["up"] and lk["link"] != link]
+    if others:
+        return f"no failover while another link answers ({', '.join(others)} up)"
+    return "every heartbeat link is down"
+
+
 async def follow_heartbeat(hb, receiver: Receiver) -> None:
     """Feed the peer's liveness and generation to the judge, and log link changes."""
     try:
@@ -155,7 +163,7 @@ async def follow_heartbeat(hb, receiver: Receiver) -> None:
                                                int(event.beat.get("generation", 0)))
             elif isinstance(event, LinkDown):
                 _log.warning("link-down", link=event.link, missed=event.missed,
-                             detail="no failover while another link answers")
+                             detail=link_down_detail(hb, event.link))
             elif isinstance(event, LinkUp):
                 _log.info("link-up", link=event.link)
             receiver.changed.set()

@@ -41,18 +41,22 @@ class Hooks:
 
     def __init__(self, devices: list[CheckpointDevice] | None = None):
         self.devices = list(devices or [])
+        self.last_run: str | None = None  # the last phase whose hooks all ran (drills log it)
 
     async def postsuspend(self, epoch: int) -> None:
         for d in self.devices:
             await d.postsuspend(epoch)
+        self.last_run = "postsuspend"
 
     async def preresume(self, epoch: int) -> None:
         for d in self.devices:
             await d.preresume(epoch)
+        self.last_run = "preresume"
 
     async def commit(self, epoch: int) -> None:
         for d in self.devices:
             await d.commit(epoch)
+        self.last_run = "commit"
 
     async def unprotected(self) -> None:
         for d in self.devices:

@@ -261,7 +261,8 @@ class Replicator:
         """The original Remus drill commands (s s2 r r2 c c2): the whole primary host
         dies here, with no goodbye and nothing released."""
         if self.die_at == point:
-            _log.error("drill-die", point=point, epoch=self.committed_epoch)
+            _log.error("drill-die", point=point, epoch=self.committed_epoch,
+                       hooks_ran=self.hooks.last_run)
             self.guest.kill()
             os._exit(DRILL_EXIT)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from remus.common.control import query
+from remus.common.hooks import DRILL_POINTS
 from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
 
 pytestmark = [pytest.mark.integration,
@@ -18,6 +19,10 @@ pytestmark = [pytest.mark.integration,
 REMUSCTL = str(Path(sys.executable).parent / "remusctl")
 ACTIVATING = re.compile(r"\bWARNING activating ")  # the backup's log line as it takes the guest
 
+# The checkpoint cycle: postsuspend hooks, capture, preresume hooks, (the backup's
+# ack), commit hooks. Before a point, the last hooks to have run:
+HOOKS_RAN_BEFORE = {"s": "commit", "s2": "postsuspend", "r": "postsuspend",
+                    "r2": "preresume", "c": "preresume", "c2": "commit"}
 LAN_OPTIONS = {"second_link": True}  # the conftest's `lan` fixture
 
 
@@ -66,7 +71,11 @@ def test_drill_reports_zero_lost_replies(guest_image, lan, tmp_path, how):
             assert "output-held" in log and "output-released" not in log, pair.primary.tail()
             assert switch.cut_at is not None
         elif how != "kill":
-            assert "drill-die" in pair.primary.log()
+            # Died at exactly the named point: the point it names, and between the hooks
+            # that surround that point (the last phase whose hooks ran).
+            died = re.search(r"drill-die point=(\S+) epoch=\d+ hooks_ran=(\S+)", pair.primary.log())
+            assert died, pair.primary.tail()
+            assert died.groups() == (DRILL_POINTS[how], HOOKS_RAN_BEFORE[how]), died.group(0)
     finally:
         switch.done.set()
         pair.cleanup()

@@ -90,9 +90,9 @@ def test_a_standby_guest_that_dies_is_replaced_and_the_failover_uses_the_new_one
     pair.backup.wait_for(rf"guest-prepared epoch=\d+ qemu_pid={second} standby=True", 60)
     after = int(wait_until(lambda: pair.try_get("inc"), 60, "the activated guest to answer"))
     assert after == value + 1
-    # Discarding the dead standby left nothing dangling (a QMP listener task did once).
-    # Only that: qemu.qmp logs a retried QMP connect as an ERROR of its own.
-    assert "Task was destroyed but it is pending" not in pair.backup.log()
+    # That discarding the dead standby leaves no QMP listener task pending is checked
+    # in test_qemu_qmp.py: here the loop's "Task was destroyed but it is pending" would
+    # show only if the garbage collector happened to reach the task before the end.
 
 
 def test_primary_stopping_on_purpose_is_not_taken_over(make_pair):

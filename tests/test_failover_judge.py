@@ -42,3 +42,35 @@ def test_heartbeat_loss_alone_is_no_failover():
     j.committed()
     j.peer(alive=False)
     assert j.verdict(5).action == WAIT
+
+
+def test_link_down_says_another_link_answers_only_when_one_does(caplog):
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    from remus.backup.standing_by import follow_heartbeat
+    from remus.common.heartbeat import LinkDown
+
+    class FakeHeartbeat:
+        """Two links; each LinkDown is seen once the view already has that link down."""
+        def __init__(self):
+            self.up = {"lan": True, "hb": True}
+
+        def view(self):
+            return SimpleNamespace(links=[{"link": k, "up": v} for k, v in self.up.items()])
+
+        async def events(self):
+            for name in ("hb", "lan"):
+                self.up[name] = False
+                yield LinkDown(name, missed=5)
+
+    receiver = SimpleNamespace(judge=SimpleNamespace(peer=lambda alive: None),
+                               changed=asyncio.Event(), peer_generation=0)
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(follow_heartbeat(FakeHeartbeat(), receiver))
+    lines = [r.getMessage() for r in caplog.records if "link-down" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "link=hb" in lines[0] and "another link answers (lan up)" in lines[0], lines[0]
+    assert "link=lan" in lines[1] and "another link answers" not in lines[1], lines[1]
+    assert "every heartbeat link is down" in lines[1], lines[1]

@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -28,6 +29,14 @@ def protected_pair(guest_image, lan, workdir, fence_type="file", device=None, **
     return pair, status
 
 
+def log_time(log: str, pos: int) -> float:
+    """The wall-clock time (s) of the daemon log line holding offset `pos`."""
+    line = log[log.rfind("\n", 0, pos) + 1:]
+    stamp = line.split(" ", 1)[0]  # 2026-11-26T04:44:23.123, local time
+    whole, ms = stamp.rsplit(".", 1)
+    return time.mktime(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(ms) / 1000
+
+
 def test_killed_primary_is_fenced_then_the_backup_activates(guest_image, lan, tmp_path):
     pair, status = protected_pair(guest_image, lan, tmp_path)
     switch = PowerSwitch(status, pair)
@@ -36,9 +45,20 @@ def test_killed_primary_is_fenced_then_the_backup_activates(guest_image, lan, tm
         pair.primary.kill9()
         switch.start()
         fenced = pair.backup.wait_for(r"WARNING fenced ", 30)
-        activated = pair.backup.wait_for(r"activated epoch=", 30)
-        assert fenced.start() < activated.start(), "activated before fencing succeeded"
+        activating = pair.backup.wait_for(r"WARNING activating ", 30)
+        activated = pair.backup.wait_for(r"WARNING activated epoch=", 30)
+        log = pair.backup.log()
+        # The backup's own log, in order: fenced, then activating (just before the
+        # guest runs), then activated.
+        assert fenced.start() < activating.start() < activated.start(), \
+            f"activation began before fencing succeeded:\n{pair.backup.tail()}"
         assert status.read_text() == "off"
+        # The power switch cut the primary before the replica ran (the log's stamps are
+        # whole milliseconds, rounded down).
+        assert switch.cut_at is not None, "activated without the primary's power being cut"
+        activated_at = log_time(log, activated.start())
+        assert switch.cut_at < activated_at + 0.001, \
+            f"power cut at {switch.cut_at:.3f}, guest activated at {activated_at:.3f}"
         after = int(wait_until(lambda: pair.try_get("inc"), 60, "the activated guest"))
         assert after == before + 1
     finally:

@@ -332,6 +332,42 @@ def test_beats_stay_on_time_while_the_daemon_holds_the_gil(keys):
     run(scenario())
 
 
+AS_NOBODY = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from remus.common.heartbeat import Heartbeat, HeartbeatConfig, HeartbeatError, Link
+    links = [Link(a, b) for a, b in zip(sys.argv[3::2], sys.argv[4::2])]
+    cfg = HeartbeatConfig(node="primary", peer_node="backup", links=links,
+                          secret_key=Path(sys.argv[1]), peer_public_key=Path(sys.argv[2]),
+                          interval_ms=100, miss=5)
+    try:
+        asyncio.run(Heartbeat(cfg).start())
+    except HeartbeatError as exc:
+        print(exc)
+        sys.exit(3)
+    print("started")
+""")
+
+
+def start_as_nobody(secret: bytes, links) -> str:
+    """Start a heartbeat as user nobody with a secret key file it may not read (mode 0,
+    in a directory it may enter); the HeartbeatError it reports."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o755)
+        key = Path(d) / "secret.key_secret"
+        key.write_bytes(secret)
+        key.chmod(0)
+        args = [str(key), str(Path(d) / "peer.key")]
+        for lk in links:
+            args += [lk.local, lk.peer]
+        r = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+                            sys.executable, "-c", AS_NOBODY, *args],
+                           capture_output=True, text=True, timeout=30, env=os.environ.copy())
+    assert r.returncode == 3, f"exit {r.returncode}: {r.stdout}{r.stderr}"
+    return r.stdout
+
+
 def test_start_errors_are_clear(keys, tmp_path):
     async def scenario():
         p = free_ports(2)
@@ -361,6 +397,9 @@ def test_start_errors_are_clear(keys, tmp_path):
             cfg.secret_key = unreadable
             with pytest.raises(HeartbeatError, match="cannot be read"):
                 await Heartbeat(cfg).start()
+        else:  # root reads any file: ask as nobody instead
+            error = start_as_nobody((keys / "primary.key_secret").read_bytes(), links)
+            assert "cannot be read" in error and "Permission denied" in error, error
 
         with socket.socket() as busy:             # the local address is taken
             busy.bind(("127.0.0.1", p[0]))

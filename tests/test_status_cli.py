@@ -23,6 +23,20 @@ def test_render_shows_what_an_operator_needs():
     assert "standby guest: ready (QEMU pid 4242)" in text
 
 
+def test_render_names_missed_beats_only_when_they_mean_something():
+    def line(**link):
+        hb = {"peer_alive": True, "running": True, "peer": None, "links": [
+            {"link": "a->b", "last_beat_age_ms": 40.0, "rtt_ms": None, **link}]}
+        text = render({"primary": {**PRIMARY, "heartbeat": hb}})
+        return next(x for x in text.splitlines() if "link a->b" in x)
+    # Between two beats an up link counts one missed: its normal rhythm, not news.
+    assert line(up=True, missed=0) == "  link a->b: up  last beat 40 ms ago"
+    assert line(up=True, missed=1) == "  link a->b: up  last beat 40 ms ago"
+    assert line(up=True, missed=2) == "  link a->b: up  last beat 40 ms ago  missed 2"
+    assert line(up=False, missed=0).endswith("DOWN  last beat 40 ms ago  missed 0")
+    assert line(up=False, missed=1).endswith("missed 1")
+
+
 def test_render_says_when_the_standby_guest_failed_to_launch():
     failed = {**BACKUP, "standby_guest": {"state": "failed", "error": "GuestError: no qemu"}}
     assert "standby guest: LAUNCH FAILED: GuestError: no qemu" in render({"backup": failed})

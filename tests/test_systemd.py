@@ -1,8 +1,10 @@
 import asyncio
+import select
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -62,27 +64,67 @@ def test_notify_reaches_the_socket(tmp_path, monkeypatch):
 
 
 def test_keep_alive_only_while_healthy(tmp_path, monkeypatch):
+    """Each turn of keep_alive asks healthy() once and sends WATCHDOG=1 only on a yes:
+    at every question we count what reached the socket so far. Healthy for 3 turns,
+    unhealthy for 5 (several watchdog intervals: not one keep-alive), healthy again
+    for 2."""
+    answers = [True] * 3 + [False] * 5 + [True] * 2
     path = tmp_path / "notify"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
         server.bind(str(path))
-        server.settimeout(2)
+        server.setblocking(False)
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-        monkeypatch.setenv("WATCHDOG_USEC", "40000")  # keep-alives every 20 ms
-        healthy = [True]
+        monkeypatch.setenv("WATCHDOG_USEC", "20000")  # a turn every 10 ms
+        got: list[bytes] = []
+        seen_at_turn: list[int] = []  # datagrams received before turn i asked
+        lock = threading.Lock()
+        done = threading.Event()
+
+        def drain() -> None:
+            with lock:
+                while True:
+                    try:
+                        got.append(server.recv(64))
+                    except BlockingIOError:
+                        break
+                if len(got) > sum(answers):
+                    done.set()  # more keep-alives than healthy answers: stop here
+
+        def reader() -> None:  # a full socket would block the sender (and the loop)
+            while not done.is_set():
+                select.select([server], [], [], 0.05)
+                drain()
+
+        def healthy() -> bool:
+            drain()  # a datagram socket delivers at send: all earlier ones are here
+            seen_at_turn.append(len(got))
+            if len(seen_at_turn) > len(answers):
+                done.set()
+                return False
+            return answers[len(seen_at_turn) - 1]
 
         async def run():
-            task = asyncio.create_task(sdnotify.keep_alive(lambda: healthy[0]))
-            await asyncio.sleep(0.1)
-            healthy[0] = False
-            await asyncio.sleep(0.05)
-            task.cancel()
+            task = asyncio.create_task(sdnotify.keep_alive(healthy))
+            try:
+                await asyncio.to_thread(done.wait, 10)
+            finally:
+                task.cancel()
 
-        asyncio.run(run())
-        got = []
-        server.settimeout(0.2)
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
         try:
-            while True:
-                got.append(server.recv(64))
-        except socket.timeout:
-            pass
-    assert 2 <= len(got) <= 8 and set(got) == {b"WATCHDOG=1"}
+            asyncio.run(run())
+        finally:
+            done.set()
+            thread.join(5)
+        drain()
+    assert set(got) <= {b"WATCHDOG=1"}, got
+    assert len(got) <= sum(answers), (f"{len(got)} keep-alives for {sum(answers)} healthy "
+                                      f"answers: sent while unhealthy (counts at each "
+                                      f"question: {seen_at_turn})")
+    assert len(seen_at_turn) > len(answers), \
+        f"keep_alive asked healthy() only {len(seen_at_turn)} times in 10 s"
+    # Turn i asks after turns 0..i-1 sent (or not): one keep-alive per healthy turn.
+    expected = [sum(answers[:i]) for i in range(len(answers) + 1)]
+    assert seen_at_turn == expected, (seen_at_turn, expected)
+    assert len(got) == 5
