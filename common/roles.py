@@ -11,6 +11,8 @@ current role; its `run()` returns the next role or an exit code:
                                                                    │
                          Protecting <──(remusctl reprotect)────────┘
 
+    TakingOver ──(the takeover window passed)──> Standby, its replica stale
+
     any role that sees a newer generation holding the guest ──> StoodDown ──> exit
 
 Roles live with the host side that owns their work (primary/, backup/); a
