@@ -39,6 +39,7 @@ class Standby(Role):
         self.replica: Replica | None = None
         self.receiver: Receiver | None = None
         self.standby: StandbyGuest | None = None
+        self.judge: FailoverJudge | None = None
 
     async def run(self, node) -> Role | int:
         tls_context = tls.context_for(self.cfg, node.host, server=True)  # fails before opening
@@ -117,8 +118,8 @@ class Standby(Role):
     def beat_role(self) -> RoleName:
         # A backup that will not resume its replica says so: a primary holding its output
         # for the takeover window may then release it at once.
-        judge = getattr(self, "judge", None)
-        return RoleName.STALE if judge is not None and judge.stale else RoleName.BACKUP
+        stale = self.judge is not None and self.judge.stale
+        return RoleName.STALE if stale else RoleName.BACKUP
 
     def after_missed_window(self, reason: str) -> "Standby":
         """The role after a takeover that missed its window: standing by, stale."""

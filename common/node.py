@@ -37,6 +37,7 @@ class Node:
         self.pid = os.getpid()
         self.generation = generation
         self.role: Role | None = None
+        self._published: tuple | None = None  # the last beat contents handed to hb
         # Owner-only (0700), an existing one tightened: it holds the guest's memory,
         # disks and console, and the sockets that control the daemon.
         self.state_dir = private_dir(Path(getattr(cfg, host).state_dir))
@@ -74,8 +75,12 @@ class Node:
 
     def publish(self, session: str = "", epoch: int = 0) -> None:
         """Beat the current role, at this host's generation, with the session and epoch."""
-        if self.hb is not None and self.role is not None:
-            self.hb.update(self.role.beat_role().value, session or "", self.generation, epoch)
+        if self.hb is None or self.role is None:
+            return
+        beat = (self.role.beat_role().value, session or "", self.generation, epoch)
+        if beat != self._published:  # roles publish in loops: only a change is news
+            self._published = beat
+            self.hb.update(*beat)
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -24,26 +24,21 @@ def _handshake(rep: Replicator, proto: PrimaryProtocol, claimed: int):
     return asyncio.run(run())
 
 
-def _replicator(tls_context) -> Replicator:
-    return Replicator(_CONFIG, None, None, None, None, generation=1, tls_context=tls_context)
-
-
-def _config():
-    import tempfile
-    from pathlib import Path
-
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
     from remus.common.config import load
-    path = Path(tempfile.mkdtemp()) / "g.toml"
+    path = tmp_path_factory.mktemp("cfg") / "g.toml"
     path.write_text('[guest]\nname = "g"\nkernel = "k"\n[primary]\naddress = "127.0.0.1"\n'
                     '[backup]\naddress = "127.0.0.1:1"\n[tls]\ninsecure = true\n')
     return load(path)
 
 
-_CONFIG = _config()
+def _replicator(config, tls_context) -> Replicator:
+    return Replicator(config, None, None, None, None, generation=1, tls_context=tls_context)
 
 
-def test_an_unauthenticated_reject_with_a_newer_generation_is_only_a_refusal():
-    rep = _replicator(None)
+def test_an_unauthenticated_reject_with_a_newer_generation_is_only_a_refusal(config):
+    rep = _replicator(config, None)
     try:
         with pytest.raises(BackupRefused, match="only the heartbeat may"):
             _handshake(rep, PrimaryProtocol(SESSION), claimed=7)
@@ -52,8 +47,8 @@ def test_an_unauthenticated_reject_with_a_newer_generation_is_only_a_refusal():
 
 
 @pytest.mark.parametrize("tls, superseded", [(False, False), (True, True)])
-def test_the_replicators_protocol_trusts_the_backup_only_over_tls(tls, superseded):
-    rep = _replicator(ssl.create_default_context() if tls else None)
+def test_the_replicators_protocol_trusts_the_backup_only_over_tls(config, tls, superseded):
+    rep = _replicator(config, ssl.create_default_context() if tls else None)
     try:
         expected = Superseded if superseded else BackupRefused
         with pytest.raises(expected):

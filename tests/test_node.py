@@ -113,3 +113,22 @@ def test_asyncio_error_reports_are_rate_limited(caplog):
     lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(lines) == 3 and "Too many open files" in lines[0].getMessage()
     assert "Traceback" not in caplog.text
+
+
+def test_the_same_beat_is_handed_to_the_heartbeat_once(tmp_path):
+    """Roles publish from loops (every 50-100 ms): only a change reaches the heartbeat."""
+    class Publishes(Role):
+        name = RoleName.BACKUP
+
+        async def run(self, node):
+            for epoch in (1, 1, 1, 2, 2):
+                node.publish("s", epoch)
+            return 0
+
+    class Recording(FakeHeartbeat):
+        def update(self, *beat):
+            self.beats.append(beat)
+    node = Node(_config(tmp_path), "backup", roles=None)
+    node.hb = Recording()
+    assert asyncio.run(node.run(Publishes())) == 0
+    assert node.hb.beats == [("backup", "", 1, 0), ("backup", "s", 1, 1), ("backup", "s", 1, 2)]
