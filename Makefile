@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 PREFIX ?= /opt/remus
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: all deps venv guest test unit demo bench install clean
+.PHONY: all deps venv guest test unit mutants demo bench install clean
 
 all: test
 
@@ -35,6 +35,11 @@ test: guest
 
 unit: venv
 	$(VBIN)/pytest -q -ra -m "not integration"
+
+# Mutation testing of the pure core against the unit tests: score per module, table saved in bench/results/.
+mutants: venv
+	$(VBIN)/pip install -q -e '.[test,mutants]'
+	$(VBIN)/python scripts/mutants.py
 
 demo: guest
 	$(VBIN)/python scripts/demo.py

@@ -1,4 +1,5 @@
 from hypothesis import given, settings, strategies as st
+from hypothesis_budget import examples
 
 from remus.common import diskset
 from remus.common.diskset import WriteSet, is_zero
@@ -29,7 +30,7 @@ writes_strategy = st.lists(st.tuples(st.integers(0, SIZE - 1), st.integers(1, 50
                                      st.integers(0, 255), st.booleans()), max_size=30)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(writes_strategy)
 def test_coalesced_extents_reproduce_every_write_and_zeroing_in_order(writes):
     model = bytearray(b"\xee" * SIZE)  # the replica's old content: zeroes must overwrite it

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis_budget import examples
 from hypothesis import strategies as st
 
 from remus.common import nbd
@@ -595,7 +596,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-fuzz_settings = settings(max_examples=300, deadline=None,
+fuzz_settings = settings(max_examples=examples(300), deadline=None,
                          suppress_health_check=[HealthCheck.too_slow])
 
 

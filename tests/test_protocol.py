@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
+from hypothesis_budget import examples
 from hypothesis import strategies as st
 
 from remus.common.protocol import (
@@ -819,7 +820,7 @@ scenario = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario, st.data())
 def test_property_any_split_same_checkpoints(params, data):
     frames, sent = make_stream(**params)
@@ -877,7 +878,7 @@ def run_damaged(stream: bytes, cuts, sent: list[Sent]) -> list[StagedCheckpoint]
     return d.staged
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario, st.sampled_from(MUTATIONS), st.data())
 def test_property_damaged_stream_never_stages_wrong_data(params, kind, data):
     frames, sent = make_stream(**params)

@@ -8,6 +8,7 @@ import time
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis_budget import examples
 from hypothesis import strategies as st
 
 from remus.common.wire import (
@@ -229,7 +230,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return pieces
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(frames_st, st.lists(st.integers(0, 5000), max_size=30))
 def test_any_split_yields_same_frames(frames, cuts):
     stream = b"".join(encode_frame(h, p) for h, p in frames)
@@ -241,7 +242,7 @@ def test_any_split_yields_same_frames(frames, cuts):
     assert out == [Frame(h, p) for h, p in frames]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
         st.one_of(
