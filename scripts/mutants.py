@@ -98,14 +98,31 @@ def staged_pyproject(cfg: dict, modules: list[str]) -> str:
     ])
 
 
+def forget_survivors(cfg: dict, modules: list[str]) -> None:
+    """With --keep, mutmut keeps every verdict whose code is unchanged, even after
+    the tests changed; the killed stay killed, the survivors are tried again."""
+    for name in modules:
+        for pattern in cfg["modules"][name]:
+            for meta in (STAGE / "mutants" / "remus").glob(pattern + ".meta"):
+                data = json.loads(meta.read_text())
+                codes = data["exit_code_by_key"]
+                for key, code in codes.items():
+                    if code in SURVIVED_CODES:
+                        codes[key] = None
+                meta.write_text(json.dumps(data))
+
+
 def run_mutmut(cfg: dict, children: int) -> int:
     env = dict(os.environ, REMUS_MUTATION_EXAMPLES=str(cfg["examples"]))
     # The staged tree, not the installed checkout, is what the tests import.
     env.pop("PYTHONPATH", None)
     mutmut = Path(sys.executable).with_name("mutmut")
     cmd = [str(mutmut), "run", "--max-children", str(children)]
-    return subprocess.run(cmd, cwd=STAGE, env=env,
-                          stdout=subprocess.DEVNULL).returncode
+    log = STAGE / "mutmut.log"
+    print(f"mutmut run: progress in {log.relative_to(ROOT)}", flush=True)
+    with log.open("w") as out:
+        return subprocess.run(cmd, cwd=STAGE, env=env, stdout=out,
+                              stderr=subprocess.STDOUT).returncode
 
 
 def verdicts(cfg: dict, name: str) -> dict[str, int | None]:
@@ -190,7 +207,8 @@ def parse_args(cfg: dict) -> argparse.Namespace:
     p.add_argument("modules", nargs="*", metavar="MODULE",
                    help=f"modules to mutate: {', '.join(cfg['modules'])} (default: all)")
     p.add_argument("--keep", action="store_true",
-                   help="reuse mutmut's verdicts from the last run where the code is unchanged")
+                   help="keep the last run's kills where the code is unchanged; "
+                        "survivors are tried again (for working on the tests)")
     p.add_argument("--children", type=int, default=os.cpu_count() or 2,
                    help="mutants tested at once (default: the number of CPUs)")
     p.add_argument("--no-save", action="store_true", help="print only")
@@ -207,6 +225,8 @@ def main() -> int:
     modules = args.modules or list(cfg["modules"])
     started = time.monotonic()
     stage(cfg, modules, fresh=not args.keep)
+    if args.keep:
+        forget_survivors(cfg, modules)
     rc = run_mutmut(cfg, args.children)
     if rc != 0:
         print(f"mutmut run failed (exit {rc}); see {STAGE}", file=sys.stderr)
