@@ -183,7 +183,7 @@ def report(cfg: dict, modules: list[str]) -> tuple[dict, list[str]]:
 
 
 def print_table(rows: dict) -> None:
-    print(f"{"module":<18} {'killed':>7} {'survived':>9} {'equivalent':>11} {'score':>7}")
+    print(f"{'module':<18} {'killed':>7} {'survived':>9} {'equivalent':>11} {'score':>7}")
     for name, r in rows.items():
         print(f"{name:<18} {r['killed']:>7} {r['survived']:>9} {r['equivalent']:>11} "
               f"{r['score']:>7.1%}")
