@@ -43,7 +43,7 @@ def host_port(value: str, *, port_required: bool) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class Key:
-    type: type | tuple[type, ...]
+    type: type
     default: Any = None  # None: required
     check: Callable[[Any], Any] | None = None  # raises ValueError or returns a normalised value
     help: str = ""
@@ -345,11 +345,10 @@ class Config:
 
 def _check_value(section: str, key: str, spec: Key, value: Any) -> Any:
     where = f"[{section}] {key}"
-    types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
-    if isinstance(value, bool) and bool not in types:
-        raise ConfigError(f"{where}: expected {types[0].__name__}, got a boolean")
-    if not isinstance(value, types):
-        raise ConfigError(f"{where}: expected {types[0].__name__}, got {type(value).__name__} {value!r}")
+    if isinstance(value, bool) and spec.type is not bool:
+        raise ConfigError(f"{where}: expected {spec.type.__name__}, got a boolean")
+    if not isinstance(value, spec.type):
+        raise ConfigError(f"{where}: expected {spec.type.__name__}, got {type(value).__name__} {value!r}")
     if spec.check is not None:
         try:
             value = spec.check(value)

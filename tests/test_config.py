@@ -195,23 +195,29 @@ def test_bad_disks_name_the_entry_and_key(tmp_path, change, named):
 
 
 @pytest.mark.parametrize("text, named", [
-    (BASE.replace('kernel = "vmlinuz"', ""), "[guest] kernel: required unless the guest boots"),
+    (BASE.replace('kernel = "vmlinuz"', ""),
+     "[guest] kernel: required unless the guest boots from a disk ([[disk]] or [guest] disk)"),
     (BASE.replace('kernel = "vmlinuz"', 'initrd = "i"') + '[[disk]]\npath = "d"\n',
-     "[guest] initrd: only with [guest] kernel"),
-    (BASE.replace('name = "demo"', 'name = "demo"\nfirmware = "uefi"'), "[guest] uefi_vars: required"),
-    (BASE.replace('name = "demo"', 'name = "demo"\nuefi_vars = "v"'), "[guest] uefi_vars: only with"),
+     "[guest] initrd: only with [guest] kernel (a guest booting from its disk has its initramfs there)"),
+    (BASE.replace('name = "demo"', 'name = "demo"\nfirmware = "uefi"'),
+     "[guest] uefi_vars: required with firmware = \"uefi\": this VM's copy of "
+     "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    (BASE.replace('name = "demo"', 'name = "demo"\nuefi_vars = "v"'),
+     '[guest] uefi_vars: only with firmware = "uefi"'),
     (BASE.replace('name = "demo"', 'name = "demo"\nfirmware = "uefi"\nmachine = "pc"\n'
-                                   'uefi_vars = "v"'), 'needs machine = "q35"'),
-    (BASE.replace('name = "demo"', 'name = "demo"\ncpu_model = "x y"'), "[guest] cpu_model"),
-    (BASE.replace('name = "demo"', 'name = "demo"\nmachine = "virt"'), "[guest] machine"),
+                                   'uefi_vars = "v"'), '[guest] firmware = "uefi": needs machine = "q35"'),
+    (BASE.replace('name = "demo"', 'name = "demo"\ncpu_model = "x y"'),
+     "[guest] cpu_model: a QEMU CPU model name such as x86-64-v2, Skylake-Server or host (got 'x y')"),
+    (BASE.replace('name = "demo"', 'name = "demo"\nmachine = "virt"'),
+     "[guest] machine: must be one of q35, pc (got 'virt')"),
     (BASE.replace('name = "demo"', 'name = "demo"\ndisk = "d"') + '[[disk]]\npath = "e"\n',
-     "[guest] disk and [[disk]] both given"),
-    (BASE + "[disk]\npath = 'x'\n", "[[disk]] must be an array of tables"),
+     "[guest] disk and [[disk]] both given: list every disk as [[disk]]"),
+    (BASE + "[disk]\npath = 'x'\n", "[[disk]] must be an array of tables, one per disk"),
 ])
 def test_boot_and_firmware_errors_name_the_key(tmp_path, text, named):
     with pytest.raises(ConfigError) as err:
         load(write(tmp_path, text))
-    assert named in str(err.value)
+    assert str(err.value) == named
 
 
 def test_read_only_media_are_digested_and_a_missing_one_is_named(tmp_path):
@@ -303,3 +309,187 @@ def test_the_nic_group_gives_each_nic_its_netdev_and_routes_by_index(tmp_path):
 def test_a_bad_bridge_name_is_a_config_error_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"\[network\] bridge: an interface name"):
         load(write(tmp_path, BASE + '[network]\nmode = "bridged"\nbridge = "a bridge name too long"\n'))
+
+
+# ---- values: each accepted one as stored, each rejected one with the exact message
+
+def minimal(**sections) -> dict:
+    """The smallest valid config as parsed TOML, with `sections` merged in."""
+    data = {"guest": {"name": "demo", "kernel": "/k"}, "primary": {"address": "10.0.0.1"},
+            "backup": {"address": "10.0.0.2:7788"}, "tls": {"insecure": True}}
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    return data
+
+
+@pytest.mark.parametrize("value, port_required, expected", [
+    ("10.0.0.2:7788", True, ("10.0.0.2", 7788)),
+    ("[fd00::2]:7788", True, ("fd00::2", 7788)),
+    ("NAS-BOX:65535", True, ("NAS-BOX", 65535)),
+    ("10.0.0.1", False, ("10.0.0.1", 0)),
+    ("10.0.0.1:0", False, ("10.0.0.1", 0)),
+    ("[fd00::1]:0", False, ("fd00::1", 0)),
+])
+def test_host_port_splits_the_last_colon_and_unbrackets_ipv6(value, port_required, expected):
+    from remus.common.config import host_port
+    assert host_port(value, port_required=port_required) == expected
+
+
+@pytest.mark.parametrize("value, port_required, message", [
+    ("10.0.0.2", True, "expected HOST:PORT"),
+    ("10.0.0.2:http", True, "expected HOST:PORT with a port from 0 to 65535"),
+    ("10.0.0.2:65536", False, "expected HOST:PORT with a port from 0 to 65535"),
+    (":7788", True, "expected HOST:PORT with a port from 0 to 65535"),
+    ("[]:7788", False, "expected HOST:PORT with a port from 0 to 65535"),
+    ("10.0.0.2:0", True, "port 0 is not a listening port"),
+])
+def test_host_port_says_what_is_wrong(value, port_required, message):
+    from remus.common.config import host_port
+    with pytest.raises(ValueError) as err:
+        host_port(value, port_required=port_required)
+    assert str(err.value) == message
+
+
+def test_range_checks_include_both_bounds_and_choices_list_the_options():
+    from remus.common.config import _choice, _range
+    cpus = _range(1, 64)
+    assert (cpus(1), cpus(64)) == (1, 64)
+    for outside in (0, 65):
+        with pytest.raises(ValueError) as err:
+            cpus(outside)
+        assert str(err.value) == "must be between 1 and 64"
+    firmware = _choice("bios", "uefi")
+    assert firmware("uefi") == "uefi"
+    with pytest.raises(ValueError) as err:
+        firmware("efi")
+    assert str(err.value) == "must be one of bios, uefi"
+
+
+@pytest.mark.parametrize("section, key, value, stored", [
+    ("guest", "cpus", 64, 64),
+    ("guest", "cpu_model", "Skylake-Server", "Skylake-Server"),
+    ("network", "mac", "52:54:00:AB:CD:EF", "52:54:00:ab:cd:ef"),
+    ("network", "mac", "5a:54:00:00:00:01", "5a:54:00:00:00:01"),
+    ("network", "tap", "Tap0-fifteen-ch", "Tap0-fifteen-ch"),
+    ("heartbeat", "links", [["10.0.0.1:7000", "10.0.0.2:7000"], ["[fd00::1]:7000", "[fd00::2]:7000"]],
+     [["10.0.0.1:7000", "10.0.0.2:7000"], ["[fd00::1]:7000", "[fd00::2]:7000"]]),
+    ("heartbeat", "keys_dir", "/etc/remus/keys", "/etc/remus/keys"),
+    ("metrics", "primary", "", ""),
+    ("metrics", "primary", "9100", "127.0.0.1:9100"),
+    ("metrics", "backup", ":9100", "127.0.0.1:9100"),
+    ("metrics", "backup", "0.0.0.0:9100", "0.0.0.0:9100"),
+    ("metrics", "backup", "[::1]:9100", "[::1]:9100"),
+])
+def test_accepted_values_are_stored_normalised(tmp_path, section, key, value, stored):
+    from remus.common.config import parse
+    cfg = parse(minimal(**{section: {key: value}}), tmp_path / "g.toml")
+    assert getattr(getattr(cfg, section), key) == stored
+
+
+def test_relative_key_directories_are_relative_to_the_config_file(tmp_path):
+    cfg = load(write(tmp_path, BASE + '[heartbeat]\nkeys_dir = "curve"\n'))
+    assert cfg.heartbeat.keys_dir == str(tmp_path / "curve")
+    assert cfg.tls.dir == str(tmp_path / "keys")
+
+
+LINK = 'each link is ["PRIMARY_HOST:PORT", "BACKUP_HOST:PORT"]'
+TLS_NEEDED = ('[tls]: the checkpoint stream needs TLS material: add [tls] dir = "/etc/remus/keys" '
+              "holding ca.crt, primary.crt, primary.tls.key, backup.crt, backup.tls.key (made by "
+              "`remusctl keys generate --dir /etc/remus/keys --node primary --node backup`), or "
+              "[tls] insecure = true for plain TCP (unauthenticated, unencrypted)")
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"guest": {"name": "a b"}},
+     "[guest] name: letters, digits, '.', '_' and '-' only, at most 63 (got 'a b')"),
+    ({"guest": {"memory_mib": True}}, "[guest] memory_mib: expected int, got a boolean"),
+    ({"replication": {"interval_ms": "200"}}, "[replication] interval_ms: expected int, got str '200'"),
+    ({"guest": {"extra_args": ["-smp", 2]}},
+     "[guest] extra_args: must be a list of strings (got ['-smp', 2])"),
+    ({"network": {"mac": "52:54:00:12:34"}},
+     "[network] mac: expected a MAC address like 52:54:00:12:34:56 (got '52:54:00:12:34')"),
+    ({"network": {"mac": "03:00:00:00:00:01"}},
+     "[network] mac: a multicast MAC cannot be a NIC address (got '03:00:00:00:00:01')"),
+    ({"network": {"tap": "tap-sixteen-char"}},
+     "[network] tap: an interface name: at most 15 letters, digits, '_', '.', '-' (got 'tap-sixteen-char')"),
+    ({"network": {"tap": "tap 0"}},
+     "[network] tap: an interface name: at most 15 letters, digits, '_', '.', '-' (got 'tap 0')"),
+    ({"heartbeat": {"links": [["10.0.0.1:7000"]]}}, f"[heartbeat] links: {LINK} (got [['10.0.0.1:7000']])"),
+    ({"heartbeat": {"links": [["h:1", "h:2", "h:3"]]}},
+     f"[heartbeat] links: {LINK} (got [['h:1', 'h:2', 'h:3']])"),
+    ({"heartbeat": {"links": [["h:1", 2]]}}, f"[heartbeat] links: {LINK} (got [['h:1', 2]])"),
+    ({"heartbeat": {"links": [["h", "h:2"]]}}, "[heartbeat] links: expected HOST:PORT (got [['h', 'h:2']])"),
+    ({"heartbeat": {"links": [["h:1", "h:0"]]}},
+     "[heartbeat] links: port 0 is not a listening port (got [['h:1', 'h:0']])"),
+    ({"metrics": {"primary": "localhost"}}, "[metrics] primary: expected HOST:PORT (got 'localhost')"),
+    ({"metrics": {"backup": "0"}}, "[metrics] backup: port 0 is not a listening port (got '0')"),
+    ({"network": 5}, "[network] must be a table"),
+    ({"replicaton": {}}, "unknown section [replicaton] (known: guest, network, replication, heartbeat, "
+                         "tls, metrics, primary, backup, fencing, [[disk]], [[nic]])"),
+    ({"metrics": {"prometheus": ":9100"}}, "[metrics] prometheus: unknown key (known: primary, backup)"),
+    ({"network": {"host_forward": ["tcp::8080-:80"]}},
+     '[network] host_forward: only meaningful with mode = "user"'),
+    ({"network": {"mode": "bridged"}}, '[network] bridge: required with mode = "bridged" (or [[nic]])'),
+    ({"tls": {"dir": "/etc/remus/keys"}},
+     "[tls] insecure: true together with [tls] dir; say which one (remove insecure to use TLS)"),
+    ({"tls": {"insecure": False}}, TLS_NEEDED),
+])
+def test_each_rejected_value_is_explained_exactly(tmp_path, sections, message):
+    from remus.common.config import parse
+    with pytest.raises(ConfigError) as err:
+        parse(minimal(**sections), tmp_path / "g.toml")
+    assert str(err.value) == message
+
+
+def test_an_unreadable_config_file_is_named_with_the_reason(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path / "absent.toml")
+    assert str(err.value) == f"cannot read config {tmp_path / 'absent.toml'}: No such file or directory"
+
+
+def test_the_parsed_config_keeps_its_path_its_table_and_its_fencing_plan(tmp_path):
+    from remus.common.config import parse
+    data = minimal(fencing={"level": [{"device": [{"kind": "command", "command": ["/bin/true"]}]}]})
+    cfg = parse(data, tmp_path / "g.toml")
+    assert cfg.path == tmp_path / "g.toml" and cfg.raw is data
+    assert [[d.command for d in level] for level in cfg.fence_plan.levels] == [[("/bin/true",)]]
+    with pytest.raises(AttributeError, match="^no_such_key$"):
+        cfg.guest.no_such_key
+
+
+def test_one_bridged_nic_uses_the_tap_given_or_one_named_after_the_guest(tmp_path):
+    from remus.common.config import parse
+    named = parse(minimal(network={"mode": "bridged", "bridge": "br0", "tap": "tap-demo"}), tmp_path / "g")
+    assert named.network.tap == "tap-demo" and [n.tap for n in named.nics] == ["tap-demo"]
+    default = parse(minimal(network={"mode": "bridged", "bridge": "br0"}), tmp_path / "g")
+    assert default.network.tap == "rm-demo" and [n.tap for n in default.nics] == ["rm-demo"]
+
+
+def test_overrides_left_unset_keep_the_file_value_and_a_bad_one_is_explained(tmp_path):
+    cfg = load(write(tmp_path, BASE))
+    changed = cfg.with_overrides(interval_ms=None, zstd_level=3)
+    assert (changed.replication.interval_ms, changed.replication.zstd_level) == (200, 3)
+    with pytest.raises(ConfigError) as err:
+        cfg.with_overrides(interval_ms=1)
+    assert str(err.value) == "[replication] interval_ms: must be between 5 and 60000 (got 1)"
+
+
+def test_reversed_roles_bracket_ipv6_hosts_and_leave_others_bare(tmp_path):
+    from remus.common.config import parse
+    v4 = parse(minimal(), tmp_path / "g.toml").reversed()
+    assert (v4.primary.address, v4.backup.address) == ("10.0.0.2", "10.0.0.1:7788")
+    v6 = parse(minimal(primary={"address": "[fd00::1]:0"}, backup={"address": "[fd00::2]:7788"}),
+               tmp_path / "g.toml").reversed()
+    assert (v6.primary.address, v6.backup.address) == ("[fd00::2]:0", "[fd00::1]:7788")
+    assert (v6.primary_endpoint, v6.backup_endpoint) == (("fd00::2", 0), ("fd00::1", 7788))
+
+
+def test_the_fingerprint_of_a_shape_is_the_same_in_every_version(tmp_path):
+    """A host upgraded before its peer must still resume the peer's replica: the
+    fingerprint of a given machine shape is pinned, not just self-consistent."""
+    from remus.common.config import parse
+    shape = minimal(guest={"memory_mib": 256, "cpus": 2, "extra_args": ["-smp", "2"]})
+    cfg = parse(shape, tmp_path / "g.toml")
+    assert cfg.fingerprint() == "3b6b568768f1d0c6edde3d7d14b419fb"
+    other_mac = parse(minimal(network={"mac": "52:54:00:00:00:99"}), tmp_path / "g.toml")
+    assert other_mac.fingerprint() != parse(minimal(), tmp_path / "g.toml").fingerprint()
