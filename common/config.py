@@ -244,7 +244,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                        "and fencing; pacemaker: Pacemaker owns membership and fencing "
                        "(resource agent ocf:remus:remus), the backup never fences or takes "
                        "over on its own and resumes the guest only when promoted"),
-        "fence_timeout_s": Key((int, float), 60, _range(1, 3600),
+        "fence_timeout_s": Key(int, 60, _range(1, 3600),
                                "pacemaker: the longest Pacemaker takes to fence a lost node "
                                "(its stonith-timeout); part of the takeover window, so a "
                                "replica promoted later than that is refused as stale"),

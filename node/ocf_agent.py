@@ -58,6 +58,8 @@ class Agent:
         timeout_ms = int(env.get("OCF_RESKEY_CRM_meta_timeout", "60000") or 60000)
         self.deadline = time.monotonic() + max(5.0, timeout_ms / 1000 - 2)
         self.cfg = None
+        self.child: subprocess.Popen | None = None  # a daemon this process started
+        self.exit_status: str | None = None  # how that one ended
 
     # -- helpers --------------------------------------------------------------
 
@@ -83,18 +85,25 @@ class Agent:
         return Path(getattr(self.cfg, self.side).state_dir)
 
     def _pid(self) -> int | None:
+        """The pid of the node's daemon while it runs, else None."""
         try:
             pid = int((self.state_dir / PID_FILE).read_text())
         except (OSError, ValueError):
             return None
+        if self.child is not None and self.child.pid == pid:
+            # Started by this very process: the kernel shows its command line only a
+            # moment after exec, so ask the child itself.
+            if self.child.poll() is None:
+                return pid
+            self.exit_status = f"exit status {self.child.returncode}"
+            return None
         try:  # the pid may have been reused since: it must be our daemon
-            cmdline = psutil.Process(pid).cmdline()
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return pid if self.config_path in proc.cmdline() else None
         except psutil.Error:
             return None
-        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            _reap(pid)
-            return None
-        return pid if self.config_path in cmdline else None
 
     def _status(self) -> dict | None:
         if not (self.state_dir / SOCKET_NAME).exists():
@@ -110,7 +119,7 @@ class Agent:
         while time.monotonic() < self.deadline:
             if self._pid() is None:
                 raise AgentError(OCF_ERR_GENERIC, f"the daemon exited while {what} "
-                                 f"(see {self.log_path})")
+                                 f"({self.exit_status or 'status unknown'}; see {self.log_path})")
             last = self._status()
             if last is not None and ok(last):
                 return last
@@ -128,9 +137,9 @@ class Agent:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with self.log_path.open("ab") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True, close_fds=True)
-        (self.state_dir / PID_FILE).write_text(f"{proc.pid}\n")
+            self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=log, start_new_session=True, close_fds=True)
+        (self.state_dir / PID_FILE).write_text(f"{self.child.pid}\n")
 
     def _terminate(self) -> None:
         """SIGTERM the daemon and wait for it (it may hand a guest over first)."""
@@ -141,7 +150,6 @@ class Agent:
                 if time.monotonic() > self.deadline:
                     os.kill(pid, signal.SIGKILL)
                     raise AgentError(OCF_ERR_GENERIC, f"daemon {pid} ignored SIGTERM; killed")
-                _reap(pid)
                 time.sleep(0.1)
         (self.state_dir / PID_FILE).unlink(missing_ok=True)
 
@@ -229,14 +237,6 @@ class Agent:
         self._spawn(standby=True)
         self._wait_status(lambda s: s.get("role") == "backup", "standing by after the demote")
         return OCF_SUCCESS
-
-
-def _reap(pid: int) -> None:
-    """A daemon this very process started (start, then stop in one test) is its child."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 ACTIONS = ("start", "stop", "monitor", "promote", "demote")
