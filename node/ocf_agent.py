@@ -53,7 +53,7 @@ class Agent:
     def __init__(self, env: dict[str, str]):
         self.env = env
         self.config_path = env.get("OCF_RESKEY_config", "")
-        self.side = env.get("OCF_RESKEY_side", "")
+        self.side = env.get("OCF_RESKEY_side", "") or "auto"
         self.log_path = Path(env.get("OCF_RESKEY_log", "/var/log/remus/remus.log"))
         timeout_ms = int(env.get("OCF_RESKEY_CRM_meta_timeout", "60000") or 60000)
         self.deadline = time.monotonic() + max(5.0, timeout_ms / 1000 - 2)
@@ -64,12 +64,15 @@ class Agent:
     # -- helpers --------------------------------------------------------------
 
     def validate(self) -> None:
-        if self.side not in ("primary", "backup"):
-            raise AgentError(OCF_ERR_CONFIGURED, f"side={self.side!r}: must be primary or backup")
+        if self.side not in ("primary", "backup", "auto"):
+            raise AgentError(OCF_ERR_CONFIGURED, f"side={self.side!r}: must be primary, backup "
+                             "or auto")
         try:
             self.cfg = load(self.config_path)
         except ConfigError as exc:
             raise AgentError(OCF_ERR_CONFIGURED, f"config {self.config_path}: {exc}") from None
+        if self.side == "auto":
+            self.side = local_side(self.cfg)
         if not self.cfg.pacemaker:
             raise AgentError(OCF_ERR_CONFIGURED, f"{self.config_path}: needs [cluster] manager "
                              "= \"pacemaker\" (else the daemons fail over on their own)")
@@ -237,6 +240,20 @@ class Agent:
         self._spawn(standby=True)
         self._wait_status(lambda s: s.get("role") == "backup", "standing by after the demote")
         return OCF_SUCCESS
+
+
+def local_side(cfg) -> str:
+    """Which host of the config this node is, by whose address is one of its own."""
+    mine = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    sides = [side for side, (host, _) in (("primary", cfg.primary_endpoint),
+                                          ("backup", cfg.backup_endpoint)) if host in mine]
+    if len(sides) != 1:
+        found = "both" if sides else "neither"
+        raise AgentError(OCF_ERR_CONFIGURED, f"side=auto: {found} of the config's [primary] "
+                         f"address ({cfg.primary_endpoint[0]}) and [backup] address "
+                         f"({cfg.backup_endpoint[0]}) is on this node; set side=primary or "
+                         "side=backup")
+    return sides[0]
 
 
 ACTIONS = ("start", "stop", "monitor", "promote", "demote")

@@ -71,20 +71,20 @@ CIB = """<cib crm_feature_set="3.16.2" validate-with="pacemaker-3.9" epoch="1" n
 PRIMITIVE = """<primitive id="{rid}" class="ocf" provider="remus" type="remus">
 <instance_attributes id="{rid}-ia">
 <nvpair id="{rid}-config" name="config" value="{config}"/>
-<nvpair id="{rid}-side" name="side" value="{side}"/>
 <nvpair id="{rid}-log" name="log" value="{log}"/>
 </instance_attributes></primitive>"""
 NODE = {"primary": "remus-a", "backup": "remus-b"}  # resource per host of the config
 
 
 class Cluster:
-    """The two hosts' resources, acted on with Pacemaker's crm_resource --force-*."""
+    """The two hosts' resources, acted on with Pacemaker's crm_resource --force-*; each
+    finds its side of the config by its own addresses (side=auto)."""
 
     def __init__(self, pair, lan, workdir):
         self.pair, self.lan = pair, lan
         self.cib = workdir / "cib.xml"
         self.cib.write_text(CIB.format(resources="".join(
-            PRIMITIVE.format(rid=rid, config=pair.config, side=side,
+            PRIMITIVE.format(rid=rid, config=pair.config,
                              log=workdir / f"{rid}.log") for side, rid in NODE.items())))
         self.logs = {side: workdir / f"{rid}.log" for side, rid in NODE.items()}
 

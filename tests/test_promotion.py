@@ -114,3 +114,19 @@ def test_under_pacemaker_remus_fencing_devices_are_refused():
 def test_bad_cluster_settings_are_named(cluster, message):
     with pytest.raises(ConfigError, match=message):
         config(cluster=cluster)
+
+
+@pytest.mark.parametrize("primary, backup, side", [
+    ("127.0.0.1", "192.0.2.7:7000", "primary"),
+    ("192.0.2.7", "127.0.0.1:7000", "backup"),
+    ("127.0.0.1", "127.0.0.1:7000", "both"),
+    ("192.0.2.7", "192.0.2.8:7000", "neither"),
+])
+def test_the_agent_finds_its_side_of_the_config_by_its_own_addresses(primary, backup, side):
+    from remus.node.ocf_agent import AgentError, local_side
+    cfg = config(primary={"address": primary}, backup={"address": backup})
+    if side in ("primary", "backup"):
+        assert local_side(cfg) == side
+    else:
+        with pytest.raises(AgentError, match=f"side=auto: {side} of the config's"):
+            local_side(cfg)
