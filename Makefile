@@ -11,6 +11,7 @@ STAMP := $(VENV)/.installed
 
 PREFIX ?= /opt/remus
 UNITDIR ?= /etc/systemd/system
+OCF_ROOT ?= /usr/lib/ocf
 
 .PHONY: all deps venv guest test unit mutants demo bench install clean
 
@@ -58,6 +59,9 @@ install: deps
 	for cmd in remus-primary remus-backup remusctl; do ln -sf $(PREFIX)/bin/$$cmd /usr/local/bin/$$cmd; done
 	install -D -m 0644 systemd/remus-primary@.service $(UNITDIR)/remus-primary@.service
 	install -D -m 0644 systemd/remus-backup@.service $(UNITDIR)/remus-backup@.service
+	install -d $(OCF_ROOT)/resource.d/remus
+	sed 's#@PYTHON@#$(PREFIX)/bin/python#' ocf/remus > $(OCF_ROOT)/resource.d/remus/remus
+	chmod 0755 $(OCF_ROOT)/resource.d/remus/remus
 	install -D -m 0644 README.md /usr/local/share/doc/remus/README.md
 	install -d -m 0750 /etc/remus
 	-systemctl daemon-reload

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from remus.backup.activation import TakingOver
 from remus.backup.failover import FAILOVER, STALE, FailoverJudge, Verdict
+from remus.backup.promotion import PromotionGate
 from remus.backup.receiver import Receiver
 from remus.backup.replica import Replica
 from remus.backup.standby import StandbyGuest
@@ -24,6 +25,7 @@ from remus.common.heartbeat import HeartbeatError, LinkDown, LinkUp, PeerBack, P
 from remus.common.peering import PEER, grace_s, heartbeat_status
 from remus.common.roles import Role
 from remus.common.status import BackupState, BackupStatus, RoleName
+from remus.common.takeover import takeover_window_s
 
 _log = log.get("remus.backup")
 
@@ -40,6 +42,7 @@ class Standby(Role):
         self.receiver: Receiver | None = None
         self.standby: StandbyGuest | None = None
         self.judge: FailoverJudge | None = None
+        self.gate: PromotionGate | None = None  # under Pacemaker: wait to be promoted
 
     async def run(self, node) -> Role | int:
         tls_context = tls.context_for(self.cfg, node.host, server=True)  # fails before opening
@@ -49,6 +52,8 @@ class Standby(Role):
         self.judge = FailoverJudge(node.hb is not None, grace_s(self.cfg))
         if self.stale_reason is not None:
             self.judge.mark_stale(self.stale_reason)
+        if self.cfg.pacemaker:
+            self.gate = PromotionGate(self.judge, takeover_window_s(self.cfg))
         self.receiver = Receiver(self.cfg, self.replica, self.judge, tls_context,
                                  PEER[node.host])
         self.receiver.media = await asyncio.to_thread(read_only_media, self.cfg)
@@ -82,7 +87,7 @@ class Standby(Role):
         if self.activate_now:
             self.judge.lost_at = time.monotonic()
             return Verdict(FAILOVER, "operator asked (--activate-now)")
-        return await wait_for_failover(self.receiver, node, self.standby)
+        return await wait_for_failover(self.receiver, node, self.standby, self.gate)
 
     async def _say_stale(self, node, reason: str) -> None:
         """Leaving: beat that this replica will not be resumed, so a primary holding its
@@ -104,8 +109,13 @@ class Standby(Role):
                          "checkpoint stream alone triggers activation, which cannot tell a "
                          "dead primary from a partition (unsafe)")
         plan = cfg.fence_plan
-        self.fencer = Fencer(plan, log.get("remus.fencing")) if plan.configured else None
-        if self.fencer is None:
+        self.fencer = (Fencer(plan, log.get("remus.fencing"))
+                       if plan.configured and not cfg.pacemaker else None)
+        if cfg.pacemaker:
+            _log.info("cluster-manager", manager="pacemaker",
+                      detail="Pacemaker fences and promotes: this backup resumes the guest "
+                             "only when promoted, within the takeover window")
+        elif self.fencer is None:
             _log.warning("no-fencing",
                          target="backup host" if cfg.reversed_roles else "primary host",
                          detail="no [fencing] device for the host that runs the VM: the backup "
@@ -114,6 +124,23 @@ class Standby(Role):
             _log.warning("insecure-stream", detail="[tls] insecure = true: the checkpoint "
                          "stream is plain TCP, unauthenticated and unencrypted; anyone who "
                          f"reaches {cfg.backup.address} can feed the replica (unsafe)")
+
+    def commands(self) -> dict:
+        return {"promote": self._promote} if self.cfg.pacemaker else {}
+
+    def _promote(self, _arg: str) -> dict:
+        if self.gate is None:
+            return {"ok": False, "error": "the backup is still starting"}
+        current = self.receiver.current
+        live = current is not None and self.judge.lost_at is None
+        refused = self.gate.promote(time.monotonic(), live)
+        if refused is not None:
+            _log.warning("promote-refused", reason=refused)
+            return {"ok": False, "error": refused}
+        _log.warning("promoted", reason=self.gate.promoted.reason,
+                     epoch=self.replica.state.epoch)
+        self.receiver.changed.set()
+        return {"ok": True, "epoch": self.replica.state.epoch}
 
     def beat_role(self) -> RoleName:
         # A backup that will not resume its replica says so: a primary holding its output
@@ -173,13 +200,16 @@ async def follow_heartbeat(hb, receiver: Receiver) -> None:
                    detail="peer state frozen at its last value; no failover on it")
 
 
-async def wait_for_failover(receiver: Receiver, node,
-                            standby: StandbyGuest | None = None) -> Verdict | None:
-    """Until the judge says fail over (None: stopped first). Keeps a standby guest
-    for the session while the replica is resumable."""
+async def wait_for_failover(receiver: Receiver, node, standby: StandbyGuest | None = None,
+                            gate: PromotionGate | None = None) -> Verdict | None:
+    """Until the judge says fail over (None: stopped first), or under Pacemaker until
+    promoted. Keeps a standby guest for the session while the replica is resumable."""
     replica, judge = receiver.replica, receiver.judge
+    waiting = ""
     while not node.stop.is_set():
         v = judge.verdict(time.monotonic())
+        if gate is not None:
+            v, waiting = gate.decide(v, time.monotonic()), _log_wait(v, waiting)
         if v.action == FAILOVER:
             return v
         if standby is not None and judge.resumable and not judge.stale:
@@ -195,3 +225,13 @@ async def wait_for_failover(receiver: Receiver, node,
         except asyncio.TimeoutError:
             pass
     return None
+
+
+def _log_wait(judged: Verdict, logged: str) -> str:
+    """Under Pacemaker: say once per loss that the primary is lost and the backup waits."""
+    if judged.action != FAILOVER:
+        return ""
+    if judged.reason != logged:
+        _log.warning("primary-lost", reason=judged.reason,
+                     detail="waiting for Pacemaker to fence it and promote this node")
+    return judged.reason

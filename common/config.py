@@ -238,6 +238,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               "pause: keep the guest stopped until the backup returns or an "
                               "operator resumes it (SIGUSR1)"),
     },
+    "cluster": {
+        "manager": Key(str, "remus", _choice("remus", "pacemaker"),
+                       "who decides a failover: remus: the daemons, by their own heartbeat "
+                       "and fencing; pacemaker: Pacemaker owns membership and fencing "
+                       "(resource agent ocf:remus:remus), the backup never fences or takes "
+                       "over on its own and resumes the guest only when promoted"),
+        "fence_timeout_s": Key(int, 60, _range(1, 3600),
+                               "pacemaker: the longest Pacemaker takes to fence a lost node "
+                               "(its stonith-timeout); part of the takeover window, so a "
+                               "replica promoted later than that is refused as stale"),
+    },
     "backup": {
         "address": Key(str, None, lambda v: (host_port(v, port_required=True), v)[1],
                        "HOST:PORT the backup listens on for the checkpoint stream"),
@@ -273,6 +284,7 @@ class Config:
     heartbeat: Section
     metrics: Section
     tls: Section
+    cluster: Section
     raw: dict = field(repr=False)
     fencing: Any = None  # remus.common.fencing.FencingPlan
     reversed_roles: bool = False  # see reversed()
@@ -304,6 +316,11 @@ class Config:
         metrics = Section({"primary": self.metrics.backup, "backup": self.metrics.primary})
         return dataclasses.replace(self, primary=primary, backup=backup, metrics=metrics,
                                    reversed_roles=not self.reversed_roles)
+
+    @property
+    def pacemaker(self) -> bool:
+        """Pacemaker decides failovers; the daemons replicate, report and obey."""
+        return self.cluster.manager == "pacemaker"
 
     @property
     def memory_bytes(self) -> int:
@@ -402,6 +419,10 @@ def parse(data: dict, path: Path) -> Config:
     net = sections["network"]
     _check_network(net, sections["guest"].name, with_nics="nic" in data)
     plan = parse_fencing(data.get("fencing"), base)  # raises ConfigError itself
+    if sections["cluster"].manager == "pacemaker" and plan.configured:
+        raise ConfigError("[fencing]: with [cluster] manager = \"pacemaker\", Pacemaker fences "
+                          "(its stonith devices); remove [fencing], and give Pacemaker's "
+                          "fencing time as [cluster] fence_timeout_s")
     try:
         disks = parse_disks(data.get("disk"), sections["guest"].disk, base)
     except DiskConfigError as exc:

@@ -7,8 +7,9 @@ sides share one bound, computed from the same config:
 
 - the backup resumes the guest only before `lost_at + W`, where lost_at is when it
   noticed the stream's loss and W = takeover_window_s(cfg): the heartbeat's
-  verdict (grace_s), one full round of the fence plan, and a margin to prepare
-  and resume the guest. Past it, the replica is stale (only an operator's
+  verdict (grace_s), one full round of the fence plan (under Pacemaker, its
+  fence timeout: it fences, then promotes), and a margin to prepare and resume
+  the guest. Past it, the replica is stale (only an operator's
   --activate-now uses it);
 - the primary that loses its backup holds the guest's output until
   `last_sent + stream_timeout + W + margin`: the backup notices the stream's
@@ -34,7 +35,8 @@ def takeover_window_s(cfg: Config) -> float:
     if plan.takeover_window_s is not None:
         return plan.takeover_window_s
     detect = grace_s(cfg) if cfg.heartbeat.links else 0.0
-    return detect + plan.round_bound_s() + ACTIVATION_MARGIN_S
+    fencing = cfg.cluster.fence_timeout_s if cfg.pacemaker else plan.round_bound_s()
+    return detect + fencing + ACTIVATION_MARGIN_S
 
 
 def output_hold_s(cfg: Config) -> float:

@@ -64,6 +64,10 @@ def primary_parser() -> argparse.ArgumentParser:
                    help="start the guest even though the backup host is silent and the guest "
                         "this host last ran was never seen to end (only once you know the "
                         "backup host does not run it)")
+    p.add_argument("--standby", action="store_true",
+                   help="do not boot the guest: stand by as the other host's backup until "
+                        "promoted (how Pacemaker's ocf:remus:remus starts this host; needs "
+                        "[cluster] manager = \"pacemaker\")")
     return p
 
 
@@ -94,6 +98,12 @@ async def run_primary(args: argparse.Namespace) -> int:
     tls.context_for(cfg, "primary", server=True)
     generation = read_generation(Path(cfg.primary.state_dir))
     node = Node(cfg, "primary", HostRoles(), generation)
+    if args.standby:
+        if not cfg.pacemaker:
+            raise ConfigError("--standby: only with [cluster] manager = \"pacemaker\" (without "
+                              "it, remus-primary stands by on its own when the other host "
+                              "runs the guest)")
+        return await node.run(Standby(cfg.reversed()))
     return await node.run(Starting(cfg, force=args.force_start, no_net=args.no_net,
                                    stats=args.stats))
 
