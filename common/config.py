@@ -238,6 +238,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               "pause: keep the guest stopped until the backup returns or an "
                               "operator resumes it (SIGUSR1)"),
     },
+    "backup": {
+        "address": Key(str, None, lambda v: (host_port(v, port_required=True), v)[1],
+                       "HOST:PORT the backup listens on for the checkpoint stream"),
+        "state_dir": Key(str, "/var/lib/remus/backup", None, "backup state directory (holds the replica)"),
+        "standby_guest": Key(bool, True, None,
+                             "launch the guest's QEMU on the replica ahead of a failover, waiting "
+                             "for device state: takes QEMU's start-up off the failover path and "
+                             "reports a launch that would fail while there is time to fix it; "
+                             "costs one idle QEMU process"),
+    },
     "cluster": {
         "manager": Key(str, "remus", _choice("remus", "pacemaker"),
                        "who decides a failover: remus: the daemons, by their own heartbeat "
@@ -248,16 +258,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                "pacemaker: the longest Pacemaker takes to fence a lost node "
                                "(its stonith-timeout); part of the takeover window, so a "
                                "replica promoted later than that is refused as stale"),
-    },
-    "backup": {
-        "address": Key(str, None, lambda v: (host_port(v, port_required=True), v)[1],
-                       "HOST:PORT the backup listens on for the checkpoint stream"),
-        "state_dir": Key(str, "/var/lib/remus/backup", None, "backup state directory (holds the replica)"),
-        "standby_guest": Key(bool, True, None,
-                             "launch the guest's QEMU on the replica ahead of a failover, waiting "
-                             "for device state: takes QEMU's start-up off the failover path and "
-                             "reports a launch that would fail while there is time to fix it; "
-                             "costs one idle QEMU process"),
     },
 }
 

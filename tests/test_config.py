@@ -425,7 +425,7 @@ TLS_NEEDED = ('[tls]: the checkpoint stream needs TLS material: add [tls] dir = 
     ({"metrics": {"backup": "0"}}, "[metrics] backup: port 0 is not a listening port (got '0')"),
     ({"network": 5}, "[network] must be a table"),
     ({"replicaton": {}}, "unknown section [replicaton] (known: guest, network, replication, heartbeat, "
-                         "tls, metrics, primary, backup, fencing, [[disk]], [[nic]])"),
+                         "tls, metrics, primary, backup, cluster, fencing, [[disk]], [[nic]])"),
     ({"metrics": {"prometheus": ":9100"}}, "[metrics] prometheus: unknown key (known: primary, backup)"),
     ({"network": {"host_forward": ["tcp::8080-:80"]}},
      '[network] host_forward: only meaningful with mode = "user"'),
