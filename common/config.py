@@ -27,7 +27,15 @@ _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 def host_port(value: str, *, port_required: bool) -> tuple[str, int]:
     """(host, port) of an address "HOST:PORT", or of a bare "HOST" (port 0) when
-    the port is optional; ValueError saying what is wrong. IPv6 hosts may be bracketed."""
+    the port is optional; ValueError saying what is wrong. An IPv6 host is
+    bracketed, "[fd00::1]" or "[fd00::1]:PORT": bare, its last group would pass
+    for a port."""
+    if value.startswith("[") and value.endswith("]"):
+        if port_required:
+            raise ValueError("expected HOST:PORT")
+        value += ":0"
+    elif value.count(":") > 1 and not value.startswith("["):
+        raise ValueError(f"an IPv6 address needs brackets: [{value}] or [{value}]:PORT")
     host, sep, port = value.rpartition(":")
     if not sep:
         if port_required:

@@ -329,6 +329,7 @@ def minimal(**sections) -> dict:
     ("10.0.0.1", False, ("10.0.0.1", 0)),
     ("10.0.0.1:0", False, ("10.0.0.1", 0)),
     ("[fd00::1]:0", False, ("fd00::1", 0)),
+    ("[fd00::1]", False, ("fd00::1", 0)),
 ])
 def test_host_port_splits_the_last_colon_and_unbrackets_ipv6(value, port_required, expected):
     from remus.common.config import host_port
@@ -342,6 +343,10 @@ def test_host_port_splits_the_last_colon_and_unbrackets_ipv6(value, port_require
     (":7788", True, "expected HOST:PORT with a port from 0 to 65535"),
     ("[]:7788", False, "expected HOST:PORT with a port from 0 to 65535"),
     ("10.0.0.2:0", True, "port 0 is not a listening port"),
+    ("fd00::1", False, "an IPv6 address needs brackets: [fd00::1] or [fd00::1]:PORT"),
+    ("fd00::1:7788", True, "an IPv6 address needs brackets: [fd00::1:7788] or "
+                           "[fd00::1:7788]:PORT"),
+    ("[fd00::1]", True, "expected HOST:PORT"),
 ])
 def test_host_port_says_what_is_wrong(value, port_required, message):
     from remus.common.config import host_port
