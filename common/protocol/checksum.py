@@ -44,12 +44,11 @@ _hash_pool_pid = 0
 def _pool() -> ThreadPoolExecutor:
     global _hash_pool, _hash_pool_pid
     pid = os.getpid()
-    if _hash_pool is None or _hash_pool_pid != pid:  # worker threads do not survive fork
-        with _hash_pool_lock:
-            if _hash_pool is None or _hash_pool_pid != pid:
-                workers = max(1, min(4, os.cpu_count() or 1))
-                _hash_pool = ThreadPoolExecutor(workers, thread_name_prefix="remus-hash")
-                _hash_pool_pid = pid
+    with _hash_pool_lock:
+        if _hash_pool_pid != pid:  # none yet (pid 0), or made before a fork: threads are gone
+            workers = max(1, min(4, os.cpu_count() or 1))
+            _hash_pool = ThreadPoolExecutor(workers, thread_name_prefix="remus-hash")
+            _hash_pool_pid = pid
     return _hash_pool
 
 
@@ -133,7 +132,7 @@ def checkpoint_checksum(
     idx = np.ascontiguousarray(indices, dtype=LE_U32)
     pg = np.ascontiguousarray(pages, dtype=np.uint8)
     if batches is None:
-        batches = [len(idx)] if len(idx) else []
+        batches = [len(idx)]  # with no pages, an empty update: no change
     start = 0
     for n in batches:
         h.update(idx[start : start + n])

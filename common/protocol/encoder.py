@@ -132,16 +132,16 @@ class CheckpointEncoder:
         """The checkpoint's page arguments, checked and made contiguous: (idx, pages, prev)."""
         ps = self.page_size
         idx = np.asarray(indices)
-        if idx.ndim != 1 or idx.dtype.kind not in "ui":
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
             raise ValueError(f"indices must be a 1-D integer array, got {idx.dtype} shape {idx.shape}")
         n = len(idx)
         if n:
             if int(idx.min()) < 0 or int(idx.max()) > 0xFFFFFFFF:
                 raise ValueError("indices must fit in uint32")
-            if n > 1 and not bool(np.all(idx[1:] > idx[:-1])):
+            if not bool(np.all(idx[1:] > idx[:-1])):
                 raise ValueError("indices must be strictly increasing")
-        idx = np.ascontiguousarray(idx, dtype=LE_U32)
-        if full and not np.array_equal(idx, np.arange(n, dtype=LE_U32)):
+        # Any integer dtype will do: _pages_frame puts them on the wire as LE_U32.
+        if full and not np.array_equal(idx, np.arange(n)):
             raise ValueError("a full checkpoint must list every page 0..npages-1")
         pages = np.asarray(new_pages)
         if pages.dtype != np.uint8 or pages.shape != (n, ps):
