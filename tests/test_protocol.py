@@ -1292,8 +1292,9 @@ def test_hello_disk_sizes_must_be_whole_sectors_up_to_the_limit():
     def hello(size):
         b = BackupProtocol(FP, RAM, PS, lambda idx: None, disks=1)
         return b, b.receive(hello_frame(disk_sizes=[size]))
-    b, events = hello(MAX_DISK_SIZE)
-    assert events[0] == SessionOpened(SESSION, RAM, PS, (MAX_DISK_SIZE,)) and b.disk_sizes == (MAX_DISK_SIZE,)
+    for size in (DISK_SECTOR, MAX_DISK_SIZE):
+        b, events = hello(size)
+        assert events[0] == SessionOpened(SESSION, RAM, PS, (size,)) and b.disk_sizes == (size,)
     for size in (0, MAX_DISK_SIZE + DISK_SECTOR, 1000):
         with pytest.raises(ProtocolError, match=rf"^disk 0: size {size} is not a whole number of "
                                                 r"sectors up to 1 PiB$"):

@@ -308,6 +308,8 @@ BAD_DISK_DATA = [  # frames after the pages of checkpoint 1 (None: that session'
      "extents are not sorted and disjoint"),
     ([disk_frame(extents((DISK - 512, 1024)), b"x" * 1024)], "disk frame",
      f"an extent ends beyond disk 0's {DISK} bytes"),
+    ([disk_frame(extents((MAX_DISK_SIZE, 512)), b"x" * 512)], "disk frame",
+     f"an extent ends beyond disk 0's {DISK} bytes"),
     ([None, disk_frame(extents((0, 512)), b"x" * 512)], "disk frame", "disk data after the device frame"),
     ([raw_disk_frame(1, TABLE + b"notzstd", 512, "zstd")], "disk frame", r"not a zstd frame \(.*\)"),
     ([disk_frame(extents((0, 512)), b"x" * 512), "pages"], "pages frame", "pages after a disk frame"),

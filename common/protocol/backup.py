@@ -298,7 +298,7 @@ class BackupProtocol:
                 f"disk mismatch: primary mirrors {len(disk_sizes)} disk(s), this backup expects "
                 f"{self.disks}")
         for i, size in enumerate(disk_sizes):
-            if not 0 < size <= MAX_DISK_SIZE or size % DISK_SECTOR:
+            if not DISK_SECTOR <= size <= MAX_DISK_SIZE or size % DISK_SECTOR:
                 raise ProtocolError(f"disk {i}: size {size} is not a whole number of sectors up "
                                     f"to 1 PiB")
         self._check_media(f["media"])
@@ -422,7 +422,7 @@ class BackupProtocol:
                 f"read_previous must return a uint8 array of shape {shape}, got "
                 f"{getattr(prev, 'dtype', type(prev).__name__)} {getattr(prev, 'shape', '')}"
             )
-        copied = False
+        given = prev  # the caller's: never written to
         for sc in self._unacked:  # oldest first: later checkpoints win
             if not len(sc.indices):
                 continue
@@ -431,9 +431,8 @@ class BackupProtocol:
             hit = np.zeros(len(idx), dtype=bool)
             hit[inside] = sc.indices[pos[inside]] == idx[inside]
             if hit.any():
-                if not copied:
+                if prev is given:
                     prev = prev.copy()
-                    copied = True
                 prev[hit] = sc.pages[pos[hit]]
         return prev
 
