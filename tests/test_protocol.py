@@ -1215,3 +1215,327 @@ def test_a_primary_protocol_trusts_no_reject_by_default():
     assert not PrimaryProtocol(SESSION).receive(reject)[0].supersedes
     with pytest.raises(ValueError):
         PrimaryProtocol(SESSION, generation=-1)
+
+
+# --------------------------------------------------------------------------
+# The backup protocol at its edges: each bound on both sides, each refusal in
+# the words an operator reads, and what the object reports between frames.
+
+import tracemalloc  # noqa: E402
+
+from remus.common.protocol import (DISK_SECTOR, MAX_DISK_SIZE, MAX_INPUT_COUNT,  # noqa: E402
+                                   MAX_INPUT_FRAME, MAX_NICS,
+                                   MIN_INPUT_FRAME, PagesReceived, PeerHandover)
+from remus.common.protocol.messages import HANDSHAKE_MAX_PAYLOAD, MAX_EPOCH  # noqa: E402
+
+EPOCHS = r"1\.\.9223372036854775807"
+
+
+@pytest.mark.parametrize("args, kwargs, error, message", [
+    ((b"fp", RAM, PS), {}, TypeError, r"^fingerprint must be a str$"),
+    ((FP, RAM, 0), {}, ValueError, r"^page_size must be >= 1, got 0$"),
+    ((FP, PS - 1, PS), {}, ValueError, r"^ram_size must be >= 64, got 63$"),
+    ((FP, RAM + 1, PS), {}, ValueError, r"^ram_size 2049 is not a multiple of page_size 64$"),
+    ((FP, 2**32 + 1, 1), {}, ValueError, r"^more pages than uint32 page indices can address$"),
+    ((FP, RAM, PS), {"generation": -1}, ValueError,
+     r"^generation must be in 0\.\.9223372036854775807, got -1$"),
+    ((FP, RAM, PS), {"generation": MAX_EPOCH + 1}, ValueError, r"^generation must be in 0\.\."),
+])
+def test_backup_constructor_names_the_bad_argument(args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        BackupProtocol(*args, lambda idx: None, **kwargs)
+
+
+def test_backup_constructor_edges_and_state_before_the_hello():
+    b = BackupProtocol(FP, 2**32, 1, lambda idx: None, generation=MAX_EPOCH)  # every uint32 index
+    assert (b.npages, b.generation) == (2**32, MAX_EPOCH)
+    assert (b.state, b.session, b.disk_sizes, b.receiving) == ("await-hello", None, (), None)
+    d = opened()
+    assert (d.proto.state, d.proto.session) == ("idle", SESSION)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda b: b.ack(0), rf"^epoch must be in {EPOCHS}, got 0$"),
+    (lambda b: b.ack(MAX_EPOCH + 1), rf"^epoch must be in {EPOCHS}, got"),
+    (lambda b: b.progress(0, 0), rf"^epoch must be in {EPOCHS}, got 0$"),
+    (lambda b: b.progress(MAX_EPOCH + 1, 0), rf"^epoch must be in {EPOCHS}, got"),
+    (lambda b: b.progress(1, -1), r"^bytes must be >= 0, got -1$"),
+])
+def test_ack_and_progress_refuse_arguments_out_of_range(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(opened().proto)
+
+
+def test_progress_frames_at_their_edges():
+    b = opened().proto
+    assert header_of(b.progress(1, 0)) == {"t": "progress", "epoch": 1, "bytes": 0}
+    assert header_of(b.progress(MAX_EPOCH, 5))["epoch"] == MAX_EPOCH
+
+
+def test_a_future_version_hello_is_refused_by_its_version_not_its_fields():
+    d = Daemon()
+    future = {"t": "hello", "version": PROTOCOL_VERSION + 1, "fingerprint": FP, "flavour": "new"}
+    with pytest.raises(ProtocolError, match=rf"^peer speaks protocol version {PROTOCOL_VERSION + 1}, "
+                                            rf"this backup speaks {PROTOCOL_VERSION}$") as info:
+        d.feed(frame(future))
+    assert header_of(info.value.reply)["t"] == "reject"
+
+
+def test_a_hello_of_exactly_the_handshake_limit_is_read_before_it_is_judged():
+    d = Daemon()
+    hello = FrameDecoder().feed(hello_frame())[0].header
+    with pytest.raises(ProtocolError, match="must not carry a payload"):
+        d.feed(frame(hello, b"x" * HANDSHAKE_MAX_PAYLOAD))
+
+
+def test_hello_disk_sizes_must_be_whole_sectors_up_to_the_limit():
+    def hello(size):
+        b = BackupProtocol(FP, RAM, PS, lambda idx: None, disks=1)
+        return b, b.receive(hello_frame(disk_sizes=[size]))
+    for size in (DISK_SECTOR, MAX_DISK_SIZE):
+        b, events = hello(size)
+        assert events[0] == SessionOpened(SESSION, RAM, PS, (size,)) and b.disk_sizes == (size,)
+    for size in (0, MAX_DISK_SIZE + DISK_SECTOR, 1000):
+        with pytest.raises(ProtocolError, match=rf"^disk 0: size {size} is not a whole number of "
+                                                r"sectors up to 1 PiB$"):
+            hello(size)
+
+
+def test_read_only_media_must_match_one_by_one():
+    media = (("a.iso", "1:aa"), ("b.iso", "2:bb"))
+    b = BackupProtocol(FP, RAM, PS, lambda idx: None, media=media)
+    assert isinstance(b.receive(hello_frame(media=["1:aa", "2:bb"]))[0], SessionOpened)
+    b = BackupProtocol(FP, RAM, PS, lambda idx: None, media=media)
+    with pytest.raises(ProtocolError, match=r"^read-only medium #2 \(b\.iso on this backup\) differs "
+                                            r"between the hosts: primary has size:sha256 2:cc, this "
+                                            r"backup 2:bb; copy the same file to both hosts$"):
+        b.receive(hello_frame(media=["1:aa", "2:cc"]))
+
+
+def begin_frame(epoch=1, full=True, disk_synced=False, precopy=False) -> bytes:
+    return frame({"t": "begin", "epoch": epoch, "full": full, "taken_at": 1.0,
+                  "disk_synced": disk_synced, "precopy": precopy})
+
+
+@pytest.mark.parametrize("disks, begin, message", [
+    (0, begin_frame(disk_synced=True),
+     r"^begin: epoch 1 claims a synced disk in a session without one$"),
+    (1, begin_frame(disk_synced=True, precopy=True), r"^begin: pre-copy round 1 claims a synced disk$"),
+    (0, begin_frame(MAX_EPOCH + 1), rf"^begin: epoch {MAX_EPOCH + 1} is out of range \({EPOCHS}\)$"),
+])
+def test_begin_refusals_name_the_epoch(disks, begin, message):
+    b = BackupProtocol(FP, RAM, PS, lambda idx: None, disks=disks)
+    b.receive(hello_frame(disk_sizes=[1 << 20] * disks))
+    with pytest.raises(ProtocolError, match=message):
+        b.receive(begin)
+
+
+def test_the_highest_epoch_may_begin_and_receiving_counts_every_payload_byte():
+    d = opened()
+    d.feed(begin_frame(MAX_EPOCH))
+    assert d.proto.receiving == (MAX_EPOCH, 0)
+    d = opened()
+    f = full_frames()  # begin, 4 pages frames, device, end
+    for x in f[:3]:
+        d.feed(x)
+    payloads = sum(len(FrameDecoder().feed(x)[0].payload) for x in f[1:3])
+    assert d.proto.receiving == (1, payloads)
+
+
+@pytest.mark.parametrize("before, epoch, message", [
+    ("nothing", 1, "staged is none"),
+    ("full", 2, "staged is 1"),
+    ("open", 1, "staged is 1 and a checkpoint is open"),
+    ("precopy", 1, "staged is none"),
+])
+def test_handover_only_right_after_the_last_consistent_checkpoint(before, epoch, message):
+    enc = CheckpointEncoder(PS)
+    d = opened()
+    frames = {"nothing": [], "full": full_frames(), "open": full_frames() + incr_frames()[:2],
+              "precopy": list(enc.checkpoint(1, True, 1.0, ALL, FULL_PAGES, None, b"", precopy=True))}
+    for f in frames[before]:
+        d.feed(f)
+    with pytest.raises(ProtocolError, match=rf"^handover after epoch {epoch}, but the last "
+                                            rf"consistent checkpoint {message}$"):
+        d.feed(enc.handover(epoch, "planned"))
+
+
+def test_handover_after_the_last_consistent_checkpoint_ends_the_session():
+    enc = CheckpointEncoder(PS)
+    d = opened()
+    for f in full_frames():
+        d.feed(f)
+    d.feed(enc.handover(1, "planned stop"))
+    assert d.events[-1] == PeerHandover(1, "planned stop") and d.proto.state == "bye"
+    with pytest.raises(ProtocolError, match="'begin' message after bye"):
+        d.feed(incr_frames()[0])
+
+
+def test_close_after_a_failure_or_a_close_is_silent():
+    f = full_frames()
+    d = opened()
+    with pytest.raises(ProtocolError, match="count 0 is out of range"):
+        d.feed(f[0] + f[1] + retype(f[2], count=0) + f[3][:10])  # a frame cut short behind
+    assert d.proto.receiving is None
+    d.proto.close()  # the failure was reported already; the cut frame is not news
+    with pytest.raises(ProtocolError, match=r"^protocol is unusable after an earlier error "
+                                            r"\(pages frame in checkpoint 1: count 0 is out"):
+        d.proto.receive(b"")
+    d = opened()
+    d.feed(f[0] + f[1][:10])
+    with pytest.raises(ProtocolError, match="middle of a frame"):
+        d.proto.close()
+    d.proto.close()  # once is enough
+    assert d.proto.receiving is None
+    with pytest.raises(ProtocolError, match=r"^receive\(\) after close\(\)$"):
+        d.proto.receive(b"")
+    d = opened()
+    with pytest.raises(ProtocolError, match="^second hello in one session$"):
+        d.feed(hello_frame())
+
+
+@pytest.mark.parametrize("previous, message", [
+    (lambda idx: np.zeros((len(idx), PS), np.int16), r"got int16 \(3, 64\)$"),
+    (lambda idx: [[0] * PS] * len(idx), "got list $"),
+])
+def test_read_previous_returning_the_wrong_thing_is_named(previous, message):
+    d = Daemon()
+    d.feed(CheckpointEncoder(PS).hello(FP, SESSION, RAM))
+    for x in full_frames():
+        d.feed(x)
+    d.proto._unacked.clear()
+    d.proto._read_previous = previous
+    f = incr_frames(xor=True)
+    d.feed(f[0])
+    with pytest.raises(TypeError, match=r"^read_previous must return a uint8 array of shape "
+                                        r"\(3, 64\), " + message):
+        d.feed(f[1])
+    with pytest.raises(ProtocolError, match=r"unusable after an earlier error \(TypeError: "
+                                            r"read_previous must return"):
+        d.proto.receive(b"")
+
+
+def test_xor_sees_through_an_empty_unacked_checkpoint_to_a_later_one():
+    """Checkpoints 1 (full), 2 (empty) and 3 staged in one call, none acked yet: the
+    xor base of checkpoint 4 is checkpoint 3's pages, past the empty one."""
+    enc = CheckpointEncoder(PS)
+    idx = np.array([1, 5], np.uint32)
+    third, fourth = FULL_PAGES[idx] ^ np.uint8(1), FULL_PAGES[idx] ^ np.uint8(2)
+    none = np.empty(0, np.uint32)
+    stream = full_frames() + list(enc.checkpoint(2, False, 2.0, none, FULL_PAGES[none], None, b"d"))
+    stream += list(enc.checkpoint(3, False, 3.0, idx, third, FULL_PAGES[idx], b"d"))
+    stream += list(enc.checkpoint(4, False, 4.0, idx, fourth, third, b"d"))
+    d = opened()
+    d.auto_ack = False
+    d.feed(b"".join(stream))
+    assert np.array_equal(d.staged[-1].pages, fourth)
+
+
+def pages_frame(idx, encoded: bytes, codec="none", xor=False, count=None) -> bytes:
+    idx = np.array(idx, dtype="<u4")
+    n = len(idx) if count is None else count
+    return encode_frame_parts({"t": "pages", "count": n, "codec": codec, "xor": xor, "raw_len": n * PS},
+                              idx.tobytes(), encoded)
+
+
+WITH_CHECKSUM = zstandard.ZstdCompressor(write_checksum=True).compress(bytes(3 * PS))
+
+
+@pytest.mark.parametrize("frames, message", [
+    ([pages_frame([1, 9, 5], bytes(3 * PS))], "page indices are not strictly increasing"),
+    ([pages_frame([1, 5], bytes(2 * PS)), pages_frame([5, 9], bytes(2 * PS))],
+     "page index 5 does not follow the previous frame's last index 5"),
+    ([pages_frame([1, 5, 9], b"")], "uncompressed data is 0 bytes, raw_len says 192"),
+    ([pages_frame([1, 5, 9], zstandard.ZstdCompressor().compress(b""), "zstd")],
+     "zstd frame declares 0 bytes, raw_len says 192"),
+    ([pages_frame([1, 5, 9], WITH_CHECKSUM[:-4], "zstd")],
+     r"zstd data decoded to 192 bytes \(frame incomplete\), raw_len says 192"),
+])
+def test_pages_frame_refusals_name_the_frame(frames, message):
+    expect_reject(full_frames() + incr_frames()[:1] + frames,
+                  rf"^pages frame in checkpoint 2: {message}$", 1)
+
+
+def test_a_full_checkpoint_frame_must_end_where_its_count_says():
+    f = full_frames()  # pages 0..7 in the first frame
+    skipped = patch_pages(f[1], idx=[0, 1, 2, 3, 4, 5, 6, 8])
+    expect_reject([f[0], skipped], r"^pages frame in checkpoint 1: a full checkpoint must send pages "
+                                   r"0\.\.31 in order, got 0\.\.8 after 0 pages$")
+
+
+def test_pages_frames_at_the_decoded_size_limit_and_highly_compressed_are_taken():
+    zeros = np.zeros((NPAGES, PS), np.uint8)
+    d = Daemon(max_payload=RAM)  # raw_len of the one 32-page frame: exactly the limit
+    d.feed(CheckpointEncoder(PS).hello(FP, SESSION, RAM))
+    frames = list(CheckpointEncoder(PS).checkpoint(1, True, 0.0, ALL, zeros, None, b"d", batch_pages=32))
+    assert len(FrameDecoder().feed(frames[1])[0].payload) < 5 * 32  # < 1 byte of data a page
+    for x in frames:
+        d.feed(x)
+    assert len(d.staged) == 1 and not d.staged[0].pages.any()
+
+
+def test_streamed_pages_carry_their_epoch():
+    b = BackupProtocol(FP, RAM, PS, lambda idx: None, stream=True)
+    events = b.receive(CheckpointEncoder(PS).hello(FP, SESSION, RAM) + b"".join(full_frames()))
+    assert {e.epoch for e in events if isinstance(e, PagesReceived)} == {1}
+
+
+def test_a_full_checkpoint_is_gathered_in_place():
+    """A full checkpoint is written straight into one array of the guest's size: the
+    backup holds about one copy of the RAM, not the frames and a joined copy too."""
+    ps, npages = 4096, 1024
+    pages = (np.arange(npages)[:, None] // 3 + np.arange(ps) % 5).astype(np.uint8)  # compressible:
+    enc = CheckpointEncoder(ps)  # the frames the hasher may still hold are small
+    data = [enc.hello(FP, SESSION, ps * npages)]
+    data += enc.checkpoint(1, True, 0.0, np.arange(npages, dtype=np.uint32), pages, None, b"d",
+                           batch_pages=64)
+    b = BackupProtocol(FP, ps * npages, ps, lambda idx: None)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        one_copy = np.empty_like(pages)
+        one_copy_size = tracemalloc.get_traced_memory()[0] - base  # as tracemalloc counts it
+        del one_copy
+        tracemalloc.reset_peak()
+        staged = [e for x in data for e in b.receive(x) if isinstance(e, CheckpointStaged)]
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(staged[0].checkpoint.pages, pages)
+    assert peak < 1.5 * one_copy_size
+
+
+INPUT_ERRORS = [  # (after_epoch, count, nic, payload) of an input frame, refusal
+    (2, 1, 0, struct.pack("<I", 60) + bytes(60),
+     r"input after epoch 2: expected 0\.\.1 \(input comes in order, at most one barrier ahead of "
+     r"the checkpoints\)"),
+    (0, 0, 0, b"", r"input: count 0 is out of range \(1\.\.4096\)"),
+    (0, MAX_INPUT_COUNT + 1, 0, b"", r"input: count 4097 is out of range \(1\.\.4096\)"),
+    (0, 1, 0, b"", r"input: payload ends inside frame 1 of 1"),
+    (0, 2, 0, struct.pack("<I", 60) + bytes(60), r"input: payload ends inside frame 2 of 2"),
+    (0, 1, 0, struct.pack("<I", 60), r"input: frame 1 of 1 has a bad length 60"),
+    (0, 2, 0, struct.pack("<I", 60) + bytes(60) + struct.pack("<I", 13) + bytes(13),
+     r"input: frame 2 of 2 has a bad length 13"),
+    (0, 1, 0, struct.pack("<I", MAX_INPUT_FRAME + 1) + bytes(MAX_INPUT_FRAME + 1),
+     rf"input: frame 1 of 1 has a bad length {MAX_INPUT_FRAME + 1}"),
+    (0, 1, MAX_NICS, struct.pack("<I", 60) + bytes(60), r"input: NIC 8 is out of range \(0\.\.7\)"),
+]
+
+
+@pytest.mark.parametrize("after, count, nic, payload, message", INPUT_ERRORS)
+def test_input_refusals_say_which_frame_and_bound(after, count, nic, payload, message):
+    d = opened()
+    with pytest.raises(ProtocolError, match=f"^{message}$"):
+        d.feed(frame({"t": "input", "after_epoch": after, "count": count, "nic": nic}, payload))
+
+
+def test_input_at_its_edges_is_taken():
+    sizes = [MIN_INPUT_FRAME, MAX_INPUT_FRAME, 61]
+    eth = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+    many = [bytes(MIN_INPUT_FRAME)] * MAX_INPUT_COUNT
+    enc = CheckpointEncoder(PS)
+    d = opened()
+    d.feed(begin_frame(1))  # checkpoint 1 open, none staged: input may follow its barrier
+    d.feed(enc.input(2, eth, nic=MAX_NICS - 1) + enc.input(2, many))
+    inputs = [e for e in d.events if isinstance(e, InputReceived)]
+    assert [(e.after_epoch, e.nic, e.frames) for e in inputs] == [(2, MAX_NICS - 1, eth), (2, 0, many)]

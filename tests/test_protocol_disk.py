@@ -266,3 +266,98 @@ def test_backup_reports_what_it_is_receiving():
     assert epoch == 1 and received > 0
     b.receive(b"".join(frames[3:]))
     assert b.receiving is None
+
+
+# ---- each refusal names its frame; each bound holds at its edge
+
+import zstandard  # noqa: E402
+
+from remus.common.protocol import MAX_DISK_SIZE  # noqa: E402
+
+
+def in_checkpoint(max_payload=None):
+    """A backup of one disk inside checkpoint 1, its pages received; and that session's frames
+    (hello, begin, pages, device, end)."""
+    kw = {} if max_payload is None else {"max_payload": max_payload}
+    b = BackupProtocol(FP, RAM, PS, lambda idx: np.zeros((len(idx), PS), np.uint8), disks=1, **kw)
+    frames = session(synced=False)
+    b.receive(b"".join(frames[:3]))
+    return b, frames
+
+
+def raw_disk_frame(count, payload, raw_len, codec="none"):
+    return encode_frame_parts({"t": "disk", "disk": 0, "count": count, "codec": codec,
+                               "raw_len": raw_len}, payload)
+
+
+def packed(n: int) -> bytes:
+    return zstandard.ZstdCompressor().compress(bytes(n))
+
+
+TABLE = memoryview(extents((0, 512))).cast("B").tobytes()
+BAD_DISK_DATA = [  # frames after the pages of checkpoint 1 (None: that session's device frame)
+    ([raw_disk_frame(0, b"x" * 512, 512)], "disk frame", "count 0 does not fit the 512-byte payload"),
+    ([raw_disk_frame(50, TABLE + b"x" * 512, 512)], "disk frame",
+     "count 50 does not fit the 524-byte payload"),
+    ([disk_frame(extents((0, 512), (1024, 0)), b"x" * 512)], "disk frame",
+     "extent lengths do not add up to raw_len 512"),
+    ([disk_frame(extents((2**63 - 10, 100)), b"x" * 100)], "disk frame", "an extent is beyond any disk"),
+    ([disk_frame(extents((0, 1024)), b"x" * 1024), disk_frame(extents((512, 512)), b"x" * 512)],
+     "disk frame", "extents are not sorted and disjoint"),
+    ([disk_frame(extents((0, 512), (1024, 512), (1200, 100)), b"x" * 1124)], "disk frame",
+     "extents are not sorted and disjoint"),
+    ([disk_frame(extents((DISK - 512, 1024)), b"x" * 1024)], "disk frame",
+     f"an extent ends beyond disk 0's {DISK} bytes"),
+    ([disk_frame(extents((MAX_DISK_SIZE, 512)), b"x" * 512)], "disk frame",
+     f"an extent ends beyond disk 0's {DISK} bytes"),
+    ([None, disk_frame(extents((0, 512)), b"x" * 512)], "disk frame", "disk data after the device frame"),
+    ([raw_disk_frame(1, TABLE + b"notzstd", 512, "zstd")], "disk frame", r"not a zstd frame \(.*\)"),
+    ([disk_frame(extents((0, 512)), b"x" * 512), "pages"], "pages frame", "pages after a disk frame"),
+    ([zero_frame(zeroes((MAX_DISK_SIZE, 512)))], "zero frame", f"an extent ends beyond disk 0's {DISK} bytes"),
+    ([zero_frame(zeroes((0, MAX_DISK_SIZE)))], "zero frame", f"an extent ends beyond disk 0's {DISK} bytes"),
+    ([zero_frame(zeroes((MAX_DISK_SIZE + 1, 512)))], "zero frame", "an extent is empty or beyond any disk"),
+    ([zero_frame(zeroes((0, MAX_DISK_SIZE + 1)))], "zero frame", "an extent is empty or beyond any disk"),
+    ([encode_frame({"t": "device", "codec": "zstd", "raw_len": 3}, b"bad")], "device frame",
+     r"not a zstd frame \(.*\)"),
+    (["end"], "end of checkpoint", "no device frame"),
+]
+
+
+@pytest.mark.parametrize("frames, what, message", BAD_DISK_DATA)
+def test_bad_data_frames_are_refused_naming_the_frame_and_checkpoint(frames, what, message):
+    b, session_frames = in_checkpoint()
+    named = {None: session_frames[3], "pages": session_frames[2], "end": session_frames[4]}
+    with pytest.raises(ProtocolError, match=rf"^{what}{'' if what == 'end of checkpoint' else ' in checkpoint'}"
+                                            rf" 1: {message}$"):
+        for f in frames:
+            b.receive(named.get(f, f) if not isinstance(f, bytes) else f)
+
+
+def test_disk_and_zero_frames_at_their_edges_are_taken():
+    b, frames = in_checkpoint()
+    events = b.receive(disk_frame(extents((0, 1)), b"a")  # one byte: the smallest write
+                       + disk_frame(extents((512, 512), (1024, 512)), b"b" * 1024)  # adjacent extents
+                       + zero_frame(zeroes((4096, 512), (4608, DISK - 4608))))  # up to the disk's end
+    assert [(type(e).__name__, e.epoch) for e in events] == [("DiskWritten", 1), ("DiskWritten", 1),
+                                                              ("DiskZeroed", 1)]
+    assert all(type(e.data) is bytes for e in events[:2])  # not views of the receive buffer
+    assert events[1].data == b"b" * 1024
+
+
+def test_decoded_sizes_up_to_max_payload_are_taken():
+    limit = 8192
+    b, frames = in_checkpoint(max_payload=limit)
+    table = memoryview(extents((0, limit))).cast("B").tobytes()
+    b.receive(raw_disk_frame(1, table + packed(limit), limit, "zstd"))
+    b.receive(encode_frame({"t": "device", "codec": "zstd", "raw_len": limit}, packed(limit)))
+    with pytest.raises(ProtocolError, match=rf"^device frame in checkpoint 1: second device frame$"):
+        b.receive(frames[3])
+    b, frames = in_checkpoint(max_payload=limit)
+    table = memoryview(extents((0, limit + 512))).cast("B").tobytes()
+    with pytest.raises(ProtocolError, match=rf"^disk frame in checkpoint 1: raw_len {limit + 512} "
+                                            r"is out of range$"):
+        b.receive(raw_disk_frame(1, table + packed(limit + 512), limit + 512, "zstd"))
+    b, frames = in_checkpoint(max_payload=limit)
+    with pytest.raises(ProtocolError, match=rf"^device frame in checkpoint 1: raw_len {limit + 1} "
+                                            rf"is out of range \(1\.\.{limit}\)$"):
+        b.receive(encode_frame({"t": "device", "codec": "zstd", "raw_len": limit + 1}, packed(limit + 1)))

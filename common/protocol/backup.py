@@ -46,7 +46,7 @@ class _Open:
                  "disk_at", "bytes")
 
     def __init__(self, epoch: int, full: bool, taken_at: float, npages: int, page_size: int,
-                 disk_synced: bool = False, precopy: bool = False, stream: bool = False):
+                 disk_synced: bool, precopy: bool, stream: bool):
         self.disk_synced = disk_synced
         self.precopy = precopy
         self.disk_at = (-1, 0)  # (disk, end of its last extent): frames come in that order
@@ -229,8 +229,7 @@ class BackupProtocol:
         t, f = check_fields(frame, "primary", FROM_PRIMARY)
         state = self.state
         if state == "await-hello":
-            if t != "hello":
-                raise ProtocolError(f"the first message must be 'hello', got {t!r}")
+            assert t == "hello"  # _check_header refused any other first frame
             events.extend(self._hello(f))
             return
         if state == "bye":
@@ -279,10 +278,7 @@ class BackupProtocol:
             events.append(CheckpointStaged(self._end(cp, f)))
 
     def _hello(self, f: dict) -> list:
-        if f["version"] != PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"peer speaks protocol version {f['version']}, this backup speaks {PROTOCOL_VERSION}"
-            )
+        # The version was checked in _handle, before the other fields.
         if f["fingerprint"] != self.fingerprint:
             raise ProtocolError(
                 f"configuration fingerprint mismatch: primary has {f['fingerprint']!r:.80}, "
@@ -302,7 +298,7 @@ class BackupProtocol:
                 f"disk mismatch: primary mirrors {len(disk_sizes)} disk(s), this backup expects "
                 f"{self.disks}")
         for i, size in enumerate(disk_sizes):
-            if not 0 < size <= MAX_DISK_SIZE or size % DISK_SECTOR:
+            if not DISK_SECTOR <= size <= MAX_DISK_SIZE or size % DISK_SECTOR:
                 raise ProtocolError(f"disk {i}: size {size} is not a whole number of sectors up "
                                     f"to 1 PiB")
         self._check_media(f["media"])
@@ -405,10 +401,12 @@ class BackupProtocol:
             out = dobj.decompress(data)
         except Exception as exc:  # ZstdError, or anything else libzstd objects to
             raise ProtocolError(f"{what}: zstd data is corrupt ({exc})") from None
+        # At the frame's end libzstd checks the declared size (raw_len): a frame short of
+        # its end is the only way to come out with fewer bytes.
         if len(out) != raw_len or not dobj.eof:
             raise ProtocolError(
-                f"{what}: zstd data decoded to {len(out)} bytes"
-                f"{'' if dobj.eof else ' (frame incomplete)'}, raw_len says {raw_len}"
+                f"{what}: zstd data decoded to {len(out)} bytes (frame incomplete), "
+                f"raw_len says {raw_len}"
             )
         if dobj.unused_data:
             raise ProtocolError(
@@ -424,7 +422,7 @@ class BackupProtocol:
                 f"read_previous must return a uint8 array of shape {shape}, got "
                 f"{getattr(prev, 'dtype', type(prev).__name__)} {getattr(prev, 'shape', '')}"
             )
-        copied = False
+        given = prev  # the caller's: never written to
         for sc in self._unacked:  # oldest first: later checkpoints win
             if not len(sc.indices):
                 continue
@@ -433,9 +431,8 @@ class BackupProtocol:
             hit = np.zeros(len(idx), dtype=bool)
             hit[inside] = sc.indices[pos[inside]] == idx[inside]
             if hit.any():
-                if not copied:
+                if prev is given:
                     prev = prev.copy()
-                    copied = True
                 prev[hit] = sc.pages[pos[hit]]
         return prev
 
@@ -495,7 +492,7 @@ class BackupProtocol:
         idx_le = np.frombuffer(idx_bytes, dtype=LE_U32)
         count = len(idx_le)
         first, last = int(idx_le[0]), int(idx_le[-1])
-        if count > 1 and not bool(np.all(idx_le[1:] > idx_le[:-1])):
+        if not bool(np.all(idx_le[1:] > idx_le[:-1])):
             raise ProtocolError(f"{what}: page indices are not strictly increasing")
         if first <= cp.last_index:
             raise ProtocolError(
@@ -523,13 +520,14 @@ class BackupProtocol:
             raise ProtocolError(f"{what}: raw_len {raw_len} is out of range")
         view = memoryview(payload)
         table = np.frombuffer(view[:size], dtype=DISK_EXTENT)
-        offs = table["offset"].astype(np.int64)
-        lens = table["length"].astype(np.int64)
+        offs, lens = table["offset"], table["length"]
         if int(lens.sum()) != raw_len or (lens == 0).any():
             raise ProtocolError(f"{what}: extent lengths do not add up to raw_len {raw_len}")
+        if (offs > MAX_DISK_SIZE).any():  # and so offs + lens stays far from overflowing
+            raise ProtocolError(f"{what}: an extent is beyond any disk")
         self._place(cp, f["disk"], offs, offs + lens, what)
         data = self._decode(what, codec, view[size:], raw_len)
-        chunk = data if isinstance(data, bytes) else bytes(data)
+        chunk = bytes(data)  # no copy if it is bytes already
         cp.hasher.update(view[:size])
         cp.hasher.update(chunk)
         events.append(DiskWritten(cp.epoch, f["disk"], table.copy(), chunk))
@@ -543,13 +541,13 @@ class BackupProtocol:
         offs, lens = table["offset"], table["length"]
         if (lens == 0).any() or (offs > MAX_DISK_SIZE).any() or (lens > MAX_DISK_SIZE).any():
             raise ProtocolError(f"{what}: an extent is empty or beyond any disk")
-        offs, lens = offs.astype(np.int64), lens.astype(np.int64)
         self._place(cp, f["disk"], offs, offs + lens, what)
         cp.hasher.update(payload)
         events.append(DiskZeroed(cp.epoch, f["disk"], table.copy()))
 
     def _place(self, cp: _Open, disk: int, offs: np.ndarray, ends: np.ndarray, what: str) -> None:
-        """Extents of `disk` must fit it and follow the checkpoint's earlier ones."""
+        """Extents of `disk` must fit it and follow the checkpoint's earlier ones (offsets
+        and ends are unsigned and at most 2**51: the callers bound them)."""
         if not self.disks:
             raise ProtocolError(f"{what}: this session has no disk")
         if cp.device is not None:
@@ -559,9 +557,9 @@ class BackupProtocol:
                                 f"{len(self.disk_sizes)} mirrored disks")
         last_disk, last_end = cp.disk_at
         start = last_end if disk == last_disk else 0
-        if disk < last_disk or offs[0] < start or (len(offs) > 1 and (offs[1:] < ends[:-1]).any()):
+        if disk < last_disk or offs[0] < start or (offs[1:] < ends[:-1]).any():
             raise ProtocolError(f"{what}: extents are not sorted and disjoint")
-        if int(ends[-1]) > self.disk_sizes[disk] or (offs < 0).any():
+        if int(ends[-1]) > self.disk_sizes[disk]:
             raise ProtocolError(f"{what}: an extent ends beyond disk {disk}'s "
                                 f"{self.disk_sizes[disk]} bytes")
         cp.disk_at = (disk, int(ends[-1]))
@@ -576,7 +574,7 @@ class BackupProtocol:
         if not 1 <= raw_len <= self.max_payload:
             raise ProtocolError(f"{what}: raw_len {raw_len} is out of range (1..{self.max_payload})")
         data = self._decode(what, codec, memoryview(payload), raw_len)
-        device = data if isinstance(data, bytes) else bytes(data)
+        device = bytes(data)  # no copy if it is bytes already
         cp.hasher.update(device)
         cp.device = device
 
