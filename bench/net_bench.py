@@ -1,15 +1,18 @@
 """What output commit costs the guest's network, measured from a client host.
 
 Namespaces as hosts (client, primary, backup), the demo guest bridged. Side by
-side in one run:
-- latency: sequential `GET /cgi-bin/inc` round trips with the output buffer
-  (held until the backup acknowledges) against the same primary with --no-net
-  (frames relayed at once), at several checkpoint intervals; expected added
-  latency is about half the interval plus the ack round trip;
-- throughput: a bulk download from the guest (`/cgi-bin/blob`) through the
-  buffer, through the relay without holding, and through a direct TAP (the
-  guest after activation on the backup, where no daemon relays frames).
-Prints a table and writes JSON to bench/results/.
+side in one run, at each checkpoint interval, three primaries on the same guest:
+--no-net (frames relayed at once, the baseline), the output buffer with
+checkpoints on the interval (trigger = interval), and the buffer with
+checkpoints brought forward by waiting output (trigger = output):
+- latency: sequential `GET /cgi-bin/inc` round trips over a fresh connection
+  each; the added latency (p50 against --no-net), set beside the primary's own
+  pause p50 + ack p50 (what one checkpoint costs a reply at least), and the
+  request rate of that one sequential client;
+- throughput (at --throughput-interval): a bulk download from the guest
+  (`/cgi-bin/blob`) through each, and through a direct TAP (the guest after
+  activation on the backup, where no daemon relays frames).
+Prints tables and writes JSON to bench/results/.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from remus.common.control import query
 from remus.common.guest_image import build
 from remus.common.localpair import Pair, wait_until
 from remus.common.netns import Lan
@@ -65,9 +69,14 @@ def download(pair: Pair, mib: int) -> dict:
             "frames_s": frames / seconds}
 
 
-def protected(image, lan: Lan, interval: int, *primary_args: str) -> tuple[Pair, Path]:
+MODES = (("no-net", {}, ("--no-net",)), ("interval", {"trigger": "interval"}, ()),
+         ("output", {"trigger": "output"}, ()))
+
+
+def protected(image, lan: Lan, interval: int, replication: dict,
+              *primary_args: str) -> tuple[Pair, Path]:
     workdir = Path(tempfile.mkdtemp(prefix="remus-netbench-"))
-    pair = Pair(image, workdir, lan=lan, interval_ms=interval)
+    pair = Pair(image, workdir, lan=lan, interval_ms=interval, **replication)
     pair.start_backup()
     pair.start_primary(*primary_args)
     pair.primary.wait_for(r"protecting epoch=\d+", 60)
@@ -75,51 +84,76 @@ def protected(image, lan: Lan, interval: int, *primary_args: str) -> tuple[Pair,
     return pair, workdir
 
 
+def primary_figures(pair: Pair) -> dict:
+    s = query(Path(pair.load_config().primary.state_dir))
+    return {k: s.get(k) for k in ("pause_p50_ms", "ack_p50_ms", "checkpoints_per_s",
+                                  "output_triggered")}
+
+
+def run_mode(image, lan: Lan, interval: int, mode: tuple, args, through: list) -> dict:
+    name, replication, extra = mode
+    pair, workdir = protected(image, lan, interval, replication, *extra)
+    try:
+        lat = latencies(pair, args.requests)
+        row = {"interval_ms": interval, "mode": name, "p50_ms": percentile(lat, .5),
+               "p90_ms": percentile(lat, .9), "requests": len(lat),
+               "requests_per_s": len(lat) / (sum(lat) / 1000), **primary_figures(pair)}
+        if interval == args.throughput_interval:
+            through.append({"path": f"{name}", **download(pair, args.mib)})
+            if name == "interval":
+                pair.primary.kill9()  # the activated guest: a direct TAP, no relay
+                pair.backup.wait_for(r"activated epoch=", 60)
+                wait_until(lambda: pair.try_get("get"), 60, "the activated guest")
+                through.append({"path": "direct TAP (activated, unprotected)",
+                                **download(pair, args.mib)})
+        return row
+    finally:
+        pair.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_latency(rows: list[dict]) -> list[dict]:
+    print("Request latency (client -> guest /cgi-bin/inc -> client), p50 ms; added = against no-net")
+    print("interval | no-net | interval: added  req/s | output: added  req/s  pause+ack | rate x")
+    by = {(r["interval_ms"], r["mode"]): r for r in rows}
+    summary = []
+    for interval in sorted({r["interval_ms"] for r in rows}):
+        n, i, o = (by[(interval, m)] for m in ("no-net", "interval", "output"))
+        one_cp = (o["pause_p50_ms"] or 0) + (o["ack_p50_ms"] or 0)
+        row = {"interval_ms": interval, "added_interval_ms": i["p50_ms"] - n["p50_ms"],
+               "added_output_ms": o["p50_ms"] - n["p50_ms"], "pause_plus_ack_ms": one_cp,
+               "rate_ratio": o["requests_per_s"] / i["requests_per_s"]}
+        summary.append(row)
+        print(f"{interval:8d} | {n['p50_ms']:6.1f} | {row['added_interval_ms']:15.1f} "
+              f"{i['requests_per_s']:6.1f} | {row['added_output_ms']:13.1f} "
+              f"{o['requests_per_s']:6.1f} {one_cp:10.1f} | {row['rate_ratio']:6.2f}")
+    return summary
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--intervals", default="25,50,100,200")
+    ap.add_argument("--intervals", default="25,100,200")
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--mib", type=int, default=16, help="download size for throughput")
+    ap.add_argument("--throughput-interval", type=int, default=100,
+                    help="the interval (ms) the downloads run at")
     args = ap.parse_args()
     image = build(Path(os.environ.get("REMUS_CACHE", Path.home() / ".cache" / "remus")))
     rows, through = [], []
     with Lan() as lan:
         for interval in [int(x) for x in args.intervals.split(",")]:
-            for mode, extra in (("buffered", ()), ("no-net", ("--no-net",))):
-                pair, workdir = protected(image, lan, interval, *extra)
-                try:
-                    lat = latencies(pair, args.requests)
-                    row = {"interval_ms": interval, "mode": mode, "p50_ms": percentile(lat, .5),
-                           "p90_ms": percentile(lat, .9), "requests": len(lat)}
-                    if interval == 200:
-                        through.append({"path": f"{mode} (userspace relay)", **download(pair, args.mib)})
-                    if interval == 200 and mode == "buffered":
-                        pair.primary.kill9()  # the activated guest: a direct TAP, no relay
-                        pair.backup.wait_for(r"activated epoch=", 60)
-                        wait_until(lambda: pair.try_get("get"), 60, "the activated guest")
-                        through.append({"path": "direct TAP (activated, unprotected)",
-                                        **download(pair, args.mib)})
-                finally:
-                    pair.cleanup()
-                    shutil.rmtree(workdir, ignore_errors=True)
-                rows.append(row)
-    print("Request latency (client -> guest /cgi-bin/inc -> client)")
-    print("interval ms | buffered p50 | no-net p50 | added p50 | buffered p90 | no-net p90")
-    by = {(r["interval_ms"], r["mode"]): r for r in rows}
-    added = []
-    for interval in sorted({r["interval_ms"] for r in rows}):
-        b, n = by[(interval, "buffered")], by[(interval, "no-net")]
-        added.append({"interval_ms": interval, "added_p50_ms": b["p50_ms"] - n["p50_ms"]})
-        print(f"{interval:11d} | {b['p50_ms']:12.1f} | {n['p50_ms']:10.1f} | {b['p50_ms'] - n['p50_ms']:9.1f} | "
-              f"{b['p90_ms']:12.1f} | {n['p90_ms']:10.1f}")
-    print("\nGuest output throughput (bulk download to the client)")
-    print("path                                 | Mbit/s | frames/s")
+            for mode in MODES:
+                rows.append(run_mode(image, lan, interval, mode, args, through))
+    summary = print_latency(rows)
+    print(f"\nGuest output throughput (bulk download to the client, {args.throughput_interval} ms)")
+    print("path                                 | Mbit/s | frames/s | of no-net")
+    base = next((t["mbit_s"] for t in through if t["path"] == "no-net"), 0) or 1
     for t in through:
-        print(f"{t['path']:36s} | {t['mbit_s']:6.1f} | {t['frames_s']:8.0f}")
+        print(f"{t['path']:36s} | {t['mbit_s']:6.1f} | {t['frames_s']:8.0f} | {t['mbit_s'] / base:8.0%}")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"net-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "latency": rows,
-                                "added": added, "throughput": through}, indent=2))
+                                "added": summary, "throughput": through}, indent=2))
     print(f"\nsaved {path}")
     return 0
 

@@ -176,6 +176,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "replication": {
         "interval_ms": Key(int, 200, _range(5, 60_000), "checkpoint every MS milliseconds"),
+        "trigger": Key(str, "interval", _choice("interval", "output"),
+                       "interval: a checkpoint every interval_ms; output: also as soon as "
+                       "the guest's output waits in the buffer (and min_interval_ms has "
+                       "passed since the last pause), so a reply waits for one checkpoint, "
+                       "not for the end of the interval; costs more pauses and CPU while "
+                       "the guest talks (userspace buffer only)"),
+        "min_interval_ms": Key(int, 20, _range(1, 60_000),
+                               "trigger = output: the shortest time between two pauses, which "
+                               "bounds the checkpoint rate at 1000 / min_interval_ms per second"),
         "compression": Key(str, "zstd", _choice("zstd", "none"), "page compression on the wire"),
         "zstd_level": Key(int, 1, _range(-5, 19), "zstd level (1 is fast and good for pages)"),
         "capture": Key(str, "auto", _choice("auto", "compare", "softdirty"),

@@ -80,6 +80,8 @@ class Metrics:
         self.ack = Histogram("remus_ack_latency_seconds", "checkpoint sent -> acknowledged",
                              buckets=ACK_BUCKETS, registry=r)
         self.checkpoints = Counter("remus_checkpoints", "checkpoints committed", registry=r)
+        self.triggers = Counter("remus_checkpoint_triggers", "checkpoints by what took them "
+                                "(interval, output, disk, handover)", ["trigger"], registry=r)
         self.bytes = Counter("remus_checkpoint_bytes", "checkpoint bytes on the wire", registry=r)
         self.failovers = Counter("remus_failovers", "activations of the backup", registry=r)
         self.fencing = Counter("remus_fencing_attempts", "fencing rounds", ["result"], registry=r)
@@ -88,6 +90,7 @@ class Metrics:
 
     def observe_epoch(self, stats) -> None:
         self.checkpoints.inc()
+        self.triggers.labels(stats.trigger).inc()
         self.bytes.inc(stats.wire_bytes)
         if not stats.full:
             self.pause.observe(stats.pause_ms / 1000)

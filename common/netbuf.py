@@ -111,6 +111,7 @@ class UserspaceNetBuffer(CheckpointDevice):
         # Told of every batch of frames handed to the guest (the replicator copies
         # them to the backup for replay after a failover).
         self.inbound_listener: Callable[[list[bytes]], None] | None = None
+        self.output_listener: Callable[[], None] | None = None  # output waits for a checkpoint
 
     def qemu_netdev_args(self, mac: str) -> list[str]:
         n = self.netdev_id
@@ -167,8 +168,11 @@ class UserspaceNetBuffer(CheckpointDevice):
 
     def _from_guest(self, frame: bytes) -> None:
         if self.buffering_enabled and self.protecting:
+            first = not self.queue.open
             if not self.queue.hold(frame):
                 self._warn_full()
+            elif first and self.output_listener is not None:
+                self.output_listener()  # the epoch's first held frame: output waits
         else:
             self._write_tap(frame)
 

@@ -46,6 +46,14 @@ class NicGroup(Hooks, CheckpointDevice):
             if hasattr(b, "inbound_listener"):
                 b.inbound_listener = (lambda frames, i=index: listener(i, frames))
 
+    def set_output_listener(self, listener: Callable[[], None]) -> bool:
+        """`listener` is called when a NIC holds the first frame of an epoch; False if
+        no NIC can tell (the plug qdisc holds frames in the kernel, out of sight)."""
+        able = [b for b in self.buffers if hasattr(b, "output_listener")]
+        for b in able:
+            b.output_listener = listener
+        return bool(able)
+
     def qemu_netdev_args(self) -> list[str]:
         return [arg for b, nic in zip(self.buffers, self.nics) for arg in b.qemu_netdev_args(nic.mac)]
 

@@ -22,6 +22,7 @@ class EpochStats:
     wire_bytes: int      # bytes sent for this checkpoint, framing included
     send_ms: float       # encode + send, guest running
     ack_ms: float        # last byte sent .. ack received
+    trigger: str = "interval"  # why it was taken: interval, output, disk, handover
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -62,6 +63,7 @@ class EpochLog:
             "wire_bytes_p50": percentile([s.wire_bytes for s in incr], 0.5),
             "ack_p50_ms": percentile([s.ack_ms for s in incr], 0.5),
             "bytes_per_s": sum(s.wire_bytes for s in incr[1:]) / span if span > 0 else 0.0,
+            "output_triggered": sum(s.trigger == "output" for s in incr),
         }
 
     def close(self) -> None:

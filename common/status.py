@@ -89,6 +89,8 @@ class Status:
 class PrimaryStatus(Status):
     qemu_pid: int | None = None
     interval_ms: int = 0
+    trigger: str = "interval"             # [replication] trigger in effect
+    output_triggered: int | None = None   # of the recent checkpoints, taken for output
     capture: str = ""
     checkpoints_per_s: float | None = None
     pause_p50_ms: float | None = None

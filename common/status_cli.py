@@ -78,6 +78,10 @@ def render(statuses: dict) -> str:
             lines.append(f"  checkpoints {s['checkpoints_per_s']:.1f}/s  pause p50 {s['pause_p50_ms']:.1f} ms "
                          f"p99 {s['pause_p99_ms']:.1f} ms  {s['bytes_per_s'] / 1024:.0f} KiB/s  "
                          f"ack p50 {s['ack_p50_ms']:.1f} ms")
+            if s.get("trigger") == "output":
+                lines.append(f"  trigger: output waiting (or every {s['interval_ms']} ms); "
+                             f"{s.get('output_triggered') or 0} of the recent checkpoints "
+                             "taken for output")
             sync = s.get("sync")
             if sync:
                 lines.append(sync_line(sync, s["state"] == "syncing"))

@@ -38,6 +38,7 @@ class Protecting(Role):
         self.generation = running.generation
         self.state_dir = Path(cfg.primary.state_dir)
         self.replicator: Replicator | None = None
+        self.trigger = "interval"  # "output" once the NIC buffers report held output
         self._node_hb = None
         self._commands = {"drill": self._drill, "partition": self._partition}
 
@@ -84,8 +85,21 @@ class Protecting(Role):
         self.replicator.hold.backup_gave_up = lambda: backup_gave_up(node.hb)
         if netbuf is not None:
             netbuf.set_inbound_listener(self.replicator.forward_input)
+        self._wire_output_trigger(netbuf)
         if node.metrics is not None:
             self.epochs.listeners.append(node.metrics.observe_epoch)
+
+    def _wire_output_trigger(self, netbuf) -> None:
+        """trigger = output needs a buffer that sees the guest's frames."""
+        if self.cfg.replication.trigger != "output":
+            return
+        if netbuf is not None and netbuf.set_output_listener(self.replicator.output_waiting):
+            self.trigger = "output"
+            return
+        _log.warning("trigger-unavailable", trigger="output",
+                     detail="no buffered NIC sees the guest's output here (no bridged NIC, "
+                            "or the plug qdisc holds it in the kernel): checkpoints stay on "
+                            "the interval")
 
     async def _supervise(self, node) -> Role | int:
         """Run the replicator until something ends this role; what ends it decides."""
@@ -187,6 +201,7 @@ class Protecting(Role):
             self.name, node.host, self.cfg.guest.name, rep.state, node.pid, self.generation,
             rep.session, rep.committed_epoch, heartbeat_status(node.hb),
             qemu_pid=guest.pid, interval_ms=self.cfg.replication.interval_ms,
+            trigger=self.trigger, output_triggered=s["output_triggered"],
             capture=self.capture.name, checkpoints_per_s=s["checkpoints_per_s"],
             pause_p50_ms=s["pause_p50_ms"], pause_p99_ms=s["pause_p99_ms"],
             bytes_per_s=s["bytes_per_s"], ack_p50_ms=s["ack_p50_ms"],

@@ -28,6 +28,7 @@ from remus.common.hooks import Hooks
 from remus.common.status import PrimaryState
 from remus.common.takeover import output_hold_s
 from remus.primary.output_hold import OutputHold
+from remus.primary.trigger import pause_trigger
 
 _log = log.get("remus.primary")
 
@@ -131,6 +132,7 @@ class Replicator:
         self._last_summary = time.monotonic()
         self._handover: tuple[asyncio.Future, str] | None = None
         self._wake = asyncio.Event()  # cuts the wait for the next checkpoint short
+        self._output_waiting = False    # trigger = output: a held frame awaits a checkpoint
         self._reader_task: asyncio.Task | None = None
         self._progress_at = 0.0         # when the backup last said a checkpoint is flowing
         self._handshake_eofs = 0        # handshakes in a row the backup closed
@@ -209,6 +211,28 @@ class Replicator:
         writer = self._writer
         if writer is not None:
             writer.transport.abort()  # no bye: the backup must not think we left on purpose
+
+    def output_waiting(self) -> None:
+        """The NIC buffers hold the first frame of an epoch (trigger = output)."""
+        if self.cfg.replication.trigger == "output":
+            self._output_waiting = True
+            self._wake.set()
+
+    async def _until_next_pause(self, due: float, last: float) -> str:
+        """Wait for the next checkpoint (primary/trigger.py); why it is taken."""
+        rep = self.cfg.replication
+        gap = min(rep.min_interval_ms, rep.interval_ms) / 1000
+        while True:
+            now = time.monotonic()
+            trigger, look_again = pause_trigger(now, due, last, gap, self._output_waiting,
+                                                self._handover is not None, self._disk_full())
+            if trigger is not None:
+                return trigger
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, look_again - now))
+            except asyncio.TimeoutError:
+                pass
 
     async def handover(self, reason: str) -> bool:
         """A planned switchover: take a last checkpoint with the guest left stopped, stop
@@ -439,20 +463,16 @@ class Replicator:
         finally:
             watcher.cancel()
         first = epoch + 1
-        next_pause = time.monotonic()
+        next_pause = last_pause = time.monotonic()
         while True:
-            delay = next_pause - time.monotonic()
-            if delay > 0 and self._handover is None and not self._disk_full():
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
-            next_pause = time.monotonic() + interval
+            trigger = await self._until_next_pause(next_pause, last_pause)
+            last_pause = time.monotonic()
+            next_pause = last_pause + interval
+            self._output_waiting = False  # what is held now goes with this checkpoint
             epoch += 1
             if self._handover is not None and self.state == PrimaryState.PROTECTING:
                 await self._hand_over(proto, epoch)
-            await self._checkpoint(proto, epoch, full=epoch == 1)
+            await self._checkpoint(proto, epoch, full=epoch == 1, trigger=trigger)
             if epoch == first:
                 self.state = PrimaryState.PROTECTING
                 await self.hold.end()  # this commit released what the lost session held
@@ -634,7 +654,7 @@ class Replicator:
         return captured, device_state, disk, timings
 
     async def _checkpoint(self, proto: PrimaryProtocol, epoch: int, full: bool,
-                          final: bool = False) -> None:
+                          final: bool = False, trigger: str = "interval") -> None:
         loop = asyncio.get_running_loop()
         taken_at = time.time()
         captured, device_state, (writes, disk_synced), timings = \
@@ -663,7 +683,8 @@ class Replicator:
             dirty_pages=total, device_bytes=len(device_state),
             disk_bytes=writes.bytes if writes is not None else 0,
             wire_bytes=wire,
-            send_ms=(sent_at - t_send) * 1000, ack_ms=(acked_at - sent_at) * 1000)
+            send_ms=(sent_at - t_send) * 1000, ack_ms=(acked_at - sent_at) * 1000,
+            trigger=trigger)
         self.epochs.add(stats)
         _log.debug("checkpoint", epoch=epoch, pause_ms=stats.pause_ms, dirty=total, wire=wire,
                    ack_ms=stats.ack_ms)

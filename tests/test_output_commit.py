@@ -22,11 +22,14 @@ def replies(probe) -> list[tuple[float, int]]:
     return read_replies(probe.log())
 
 
-def failover_once(guest_image, lan, workdir, rng, *primary_args, ha: bool = False) -> dict:
+def failover_once(guest_image, lan, workdir, rng, *primary_args, ha: bool = False,
+                  replication: dict | None = None) -> dict:
     """Protect, load, kill the primary host at a random moment, judge the replies.
-    With `ha`, the failover goes through the heartbeat and fencing (fence_dummy)."""
+    With `ha`, the failover goes through the heartbeat and fencing (fence_dummy);
+    `replication`: more [replication] keys."""
     extra, status = ha_config(lan, workdir) if ha else ("", None)
-    pair = Pair(guest_image, workdir, lan=lan, interval_ms=INTERVAL_MS, extra_config=extra)
+    pair = Pair(guest_image, workdir, lan=lan, interval_ms=INTERVAL_MS, extra_config=extra,
+                **(replication or {}))
     switch = PowerSwitch(status, pair) if ha else None
     try:
         pair.start_backup()
@@ -51,7 +54,8 @@ def failover_once(guest_image, lan, workdir, rng, *primary_args, ha: bool = Fals
         # Where in the epoch the kill fell, counted from the last acknowledged pause.
         offset_ms = (killed_at - last["taken_at"]) * 1000
         return {"values": values, "taken_back": taken_back(values), "offset_ms": offset_ms,
-                "in_flight": offset_ms > INTERVAL_MS, "replayed": int(activated.group(1))}
+                "in_flight": offset_ms > INTERVAL_MS, "replayed": int(activated.group(1)),
+                "triggers": [e.get("trigger") for e in epochs]}
     finally:
         if switch is not None:
             switch.done.set()
@@ -84,6 +88,23 @@ def test_without_buffering_the_same_test_catches_a_violation(guest_image, lan, t
         if failover_once(guest_image, lan, workdir, rng, "--no-net")["taken_back"]:
             return
     pytest.fail("--no-net never showed a reply taken back: the guarantee test cannot fail")
+
+
+def test_no_reply_is_taken_back_with_output_triggered_checkpoints(guest_image, lan, tmp_path):
+    """trigger = output: the client's replies bring checkpoints forward; still nothing
+    the client saw is lost."""
+    rng = random.Random(19)
+    runs = []
+    for i in range(6):
+        workdir = tmp_path / f"run{i}"
+        workdir.mkdir()
+        runs.append(failover_once(guest_image, lan, workdir, rng,
+                                  replication={"trigger": "output", "min_interval_ms": 10}))
+    violations = [r["taken_back"] for r in runs if r["taken_back"]]
+    assert not violations, f"replies taken back by a failover: {violations}"
+    assert all(len(r["values"]) >= 6 for r in runs)
+    triggered = sum(t == "output" for r in runs for t in r["triggers"])
+    assert triggered >= 6, f"only {triggered} checkpoints were taken for output: not tested"
 
 
 @pytest.mark.skipif(not (shutil.which("fence_dummy") or shutil.which("/usr/sbin/fence_dummy")),

@@ -1,0 +1,58 @@
+"""Output-triggered checkpoints: when the next pause comes, and what tells the
+replicator that output waits."""
+import pytest
+
+from remus.common.netbuf import UserspaceNetBuffer
+from remus.primary.trigger import DISK, HANDOVER, INTERVAL, OUTPUT, pause_trigger
+
+LAST, GAP, DUE = 100.0, 0.02, 100.2  # last pause at 100 s, min gap 20 ms, interval 200 ms
+
+
+@pytest.mark.parametrize("now, output, expected", [
+    (100.05, False, (None, DUE)),          # quiet guest: wait for the interval
+    (100.01, True, (None, LAST + GAP)),    # output, too soon after the last pause
+    (LAST + GAP, True, (OUTPUT, LAST + GAP)),  # the min gap has passed exactly
+    (100.05, True, (OUTPUT, 100.05)),
+    (DUE, False, (INTERVAL, DUE)),         # the interval's end, output or not
+    (DUE, True, (INTERVAL, DUE)),
+    (100.3, False, (INTERVAL, 100.3)),
+])
+def test_output_brings_the_pause_forward_but_never_closer_than_the_min_gap(now, output, expected):
+    trigger, look_again = pause_trigger(now, DUE, LAST, GAP, output)
+    assert trigger == expected[0] and look_again == pytest.approx(expected[1])
+
+
+def test_a_min_gap_longer_than_the_interval_waits_for_the_interval_only():
+    assert pause_trigger(100.1, DUE, LAST, 0.5, True) == (None, DUE)
+
+
+@pytest.mark.parametrize("handover, disk_full, expected", [
+    (True, False, HANDOVER), (False, True, DISK), (True, True, HANDOVER)])
+def test_a_handover_or_a_full_disk_epoch_pauses_at_once(handover, disk_full, expected):
+    assert pause_trigger(100.001, DUE, LAST, GAP, False, handover, disk_full) == \
+        (expected, 100.001)
+
+
+def test_the_buffer_reports_the_first_held_frame_of_each_epoch_only(tmp_path):
+    nb = UserspaceNetBuffer("unused", tmp_path / "net.sock", 1 << 20)
+    calls, sent = [], []
+    nb.output_listener = lambda: calls.append(len(nb.queue.open))
+    nb._write_tap = sent.append
+    nb._from_guest(b"u" * 60)              # unprotected: straight out, nothing held
+    assert calls == [] and sent == [b"u" * 60]
+    nb.protecting = True
+    for _ in range(3):
+        nb._from_guest(b"a" * 60)
+    assert calls == [1], "one call for the epoch's first held frame"
+    nb.queue.seal(1)
+    nb._from_guest(b"b" * 60)
+    assert calls == [1, 1], "the next epoch's first frame calls again"
+
+
+def test_a_frame_dropped_at_the_cap_does_not_report_output(tmp_path):
+    nb = UserspaceNetBuffer("unused", tmp_path / "net.sock", 100)
+    calls = []
+    nb.output_listener = lambda: calls.append(True)
+    nb.protecting = True
+    nb._from_guest(b"x" * 60)  # 60 + overhead > 100: dropped
+    assert calls == [] and nb.queue.dropped_frames == 1
