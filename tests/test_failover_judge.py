@@ -172,3 +172,13 @@ def test_handover_skips_fencing_and_the_heartbeat_but_needs_a_commit():
     j.handed_over(2.0, "operator stop")  # the peer still beats: no matter
     assert j.verdict(2.0) == Verdict(
         FAILOVER, "the primary handed the guest over (operator stop)", fence=False)
+
+
+def test_a_peer_heard_again_before_the_grace_ends_keeps_the_backup_waiting():
+    j = _committed_judge(heartbeat=True, grace_s=1.0)
+    j.stream_lost(10.0, "EOF")
+    j.peer(alive=False)
+    j.peer(alive=True)  # a late beat: the primary is alive after all
+    assert j.peer_alive is True
+    assert j.verdict(10.5).action == WAIT
+    assert j.verdict(11.0).action == STALE
