@@ -273,6 +273,7 @@ def test_decoder_buffer_is_bounded_and_only_raises_protocol_error(pieces, max_pa
             frames = dec.feed(piece)
         except ProtocolError:
             assert sum(map(len, dec._chunks)) == 0  # a dead decoder holds nothing
+            assert dec.buffered == 0 and not dec.in_frame
             return
         for f in frames:
             assert len(f.payload) <= max_payload
@@ -475,3 +476,34 @@ def test_feed_after_close_says_the_stream_ended():
     with pytest.raises(ProtocolError, match=r"^frame decoder was closed \(stream ended\); no more data "
                                             r"expected$"):
         dec.feed(b"")
+
+
+def test_bytes_and_str_header_values_keep_their_types():
+    header = {"t": "m", "b": b"\xff\x00", "s": "\xff", "l": [b"x", "x"]}
+    assert FrameDecoder().feed(encode_frame(header)) == [Frame(header, b"")]
+
+
+def test_a_long_msgpack_error_is_cut_to_80_characters():
+    raw = msgpack.packb({"a": b"a" * 100000 + b"\xc3\x28"}, use_bin_type=False)  # bad UTF-8 str
+    with pytest.raises(UnicodeDecodeError) as original:
+        msgpack.unpackb(raw, raw=False)
+    detail = str(original.value)
+    assert len(detail) > 80
+    with pytest.raises(ProtocolError) as exc:
+        unpack_map(raw, "hello")
+    assert str(exc.value) == f"hello is not valid msgpack: UnicodeDecodeError: {detail[:80]}"
+
+
+@pytest.mark.parametrize("data", [
+    struct.pack(">II", 0, 0),                            # bad prefix
+    raw_frame(b"\xc1", b"payload"),                      # bad header
+    encode_frame({"t": "a"}, b"x" * 50)[:-10],           # cut in the payload, then closed
+    encode_frame({"t": "a"})[:-1],                       # cut in the header, then closed
+    b"\x00\x00",                                         # cut in the prefix, then closed
+], ids=["prefix", "header", "cut-payload", "cut-header", "cut-prefix"])
+def test_a_failed_decoder_holds_nothing(data):
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError):
+        dec.feed(data)
+        dec.close()
+    assert (dec.buffered, dec.in_frame) == (0, False)
