@@ -177,9 +177,11 @@ class FrameDecoder:
         return self._stage != self._PREFIX or self._have > 0
 
     def _fail(self, message: str) -> ProtocolError:
+        """Dead from now on, holding nothing (``buffered`` 0, not ``in_frame``)."""
         self._error = message
         self._chunks = []
         self._have = 0
+        self._stage, self._need = self._PREFIX, PREFIX_SIZE
         return ProtocolError(message)
 
     def _take(self, view: memoryview, pos: int) -> tuple[bytes | None, int]:

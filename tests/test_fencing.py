@@ -172,6 +172,188 @@ def test_unreadable_secret_is_refused(tmp_path):
                                               "secrets": {"password": "pw"}}]}]}, tmp_path)
 
 
+def _one_device(device: dict, **top) -> dict:
+    return {**top, "level": [{"device": [device]}]}
+
+
+def test_parse_keeps_every_setting_and_resolves_programs_against_the_config_dir(tmp_path):
+    agent = fake_agent(tmp_path, 2)
+    (tmp_path / "bin").mkdir()
+    cmd = script(tmp_path / "bin", "cut-power", "exit 0\n")
+    (tmp_path / "pw").write_text(" Xyz-secret \n")  # surrounding whitespace is not part of it
+    plan = fencing.parse({
+        "timeout_s": 86400, "retry_min_s": 2, "retry_max_s": 2, "takeover_window_s": 90,
+        "notify": [f"./bin/{cmd.name}", "--now"],
+        "level": [{"device": [{"kind": "agent", "agent": f"./{agent.name}",
+                               "options": {"plug": "X1", "port": 3, "delay": 1.5, "ssl": True},
+                               "secrets": {"passwd": "pw"}, "target": "backup", "name": "ipmi-X"}]},
+                  {"device": [{"kind": "command", "command": ["bin/cut-power", "X"]}]}],
+    }, tmp_path)
+    assert (plan.timeout_s, plan.retry_min_s, plan.retry_max_s, plan.takeover_window_s) == (86400, 2, 2, 90)
+    assert plan.on_fence_failure == "stay-passive" and not plan.unsafe and plan.configured
+    assert plan.notify == (str(cmd), "--now")
+    (dev,), (command,) = plan.levels
+    assert dev == fencing.AgentDevice(
+        name="ipmi-X", agent=str(agent),
+        options=(("plug", "X1"), ("port", "3"), ("delay", "1.5"), ("ssl", "1")),
+        secrets=(fencing.Secret("passwd", str(tmp_path / "pw"), "Xyz-secret"),), target="backup")
+    assert dev.secrets[0].value == "Xyz-secret"
+    assert command == fencing.CommandDevice(name="cut-power", command=(str(cmd), "X"))
+    assert plan.secret_values() == {"Xyz-secret"}
+
+
+def test_parse_defaults(tmp_path):
+    plan = fencing.parse(_one_device({"kind": "command", "command": ["true"]}), tmp_path)
+    assert (plan.timeout_s, plan.retry_min_s, plan.retry_max_s) == (20.0, 1.0, 60.0)
+    assert plan.on_fence_failure == "stay-passive" and plan.notify == ()
+    assert plan.takeover_window_s is None
+    assert plan.levels[0][0].target == "primary" and plan.levels[0][0].name == "true"
+
+
+def test_a_plan_for_one_host_keeps_the_plan_settings(tmp_path):
+    plan = fencing.parse({
+        "timeout_s": 3, "retry_min_s": 4, "retry_max_s": 5, "on_fence_failure": "activate",
+        "notify": ["true"], "takeover_window_s": 40,
+        "level": [{"device": [{"kind": "command", "command": ["true"], "target": "backup"}]}]},
+        tmp_path)
+    backup = plan.for_target("backup")
+    assert backup == plan  # every device fences the backup host: nothing dropped
+    primary = plan.for_target("primary")
+    assert primary.levels == () and not primary.configured
+    assert (primary.timeout_s, primary.retry_min_s, primary.retry_max_s, primary.on_fence_failure,
+            primary.notify, primary.takeover_window_s) == (3, 4, 5, "activate", plan.notify, 40)
+
+
+def test_a_round_is_bounded_by_two_timeouts_per_agent_and_one_per_command(tmp_path):
+    agent = str(fake_agent(tmp_path, 2))
+    plan = fencing.parse({"timeout_s": 5, "level": [
+        {"device": [{"kind": "agent", "agent": agent}, {"kind": "command", "command": ["true"]}]},
+        {"device": [{"kind": "command", "command": ["true"]}]}]}, tmp_path)
+    assert plan.round_bound_s() == 5 * 2 + 5 + 5
+    assert fencing.FencingPlan().round_bound_s() == 0
+
+
+def test_programs_are_found_in_the_sbin_directories_when_not_on_path(tmp_path, monkeypatch):
+    (tmp_path / "sbin").mkdir()
+    agent = script(tmp_path / "sbin", "fence_site", "exit 0\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(fencing.plan, "SBIN_PATH", str(tmp_path / "sbin"))
+    plan = fencing.parse(_one_device({"kind": "agent", "agent": "fence_site"}), tmp_path)
+    assert plan.levels[0][0].agent == str(agent)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("fence_x", r"^\[fencing\] level 1 device 1: expected a table \(\[\[fencing.level.device\]\]\), "
+                r"got 'fence_x'$"),
+    ({"kind": "command", "command": ["true"], "options": {}},
+     r"^\[fencing\] level 1 device 1: unknown key 'options' for kind = \"command\" "
+     r"\(known: kind, command, name, target\)$"),
+    ({"kind": "command", "command": ["true"], "name": ""}, r"name: expected a one-line string, got ''$"),
+    ({"kind": "command", "command": ["true"], "name": "a\nb"}, r"name: expected a one-line string"),
+    ({"kind": "command", "command": ["true"], "name": 5}, r"name: expected a one-line string, got 5$"),
+    ({"kind": "command", "command": ["true"], "target": "both"},
+     r"device 1 target: must be \"primary\" or \"backup\" \(the host this device powers off; "
+     r"got 'both'\)$"),
+    ({"kind": "agent", "agent": ""}, r"device 1 agent: expected a program name or path, got ''$"),
+    ({"kind": "agent", "agent": 5}, r"device 1 agent: expected a program name or path, got 5$"),
+    ({"kind": "agent", "agent": "fence_no_such_agent"},
+     r"agent: 'fence_no_such_agent' not found on PATH nor in /usr/sbin, /sbin "
+     r"\(fence agents come with Debian's fence-agents package\)$"),
+    ({"kind": "command", "command": ["no-such-program-xyz"]},
+     r"command: 'no-such-program-xyz' not found on PATH nor in /usr/sbin, /sbin$"),
+    ({"kind": "command", "command": ["not-executable"]},
+     r"command: 'not-executable' not found on PATH"),
+    ({"kind": "command", "command": ["./not-executable"]},
+     r"command: '.*/not-executable' is not an executable file$"),
+    ({"kind": "command", "command": ["./no-such-file"]},
+     r"command: '.*/no-such-file' is not an executable file$"),
+    ({"kind": "command", "command": ["true", "a\0b"]}, r"command: NUL character in an argument$"),
+    ({"kind": "command", "command": ["true", 1]}, r"command: expected a list of strings \(an argv\), "
+                                                  r"got \['true', 1\]$"),
+    ({"kind": "agent", "agent": "AGENT", "options": {"ip": ["a"]}},
+     r"options.ip: expected a string, number or true, got list \['a'\]$"),
+    ({"kind": "agent", "agent": "AGENT", "options": {"ip": "1.2.3.4\r"}},
+     r"options.ip: newline or NUL in the value \(options are sent one key=value a line\)$"),
+    ({"kind": "agent", "agent": "AGENT", "options": {"ip": "1\0"}}, r"options.ip: newline or NUL"),
+    ({"kind": "agent", "agent": "AGENT", "options": {"ip": "1.2.3.4 "}},
+     r"options.ip: leading or trailing whitespace \(fence-agents strip it\)$"),
+    ({"kind": "agent", "agent": "AGENT", "options": {"ACTION": "on"}},
+     r"options: key 'action': Remus sets the action itself \(off, status, monitor\)$"),
+    ({"kind": "agent", "agent": "AGENT", "options": {"-ip": "1"}},
+     r"options: key '-ip': letters, digits, '_' and '-' only"),
+    ({"kind": "agent", "agent": "AGENT", "options": {"ip addr": "1"}}, r"options: key 'ip addr'"),
+    ({"kind": "agent", "agent": "AGENT", "options": ["ip=1"]},
+     r"device 1 options: expected a table of key = value, got \['ip=1'\]$"),
+    ({"kind": "agent", "agent": "AGENT", "secrets": ["pw"]},
+     r"device 1 secrets: expected a table of key = \"file\", got \['pw'\]$"),
+    ({"kind": "agent", "agent": "AGENT", "secrets": {"pass word": "pw"}}, r"secrets: key 'pass word'"),
+    ({"kind": "agent", "agent": "AGENT", "secrets": {"password": ""}},
+     r"secrets.password: expected the path of a file holding the value, got ''$"),
+    ({"kind": "agent", "agent": "AGENT", "secrets": {"password": 5}},
+     r"secrets.password: expected the path of a file holding the value, got 5$"),
+    ({"kind": "agent", "agent": "AGENT", "secrets": {"password": "missing"}},
+     r"secrets.password: cannot read .*/missing: No such file or directory$"),
+    ({"kind": "agent", "agent": "AGENT", "secrets": {"password": "cr"}},
+     r"secrets.password: .*/cr must hold one line \(the value is sent as one key=value line\)$"),
+    ({"kind": "agent", "agent": "AGENT", "secrets": {"password": "nul"}}, r"/nul must hold one line"),
+    ({"kind": "agent", "agent": "AGENT", "secrets": {"password": "blank"}}, r"/blank is empty$"),
+    ({"kind": "agent", "agent": "AGENT", "secrets": {"password": "latin1"}},
+     r"/latin1 is not UTF-8 text$"),
+])
+def test_parse_device_errors_say_what_is_wrong(tmp_path, device, message):
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")
+    (tmp_path / "cr").write_text("a\rb")
+    (tmp_path / "nul").write_text("a\0b")
+    (tmp_path / "blank").write_text("  \n")
+    (tmp_path / "latin1").write_bytes(b"caf\xe9")
+    if device != "fence_x" and device.get("agent") == "AGENT":
+        device = {**device, "agent": str(fake_agent(tmp_path, 2))}
+    with pytest.raises(ConfigError, match=message):
+        fencing.parse(_one_device(device), tmp_path)
+
+
+@pytest.mark.parametrize("table, message", [
+    ([], r"^\[fencing\] must be a table$"),
+    ({"timeout": 3}, r"^\[fencing\] unknown key 'timeout' \(known: timeout_s, retry_min_s, retry_max_s, "
+                     r"on_fence_failure, notify, takeover_window_s, level\)$"),
+    ({"timeout_s": True}, r"^\[fencing\] timeout_s: expected a number of seconds, got bool True$"),
+    ({"retry_min_s": -1}, r"^\[fencing\] retry_min_s: must be more than 0 and at most 86400 \(got -1\)$"),
+    ({"retry_max_s": 86400.5},
+     r"^\[fencing\] retry_max_s: must be more than 0 and at most 86400 \(got 86400.5\)$"),
+    ({"takeover_window_s": 0}, r"^\[fencing\] takeover_window_s: must be more than 0"),
+    ({"takeover_window_s": "50"}, r"^\[fencing\] takeover_window_s: expected a number"),
+    ({"retry_min_s": 2.5, "retry_max_s": 2}, r"^\[fencing\] retry_max_s: must be at least "
+                                             r"retry_min_s \(2.5\)$"),
+    ({"on_fence_failure": "Activate"}, r"^\[fencing\] on_fence_failure: must be \"stay-passive\" or "
+                                       r"\"activate\" \(\"activate\" is UNSAFE: see the docs\) "
+                                       r"\(got 'Activate'\)$"),
+    ({"notify": []}, r"^\[fencing\] level: at least one \[\[fencing.level\]\] is needed \(leave "
+                     r"\[fencing\] out entirely to run without fencing\)$"),
+    ({"level": {"device": []}},
+     r"^\[fencing\] level: expected an array of tables \(\[\[fencing.level\]\]\)$"),
+    ({"level": ["x"]}, r"^\[fencing\] level 1: expected a table \(\[\[fencing.level\]\]\), got 'x'$"),
+    ({"level": [{"device": {}}]},
+     r"^\[fencing\] level 1 device: expected an array of tables \(\[\[fencing.level.device\]\]\)$"),
+    ({"level": [{"device": []}]}, r"^\[fencing\] level 1: needs at least one \[\[fencing.level.device\]\]$"),
+    ({"level": [{"device": [{"kind": "command", "command": ["true"]}], "name": "x"}]},
+     r"^\[fencing\] level 1: unknown key 'name' \(known: device\)$"),
+    ({"level": [{"device": [{"kind": "command", "command": ["true"]}, {"kind": "command"}]}]},
+     r"^\[fencing\] level 1 device 2 command: required for kind = \"command\" \(argv; exit 0 = fenced\)$"),
+    ({"level": [{"device": [{"kind": "agent"}]}]},
+     r"^\[fencing\] level 1 device 1 agent: required for kind = \"agent\" \(a fence-agents program\)$"),
+    ({"level": [{"device": [{}]}]},
+     r"^\[fencing\] level 1 device 1 kind: required \(\"agent\" or \"command\"\)$"),
+    ({"level": [{"device": [{"kind": "ssh"}]}]},
+     r"^\[fencing\] level 1 device 1 kind: must be \"agent\" or \"command\" \(got 'ssh'\)$"),
+    ({"notify": ["true", 2]}, r"^\[fencing\] notify: expected a list of strings"),
+])
+def test_parse_plan_errors_say_what_is_wrong(tmp_path, table, message):
+    if isinstance(table, dict) and "level" not in table and "notify" not in table:
+        table = {**table, "level": [{"device": [{"kind": "command", "command": ["true"]}]}]}
+    with pytest.raises(ConfigError, match=message):
+        fencing.parse(table, tmp_path)
+
+
 # ---------------------------------------------------------------- fencing with fence_dummy
 
 @needs_fence_dummy

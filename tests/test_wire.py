@@ -1,6 +1,7 @@
 """Framing: encode_frame / FrameDecoder (no sockets)."""
 from __future__ import annotations
 
+import array
 import os
 import struct
 import time
@@ -18,8 +19,13 @@ from remus.common.wire import (
     Frame,
     FrameDecoder,
     ProtocolError,
+    decode_header,
     encode_frame,
+    encode_frame_parts,
+    nesting_depth,
+    unpack_map,
 )
+from remus.common import wire
 
 
 def raw_frame(header_bytes: bytes, payload: bytes = b"") -> bytes:
@@ -267,6 +273,7 @@ def test_decoder_buffer_is_bounded_and_only_raises_protocol_error(pieces, max_pa
             frames = dec.feed(piece)
         except ProtocolError:
             assert sum(map(len, dec._chunks)) == 0  # a dead decoder holds nothing
+            assert dec.buffered == 0 and not dec.in_frame
             return
         for f in frames:
             assert len(f.payload) <= max_payload
@@ -304,3 +311,199 @@ def test_header_nesting_limit():
         "t": "hello", "v": [[None]]}
     with pytest.raises(ProtocolError, match="more than 3 levels"):
         FrameDecoder().feed(raw_frame(_header_with(b"\x81\xa1k" + _nested(2))))
+
+
+# --------------------------------------------------------------------------
+# Limits, messages and state, one by one
+
+
+def test_protocol_error_carries_an_optional_reply():
+    assert ProtocolError("bad").reply is None
+    err = ProtocolError("bad", reply=b"reject")
+    assert str(err) == "bad" and err.reply == b"reject"
+
+
+def test_encode_frame_errors_say_what_is_wrong():
+    with pytest.raises(TypeError, match=r"^frame header must be a dict, not list$"):
+        encode_frame([("t", "a")])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r'^frame header needs a str "t" \(the message type\)$'):
+        encode_frame({"t": b"a"})
+    pad = "x" * MAX_HEADER
+    size = len(msgpack.packb({"t": "a", "pad": pad}))
+    with pytest.raises(ValueError, match=rf"^frame header is {size} bytes, the limit is {MAX_HEADER}$"):
+        encode_frame({"t": "a", "pad": pad})
+
+
+def test_encode_frame_parts_joins_the_pieces_of_any_buffer_type():
+    words = array.array("H", [1, 2])  # 2-byte items: counted in bytes, not items
+    data = encode_frame_parts({"t": "p"}, b"ab", bytearray(b"cd"), memoryview(words))
+    assert FrameDecoder().feed(data) == [Frame({"t": "p"}, b"abcd" + words.tobytes())]
+    assert encode_frame_parts({"t": "p"}) == encode_frame({"t": "p"})
+
+
+def test_a_payload_longer_than_the_prefix_can_say_is_refused(monkeypatch):
+    monkeypatch.setattr(wire, "_U32_MAX", 10)
+    assert len(encode_frame({"t": "a"}, b"x" * 10)) > 10
+    with pytest.raises(ValueError, match=r"^frame payload is 11 bytes, more than a frame can carry$"):
+        encode_frame_parts({"t": "a"}, b"x" * 6, b"y" * 5)
+
+
+@pytest.mark.parametrize("max_payload, ok", [
+    (0, True), (2**32 - 1, True), (2**32, False), (-1, False), (1.0, False), ("1", False)])
+def test_max_payload_must_fit_a_length_prefix(max_payload, ok):
+    if ok:
+        assert FrameDecoder(max_payload=max_payload).max_payload == max_payload
+    else:
+        with pytest.raises(ValueError, match=r"^max_payload must be an int from 0 to 4294967295$"):
+            FrameDecoder(max_payload=max_payload)
+
+
+def test_zero_max_payload_takes_only_empty_frames():
+    dec = FrameDecoder(max_payload=0)
+    assert dec.feed(encode_frame({"t": "a"})) == [Frame({"t": "a"}, b"")]
+    with pytest.raises(ProtocolError, match=r"^frame payload length 1 exceeds the limit of 0 bytes$"):
+        dec.feed(encode_frame({"t": "a"}, b"x"))
+
+
+@pytest.mark.parametrize("header_len", [0, MAX_HEADER + 1])
+def test_header_length_error_names_the_range(header_len):
+    with pytest.raises(ProtocolError, match=rf"^frame header length {header_len} is out of range "
+                                            rf"\(1\.\.{MAX_HEADER}\)$"):
+        FrameDecoder().feed(struct.pack(">II", header_len, 0))
+
+
+@pytest.mark.parametrize("value, depth", [
+    (5, 0), ("s", 0), ([], 1), ({}, 1), ((), 1), ([1, 2], 1), ([[1], 2], 2), ({"a": [1]}, 2),
+    ({(1,): 1}, 2), ([{"a": {"b": 1}}], 3), ([[], [[[]]]], 4)])
+def test_nesting_depth_counts_lists_maps_and_keys(value, depth):
+    assert nesting_depth(value, limit=10) == depth
+
+
+def test_nesting_depth_stops_one_past_the_limit():
+    deep: list = []
+    for _ in range(100):
+        deep = [deep]
+    assert nesting_depth(deep, limit=3) == 4
+    assert nesting_depth([[[1]]], limit=3) == 3
+
+
+def test_unpack_map_errors_name_what_was_unpacked():
+    with pytest.raises(ProtocolError, match=r"^hello is not valid msgpack: ExtraData: "):
+        unpack_map(msgpack.packb({"t": "a"}) + b"\x00", "hello")
+    with pytest.raises(ProtocolError, match=r"^hello is not valid msgpack: ValueError: msgpack extension "
+                                            r"type 5 is not allowed in a frame header$"):
+        unpack_map(msgpack.packb({"e": msgpack.ExtType(5, b"x")}), "hello")
+    with pytest.raises(ProtocolError) as exc:
+        unpack_map(b"\xc1" * 300, "x")
+    assert len(str(exc.value)) <= len("x is not valid msgpack: ExtraData: ") + 80
+    with pytest.raises(ProtocolError, match=r"^hello must be a msgpack map, got list$"):
+        unpack_map(msgpack.packb([1]), "hello")
+    with pytest.raises(ProtocolError, match=r"^hello key b'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk is "
+                                            r"not a string$"):
+        unpack_map(msgpack.packb({b"k" * 100: 1}, use_bin_type=True), "hello")
+    with pytest.raises(ProtocolError, match=r"^hello nests lists or maps more than 1 levels deep$"):
+        unpack_map(msgpack.packb({"a": []}), "hello", max_depth=1)
+    assert unpack_map(msgpack.packb({"a": []}), "hello", max_depth=2) == {"a": []}
+    with pytest.raises(ProtocolError, match=r"^frame header must be a msgpack map, got int$"):
+        unpack_map(msgpack.packb(1))
+
+
+def test_unpacked_headers_keep_lists_and_str_payload_values():
+    header = unpack_map(msgpack.packb({"t": "a", "l": [1, (2, 3)], "s": "é", "b": b"\x00"},
+                                      use_bin_type=True))
+    assert header == {"t": "a", "l": [1, [2, 3]], "s": "é", "b": b"\x00"}
+    assert type(header["l"]) is list and type(header["l"][1]) is list
+
+
+def test_decode_header_wants_a_str_type():
+    assert decode_header(msgpack.packb({"t": "m", "x": 1})) == {"t": "m", "x": 1}
+    with pytest.raises(ProtocolError, match=r'^frame header has no str "t" \(message type\)$'):
+        decode_header(msgpack.packb({"t": None}))
+
+
+def test_header_check_sees_each_header_before_its_payload():
+    seen = []
+
+    def check(header, payload_len):
+        seen.append((header, payload_len))
+        if header.get("bad"):
+            raise ProtocolError(f"no {header['t']} here")
+
+    dec = FrameDecoder(header_check=check)
+    data = encode_frame({"t": "a"}, b"xyz")
+    assert dec.feed(data[:-3]) == []
+    assert seen == [({"t": "a"}, 3)]  # called before any payload byte arrived
+    assert dec.feed(data[-3:]) == [Frame({"t": "a"}, b"xyz")]
+    with pytest.raises(ProtocolError, match=r"^no b here$"):
+        dec.feed(encode_frame({"t": "b", "bad": True}, b"payload"))
+    with pytest.raises(ProtocolError, match=r"^frame decoder is unusable after an earlier error "
+                                            r"\(no b here\)$"):
+        dec.feed(b"")
+
+
+def test_buffered_and_in_frame_through_every_stage():
+    data = encode_frame({"t": "p"}, b"z" * 10)
+    hl = struct.unpack(">I", data[:4])[0]
+    dec = FrameDecoder()
+    assert (dec.buffered, dec.in_frame) == (0, False)
+    for cut, buffered in [(3, 3), (8, 8), (9, 9), (8 + hl, 8 + hl), (8 + hl + 4, 8 + hl + 4)]:
+        dec = FrameDecoder()
+        dec.feed(data[:cut])
+        assert (dec.buffered, dec.in_frame) == (buffered, True), cut
+    dec = FrameDecoder()
+    for i in range(len(data) - 1):
+        dec.feed(data[i : i + 1])
+        assert dec.buffered == i + 1 and dec.in_frame
+    assert dec.feed(data[-1:]) == [Frame({"t": "p"}, b"z" * 10)]
+    assert (dec.buffered, dec.in_frame) == (0, False)
+
+
+def test_close_mid_frame_says_how_much_was_received():
+    data = encode_frame({"t": "a"}, b"12345")
+    dec = FrameDecoder()
+    dec.feed(data[:-2])
+    with pytest.raises(ProtocolError, match=rf"^stream ended in the middle of a frame \({len(data) - 2} "
+                                            r"bytes of an incomplete frame were received\)$"):
+        dec.close()
+    with pytest.raises(ProtocolError, match=r"^frame decoder is unusable after an earlier error "
+                                            r"\(stream ended in the middle"):
+        dec.close()
+
+
+def test_feed_after_close_says_the_stream_ended():
+    dec = FrameDecoder()
+    dec.close()
+    with pytest.raises(ProtocolError, match=r"^frame decoder was closed \(stream ended\); no more data "
+                                            r"expected$"):
+        dec.feed(b"")
+
+
+def test_bytes_and_str_header_values_keep_their_types():
+    header = {"t": "m", "b": b"\xff\x00", "s": "\xff", "l": [b"x", "x"]}
+    assert FrameDecoder().feed(encode_frame(header)) == [Frame(header, b"")]
+
+
+def test_a_long_msgpack_error_is_cut_to_80_characters():
+    raw = msgpack.packb({"a": b"a" * 100000 + b"\xc3\x28"}, use_bin_type=False)  # bad UTF-8 str
+    with pytest.raises(UnicodeDecodeError) as original:
+        msgpack.unpackb(raw, raw=False)
+    detail = str(original.value)
+    assert len(detail) > 80
+    with pytest.raises(ProtocolError) as exc:
+        unpack_map(raw, "hello")
+    assert str(exc.value) == f"hello is not valid msgpack: UnicodeDecodeError: {detail[:80]}"
+
+
+@pytest.mark.parametrize("data", [
+    struct.pack(">II", 0, 0),                            # bad prefix
+    raw_frame(b"\xc1", b"payload"),                      # bad header
+    encode_frame({"t": "a"}, b"x" * 50)[:-10],           # cut in the payload, then closed
+    encode_frame({"t": "a"})[:-1],                       # cut in the header, then closed
+    b"\x00\x00",                                         # cut in the prefix, then closed
+], ids=["prefix", "header", "cut-payload", "cut-header", "cut-prefix"])
+def test_a_failed_decoder_holds_nothing(data):
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError):
+        dec.feed(data)
+        dec.close()
+    assert (dec.buffered, dec.in_frame) == (0, False)

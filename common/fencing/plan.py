@@ -134,9 +134,10 @@ class FencingPlan:
 
 
 def _number(table: dict, key: str, default: float, where: str) -> float:
-    if key not in table:
-        return float(default)
-    v = table[key]
+    return _seconds(table[key], key, where) if key in table else float(default)
+
+
+def _seconds(v: Any, key: str, where: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(f"{where} {key}: expected a number of seconds, got {type(v).__name__} {v!r}")
     if not 0 < v <= 86400:
@@ -299,7 +300,7 @@ def parse(table: dict | None, base_dir: Path) -> FencingPlan:
         raise ConfigError(f"[fencing] on_fence_failure: must be \"stay-passive\" or \"activate\" "
                           f"(\"activate\" is UNSAFE: see the docs) (got {policy!r})")
     notify = _argv(table.get("notify", []), base_dir, "[fencing] notify", allow_empty=True)
-    window = (_number(table, "takeover_window_s", 0, where)
+    window = (_seconds(table["takeover_window_s"], "takeover_window_s", where)
               if "takeover_window_s" in table else None)
 
     levels_raw = table.get("level", [])
