@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -903,6 +904,124 @@ def test_adapter_replaces_a_stale_socket_but_not_a_file(sockdir):
         assert (sockdir / "f").read_text() == "not a socket"
 
     run(main())
+
+
+def test_adapter_validates_its_arguments_like_the_state_machine(sockdir):
+    noop = lambda o, d: None   # noqa: E731
+    for export, size, max_request in [("disk", SIZE, 100), ("disk", SIZE, 1 << 32),
+                                      ("disk", -1, 65536), ("di\0sk", SIZE, 65536)]:
+        with pytest.raises(ValueError):
+            NbdServer(sockdir / "s", export, size, noop, max_request=max_request)
+
+
+def test_adapter_close_is_safe_before_start_twice_and_without_its_socket(sockdir):
+    async def main():
+        await NbdServer(sockdir / "never", "disk", SIZE, lambda o, d: None).close()
+        server = NbdServer(sockdir / "s", "disk", SIZE, lambda o, d: None)
+        await server.start()
+        (sockdir / "s").unlink()   # removed under us (a tmp cleaner, an operator)
+        await server.close()
+        await server.close()
+
+    run(main())
+
+
+def test_adapter_close_returns_only_once_every_connection_has_ended(sockdir):
+    """After close() no callback runs: a connection held in the throttle is cancelled
+    and has finished by the time close() returns."""
+    disk = Disk(SIZE)
+    seen: list[str] = []
+
+    async def main():
+        entered = asyncio.Event()
+
+        async def throttle():
+            entered.set()
+            try:
+                await asyncio.Event().wait()   # a disk queue that never drains
+            finally:
+                seen.append("throttle ended")
+
+        server = NbdServer(sockdir / "s", "disk", SIZE, disk.on_write, throttle=throttle)
+        await server.start()
+        c = await Client.connect(server.socket_path)
+        c.writer.write(write_req(1, 0, b"x"))
+        await asyncio.wait_for(entered.wait(), 5)
+        await server.close()
+        assert seen == ["throttle ended"]
+        assert await asyncio.wait_for(c.reader.read(), 5) == b""
+
+    run(main())
+
+
+def test_adapter_close_during_a_connections_teardown_returns_normally(sockdir, caplog):
+    """close() racing a connection that is being closed (a violating client dropped
+    just as the daemon shuts down) neither raises nor hangs."""
+    async def main():
+        server = NbdServer(sockdir / "s", "disk", SIZE, lambda o, d: None)
+        closing: list[asyncio.Task] = []
+
+        class CloseOnProtocolError(logging.Handler):
+            def emit(self, record):
+                if record.getMessage().startswith("nbd-protocol-error") and not closing:
+                    closing.append(asyncio.get_running_loop().create_task(server.close()))
+
+        handler = CloseOnProtocolError()
+        logging.getLogger("remus.nbd").addHandler(handler)
+        try:
+            await server.start()
+            reader, writer = await asyncio.open_unix_connection(str(server.socket_path))
+            await reader.readexactly(18)
+            writer.write(b"garbage that is no NBD client at all")
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            while not closing:
+                await asyncio.sleep(0.01)
+            await asyncio.wait_for(closing[0], 5)
+        finally:
+            logging.getLogger("remus.nbd").removeHandler(handler)
+
+    run(main())
+
+
+def test_adapter_zeroes_without_on_zero_are_real_zero_writes_of_any_size(sockdir):
+    disk = Disk(SIZE)
+
+    async def main():
+        async with NbdServer(sockdir / "s", "disk", SIZE, disk.on_write, max_request=4096) as server:
+            c = await Client.connect(server.socket_path)
+            for handle, (cmd, offset, length) in enumerate([
+                    (nbd.CMD_WRITE_ZEROES, 0, 4), (nbd.CMD_TRIM, 100, 1),
+                    (nbd.CMD_WRITE_ZEROES, 200, 4096), (nbd.CMD_TRIM, 5000, 3), 
+                    (nbd.CMD_WRITE_ZEROES, 8192, 10000)]):
+                assert await c.call(req(cmd, handle, offset, length)) == (handle, 0, b"")
+            await c.close()
+
+    run(main())
+    assert [c[1:3] for c in disk.calls] == [
+        (0, 4), (100, 1), (200, 4096), (5000, 3), (8192, 4096), (12288, 4096), (16384, 1808)]
+    expected = bytearray([0xEE]) * SIZE
+    for offset, length in [(0, 4), (100, 1), (200, 4096), (5000, 3), (8192, 10000)]:
+        expected[offset:offset + length] = bytes(length)
+    assert disk.image == expected
+
+
+def test_adapter_callback_error_log_names_the_callback(sockdir, caplog):
+    def on_write(offset, data):
+        raise OSError("disk on fire")
+
+    async def main():
+        for callback in (on_write, functools.partial(on_write)):
+            async with NbdServer(sockdir / "s", "disk", SIZE, callback) as server:
+                c = await Client.connect(server.socket_path)
+                assert await c.call(write_req(1, 0, b"x")) == (1, nbd.NBD_EIO, b"")
+                await c.close()
+
+    run(main())
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [
+        "nbd-callback-error op=on_write error=\"OSError('disk on fire')\"",
+        "nbd-callback-error op=? error=\"OSError('disk on fire')\""]
 
 
 # --------------------------------------------------------------------------
