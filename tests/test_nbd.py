@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -867,8 +868,8 @@ def test_adapter_drops_a_violating_client_and_keeps_serving(sockdir, caplog, gar
 
     run(main())
     assert disk.image[:2] == b"ok"
-    assert any(r.getMessage().startswith("nbd-protocol-error") and r.levelno == logging.ERROR
-               for r in caplog.records)
+    assert any(r.getMessage().startswith("nbd-protocol-error export=disk error=") and
+               r.levelno == logging.ERROR for r in caplog.records)
 
 
 def test_adapter_violation_in_transmission_and_close_with_clients_connected(sockdir, caplog):
@@ -1022,6 +1023,83 @@ def test_adapter_callback_error_log_names_the_callback(sockdir, caplog):
     assert errors == [
         "nbd-callback-error op=on_write error=\"OSError('disk on fire')\"",
         "nbd-callback-error op=? error=\"OSError('disk on fire')\""]
+
+
+def test_adapter_logs_one_line_per_request_for_the_operator(sockdir, caplog):
+    caplog.set_level(logging.DEBUG, logger="remus.nbd")
+    disk = Disk(SIZE)
+
+    async def main():
+        async with NbdServer(sockdir / "s", "disk", SIZE, disk.on_write, disk.on_read,
+                             disk.on_flush) as server:
+            c = await Client.connect(server.socket_path)
+            await c.call(write_req(1, 100, b"hello", flags=nbd.CMD_FLAG_FUA))
+            await c.call(req(nbd.CMD_WRITE_ZEROES, 2, 0, 10))
+            await c.call(req(nbd.CMD_WRITE_ZEROES, 3, 0, 10, flags=nbd.CMD_FLAG_NO_HOLE))
+            await c.call(req(nbd.CMD_TRIM, 4, 20, 5, flags=nbd.CMD_FLAG_FUA))
+            await c.call(req(nbd.CMD_FLUSH, 5))
+            await c.call(req(nbd.CMD_READ, 6, 98, 9), 9)
+            await c.close()
+
+    run(main())
+    assert [r.getMessage() for r in caplog.records if r.name == "remus.nbd"] == [
+        f"nbd-client-ready export=disk size={SIZE} options=GO",
+        "nbd-write offset=100 length=5 fua=True",
+        "nbd-write-zeroes offset=0 length=10 may_trim=True fua=False",
+        "nbd-write-zeroes offset=0 length=10 may_trim=False fua=False",
+        "nbd-trim offset=20 length=5 fua=True",
+        "nbd-flush",
+        "nbd-read offset=98 length=9",
+        "nbd-client-disconnect export=disk options=GO",
+    ]
+
+
+def unexpected_logs(caplog, *allowed: str) -> list[str]:
+    """Warnings and errors from any logger (asyncio's included) not starting with `allowed`."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+            and not r.getMessage().startswith(allowed or ("\0",))]
+
+
+async def all_connections_ended(server: NbdServer) -> None:
+    """Wait until the server has finished, and forgotten, every connection."""
+    for _ in range(300):
+        if not server._tasks:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"connections still tracked: {server._tasks}")
+
+
+def test_adapter_a_client_that_aborts_without_reading_the_ack_is_no_error(sockdir, caplog):
+    """NBD_OPT_ABORT: the client "SHOULD" wait for the ACK but may just close; the
+    server's failed write of the ACK is then no connection loss worth a warning."""
+    async def main():
+        async with NbdServer(sockdir / "s", "disk", SIZE, lambda o, d: None) as server:
+            for _ in range(3):
+                reader, writer = await asyncio.open_unix_connection(str(server.socket_path))
+                await reader.readexactly(18)
+                writer.write(client_flags() + opt(nbd.OPT_ABORT))
+                writer.close()
+                await writer.wait_closed()
+            await all_connections_ended(server)
+
+    run(main())
+    assert unexpected_logs(caplog) == []
+
+
+def test_adapter_a_client_gone_before_its_reply_is_a_lost_connection(sockdir, caplog):
+    async def main():
+        async with NbdServer(sockdir / "s", "disk", SIZE, lambda o, d: None) as server:
+            c = await Client.connect(server.socket_path)
+            c.writer.write(write_req(1, 0, b"x"))
+            c.writer.close()   # gone without waiting for the reply
+            await c.writer.wait_closed()
+            await all_connections_ended(server)
+
+    run(main())
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.levelno == logging.WARNING and warning.name == "remus.nbd"
+    assert re.fullmatch(r'nbd-connection-lost export=disk error="?\w.*', warning.getMessage())
+    assert "error=None" not in warning.getMessage()
 
 
 # --------------------------------------------------------------------------
