@@ -511,18 +511,19 @@ def test_eof_at_a_boundary_is_a_disconnect():
     assert conn.receive(b"") == []
 
 
-@pytest.mark.parametrize("stream", [
-    b"\x00\x00",                                                   # half the client flags
-    client_flags() + opt(nbd.OPT_GO, go_data("disk"))[:10],        # half an option header
-    client_flags() + opt(nbd.OPT_GO, go_data("disk"))[:-1],        # option data cut short
-    HANDSHAKE + req(nbd.CMD_READ, 1, 0, 512)[:27],                 # a request header cut short
-    HANDSHAKE + write_req(1, 0, b"abcdef")[:-1],                   # a write payload cut short
+@pytest.mark.parametrize("stream,where", [
+    (b"\x00\x00", "the handshake"),                                             # half the client flags
+    (client_flags() + opt(nbd.OPT_GO, go_data("disk"))[:10], "the handshake"),  # half an option header
+    (client_flags() + opt(nbd.OPT_GO, go_data("disk"))[:-1], "the handshake"),  # option data cut short
+    (HANDSHAKE + req(nbd.CMD_READ, 1, 0, 512)[:27], "a request"),               # a request header cut short
+    (HANDSHAKE + write_req(1, 0, b"abcdef")[:-1], "a request"),                 # a write payload cut short
 ])
-def test_truncated_stream(stream):
+def test_truncated_stream(stream, where):
     conn = NbdServerConnection({"disk": SIZE})
     conn.receive(stream)
-    with pytest.raises(NbdError, match="stream ended"):
+    with pytest.raises(NbdError, match=f"^stream ended in the middle of {where}$"):
         conn.receive(b"")
+    assert conn.state == "error"
 
 
 def test_partial_write_is_buffered_only_up_to_its_length():
@@ -725,11 +726,16 @@ class Client:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def connect(cls, path: Path, export: str = "disk") -> "Client":
+    async def connect(cls, path: Path, export: str = "disk", refused: tuple[int, ...] = ()) -> "Client":
+        """Handshake: the options `refused` (each answered with an error), then GO."""
         reader, writer = await asyncio.open_unix_connection(str(path))
         greeting = await reader.readexactly(18)
         assert greeting[:16] == b"NBDMAGICIHAVEOPT"
-        writer.write(client_flags() + opt(nbd.OPT_GO, go_data(export)))
+        writer.write(client_flags() + b"".join(opt(o) for o in refused) + opt(nbd.OPT_GO, go_data(export)))
+        for _ in refused:
+            _, _, rtype, length = struct.unpack(">QIII", await reader.readexactly(20))
+            assert rtype & (1 << 31)
+            await reader.readexactly(length)
         replies = []
         while True:
             head = await reader.readexactly(20)
@@ -844,7 +850,7 @@ def test_adapter_callback_errors_and_missing_callbacks(sockdir, caplog):
     run(main())
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any(m.startswith("nbd-callback-error") and "disk on fire" in m for m in errors)
-    assert any(m.startswith("nbd-callback-error") and "returned 5 bytes" in m for m in errors)
+    assert any(m.startswith("nbd-callback-error op=read") and "returned 5 bytes" in m for m in errors)
 
 
 @pytest.mark.parametrize("garbage", [
@@ -1032,7 +1038,7 @@ def test_adapter_logs_one_line_per_request_for_the_operator(sockdir, caplog):
     async def main():
         async with NbdServer(sockdir / "s", "disk", SIZE, disk.on_write, disk.on_read,
                              disk.on_flush) as server:
-            c = await Client.connect(server.socket_path)
+            c = await Client.connect(server.socket_path, refused=(nbd.OPT_STRUCTURED_REPLY, 99))
             await c.call(write_req(1, 100, b"hello", flags=nbd.CMD_FLAG_FUA))
             await c.call(req(nbd.CMD_WRITE_ZEROES, 2, 0, 10))
             await c.call(req(nbd.CMD_WRITE_ZEROES, 3, 0, 10, flags=nbd.CMD_FLAG_NO_HOLE))
@@ -1043,14 +1049,14 @@ def test_adapter_logs_one_line_per_request_for_the_operator(sockdir, caplog):
 
     run(main())
     assert [r.getMessage() for r in caplog.records if r.name == "remus.nbd"] == [
-        f"nbd-client-ready export=disk size={SIZE} options=GO",
+        f"nbd-client-ready export=disk size={SIZE} options=STRUCTURED_REPLY,99,GO",
         "nbd-write offset=100 length=5 fua=True",
         "nbd-write-zeroes offset=0 length=10 may_trim=True fua=False",
         "nbd-write-zeroes offset=0 length=10 may_trim=False fua=False",
         "nbd-trim offset=20 length=5 fua=True",
         "nbd-flush",
         "nbd-read offset=98 length=9",
-        "nbd-client-disconnect export=disk options=GO",
+        "nbd-client-disconnect export=disk options=STRUCTURED_REPLY,99,GO",
     ]
 
 
