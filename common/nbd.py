@@ -356,7 +356,6 @@ class NbdServerConnection:
         self.state = "error"
         self._buf = bytearray()
         self._pos = 0
-        self._pending = None
 
     def _eof(self) -> list[Event]:
         if self.state == "closed":

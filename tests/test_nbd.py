@@ -169,24 +169,27 @@ def test_empty_name_is_not_a_default_export():
     assert conn.receive(client_flags() + opt(nbd.OPT_GO, go_data(b"")))[-1] == Ready("", 4096)
 
 
-@pytest.mark.parametrize("data", [
-    b"",                                                   # nothing
-    b"\x00\x00\x00\x04dis",                                # shorter than the name
-    struct.pack(">I", 4) + b"disk",                        # no info count
-    struct.pack(">I", 4) + b"disk" + b"\x00",              # half an info count
-    struct.pack(">I", 4) + b"disk" + struct.pack(">H", 2) + b"\x00\x03",   # count says 2, has 1
-    struct.pack(">I", 4) + b"disk" + struct.pack(">HH", 0, 3),             # count says 0, has 1
-    struct.pack(">I", 0xFFFFFFFF) + b"disk\x00\x00",       # name length 4 GiB
-    struct.pack(">I", 4097) + b"x" * 4097 + b"\x00\x00",   # name longer than 4096
-    go_data(b"\xff\xfe"),                                  # not UTF-8
-    go_data(b"di\x00sk"),                                  # NUL in the name
+@pytest.mark.parametrize("data,why", [
+    (b"", "option too short"),                                                   # nothing
+    (bytes(5), "option too short"),                                             # 6 bytes is the least
+    (b"\x00\x00\x00\x04dis", "bad name length"),                                 # shorter than the name
+    (struct.pack(">I", 4) + b"disk", "bad name length"),                        # no info count
+    (struct.pack(">I", 4) + b"disk" + b"\x00", "bad name length"),              # half an info count
+    (struct.pack(">I", 4) + b"disk" + struct.pack(">H", 2) + b"\x00\x03",
+     "bad information request count"),                                          # count says 2, has 1
+    (struct.pack(">I", 4) + b"disk" + struct.pack(">HH", 0, 3),
+     "bad information request count"),                                          # count says 0, has 1
+    (struct.pack(">I", 0xFFFFFFFF) + b"disk\x00\x00", "bad name length"),        # name length 4 GiB
+    (struct.pack(">I", 4097) + b"x" * 4097 + b"\x00\x00", "bad name length"),    # name longer than 4096
+    (go_data(b"\xff\xfe"), "export name is not valid UTF-8"),                    # not UTF-8
+    (go_data(b"di\x00sk"), "export name is not valid UTF-8"),                     # NUL in the name
 ])
 @pytest.mark.parametrize("option", [nbd.OPT_GO, nbd.OPT_INFO])
-def test_malformed_go_and_info_are_invalid(option, data):
+def test_malformed_go_and_info_are_invalid(option, data, why):
     conn = NbdServerConnection({"disk": SIZE})
     events = conn.receive(client_flags() + opt(option, data))
     (reply,) = option_replies(sends(events))
-    assert reply[:2] == (option, nbd.REP_ERR_INVALID)
+    assert reply == (option, nbd.REP_ERR_INVALID, why.encode())
     assert conn.state == "options"
     assert conn.receive(opt(nbd.OPT_GO, go_data("disk")))[-1] == Ready("disk", SIZE)
 
@@ -229,10 +232,15 @@ def test_refused_options(option, data):
     conn = NbdServerConnection({"disk": SIZE})
     events = conn.receive(client_flags() + opt(option, data))
     (reply,) = option_replies(sends(events))
-    assert reply[:2] == (option, nbd.REP_ERR_UNSUP)
+    assert reply == (option, nbd.REP_ERR_UNSUP, f"{nbd.option_name(option)} not supported".encode())
     assert conn.state == "options"
     assert conn.receive(opt(nbd.OPT_GO, go_data("disk")))[-1] == Ready("disk", SIZE)
     assert conn.options == [option, nbd.OPT_GO]
+
+
+def test_option_names_for_logs_and_error_replies():
+    assert [nbd.option_name(o) for o in (nbd.OPT_GO, nbd.OPT_STRUCTURED_REPLY, 12, 2**32 - 1)] == [
+        "GO", "STRUCTURED_REPLY", "12", "4294967295"]
 
 
 def test_list():
@@ -244,7 +252,7 @@ def test_list():
         (nbd.OPT_LIST, nbd.REP_ACK, b""),
     ]
     replies = option_replies(sends(conn.receive(opt(nbd.OPT_LIST, b"junk"))))
-    assert [r[1] for r in replies] == [nbd.REP_ERR_INVALID]
+    assert replies == [(nbd.OPT_LIST, nbd.REP_ERR_INVALID, b"LIST takes no data")]
     assert conn.state == "options"
 
 
@@ -343,8 +351,30 @@ def test_read_and_reply_with_data():
 
 
 def test_reply_before_transmission_is_a_bug():
-    with pytest.raises(RuntimeError):
-        NbdServerConnection({"disk": SIZE}).reply(1)
+    conn = NbdServerConnection({"disk": SIZE})
+    with pytest.raises(RuntimeError, match="^no replies in state flags$"):
+        conn.reply(1)
+    conn.receive(client_flags())
+    with pytest.raises(RuntimeError, match="^no replies in state options$"):
+        conn.reply(1)
+
+
+@pytest.mark.parametrize("handle,error,data,message", [
+    (-1, 0, b"", "handle or error out of range"),
+    (2**64, 0, b"", "handle or error out of range"),       # the handle is a u64
+    (1, -1, b"", "handle or error out of range"),
+    (1, 2**32, b"", "handle or error out of range"),       # the error is a u32
+    (1, nbd.NBD_EIO, b"x", "an error reply carries no data"),
+])
+def test_reply_refuses_what_the_wire_cannot_carry(handle, error, data, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        ready_conn().reply(handle, error, data)
+
+
+def test_reply_field_bounds_are_inclusive():
+    conn = ready_conn()
+    assert simple_reply(conn.reply(0, 2**32 - 1)) == (0, 2**32 - 1, b"")
+    assert simple_reply(conn.reply(2**64 - 1, 0, b"data")) == (2**64 - 1, 0, b"data")
 
 
 def test_flush_trim_write_zeroes_disc():
@@ -549,17 +579,70 @@ def test_byte_by_byte_equals_whole():
         "Send", "Send", "Send", "Ready", "Write", "Read", "WriteZeroes", "Send", "Flush", "Disconnect"]
 
 
-def test_constructor_validation():
-    with pytest.raises(ValueError):
-        NbdServerConnection({})
-    with pytest.raises(ValueError):
-        NbdServerConnection({"x" * 4097: 1})
-    with pytest.raises(ValueError):
-        NbdServerConnection({"disk": -1})
-    with pytest.raises(ValueError):
-        NbdServerConnection({"disk": 1}, max_request=100)
-    with pytest.raises(ValueError):
-        NbdServerConnection({"disk": 1}, max_request=1 << 32)
+@pytest.mark.parametrize("exports,max_request,message", [
+    ({}, 65536, "^no exports$"),
+    ({b"disk": 1}, 65536, "^bad export name b'disk'$"),
+    ({"x" * 4097: 1}, 65536, "^bad export name 'xxx"),
+    ({"é" * 2049: 1}, 65536, "^bad export name 'ééé"),   # 4098 bytes in UTF-8: the spec counts bytes
+    ({"di\0sk": 1}, 65536, "^bad export name 'di.x00sk'$"),
+    ({"disk": -1}, 65536, "^bad size -1 for export 'disk'$"),
+    ({"disk": 2**64}, 65536, "^bad size 18446744073709551616 for export 'disk'$"),
+    ({"disk": 1.0}, 65536, "^bad size 1.0 for export 'disk'$"),
+    ({"disk": 1}, 4095, r"^max_request must be within \[4096, 2\*\*32-1\]$"),
+    ({"disk": 1}, 2**32, r"^max_request must be within \[4096, 2\*\*32-1\]$"),
+])
+def test_constructor_validation(exports, max_request, message):
+    with pytest.raises(ValueError, match=message):
+        NbdServerConnection(exports, max_request)
+
+
+def test_constructor_bounds_are_inclusive_and_start_in_the_flags_state():
+    for exports, max_request in [({"é" * 2048: 0}, 4096), ({"x" * 4096: 2**64 - 1}, 2**32 - 1)]:
+        conn = NbdServerConnection(exports, max_request)
+        assert (conn.state, conn.export, conn.size, conn.no_zeroes, conn.options, conn.buffered) == (
+            "flags", None, 0, False, [], 0)
+        assert conn.max_request == max_request and conn.exports == exports
+
+
+@pytest.mark.parametrize("option", [nbd.OPT_GO, nbd.OPT_EXPORT_NAME])
+def test_an_export_name_of_exactly_4096_bytes_is_served(option):
+    """The spec's string limit is 4096 bytes: a name that long is still valid."""
+    name = "n" * 4096
+    conn = NbdServerConnection({name: 8192})
+    data = go_data(name) if option == nbd.OPT_GO else name.encode()
+    assert conn.receive(client_flags() + opt(option, data))[-1] == Ready(name, 8192)
+
+
+@pytest.mark.parametrize("stream,message", [
+    (client_flags(0), "^client flags 0x0 lack FIXED_NEWSTYLE$"),
+    (client_flags(C_FLAGS | 4), "^unknown client flags 0x7$"),
+    (client_flags() + opt(nbd.OPT_GO, magic=0x1234), "^bad option magic 0x1234$"),
+    (client_flags() + struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 8193),
+     "^option GO is 8193 bytes, the limit is 8192$"),
+    (client_flags() + opt(nbd.OPT_LIST) * 65, "^more than 64 options$"),
+    (client_flags() + opt(nbd.OPT_EXPORT_NAME, b"x" * 4097), "^export name of 4097 bytes$"),
+    (client_flags() + opt(nbd.OPT_EXPORT_NAME, b"nope"), r"^unknown export b'nope' in EXPORT_NAME$"),
+    (client_flags() + opt(nbd.OPT_EXPORT_NAME, b"n" * 100),   # the name quoted up to 64 bytes
+     "^unknown export b'" + "n" * 64 + "' in EXPORT_NAME$"),
+    (HANDSHAKE + req(nbd.CMD_READ, magic=0xABC), "^bad request magic 0xabc$"),
+    (HANDSHAKE + req(nbd.CMD_WRITE, length=65537), "^WRITE of 65537 bytes, the limit is 65536$"),
+    (HANDSHAKE + req(9), "^unknown command 9$"),
+    (HANDSHAKE + req(nbd.CMD_DISC) + req(nbd.CMD_FLUSH), "^28 bytes after the client disconnected$"),
+])
+def test_protocol_violations_say_what_was_wrong(stream, message):
+    """The NbdError text is what the operator reads in nbd-protocol-error."""
+    conn = NbdServerConnection({"disk": SIZE}, max_request=65536)
+    with pytest.raises(NbdError, match=message):
+        conn.receive(stream)
+    with pytest.raises(NbdError, match="^connection already failed$"):
+        conn.receive(b"x")
+
+
+def test_bytes_after_disconnect_are_counted_in_a_later_chunk():
+    conn = ready_conn()
+    conn.receive(req(nbd.CMD_DISC))
+    with pytest.raises(NbdError, match="^3 bytes after the client disconnected$"):
+        conn.receive(b"xyz")
 
 
 # --------------------------------------------------------------------------
