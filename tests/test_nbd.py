@@ -140,6 +140,22 @@ def test_block_size_follows_max_request():
     assert struct.unpack(">HIII", info) == (nbd.INFO_BLOCK_SIZE, 1, 4096, 65536)
 
 
+@pytest.mark.parametrize("option", [nbd.OPT_GO, nbd.OPT_EXPORT_NAME])
+def test_sizes_and_block_limits_are_unsigned_up_to_their_full_width(option):
+    """The export size is a u64 and the maximum block size a u32 on the wire."""
+    size, max_request = 2**64 - 1, 2**32 - 1
+    conn = NbdServerConnection({"disk": size}, max_request)
+    if option == nbd.OPT_GO:
+        events = conn.receive(client_flags() + opt(option, go_data("disk", nbd.INFO_BLOCK_SIZE)))
+        replies = option_replies(events[0].data)
+        assert struct.unpack(">HQH", replies[0][2]) == (nbd.INFO_EXPORT, size, nbd.TRANSMISSION_FLAGS)
+        assert struct.unpack(">HIII", replies[1][2]) == (nbd.INFO_BLOCK_SIZE, 1, 4096, max_request)
+    else:
+        events = conn.receive(client_flags() + opt(option, b"disk"))
+        assert struct.unpack(">QH", events[0].data) == (size, nbd.TRANSMISSION_FLAGS)
+    assert events[-1] == Ready("disk", size)
+
+
 def test_info_then_go_and_several_exports():
     conn = NbdServerConnection({"a": 4096, "b": 8192})
     events = conn.receive(client_flags() + opt(nbd.OPT_INFO, go_data("b")))
