@@ -161,6 +161,7 @@ def test_zero_runs_hold_at_most_zero_run_max_extents(monkeypatch):
         ws.add_zeroes(k * 100, 10)
     ws.add_zeroes(410, 10)   # adjacent to the last: merged, not a sixth extent
     assert zero_rows(ws) == [[(0, 10), (100, 10)], [(200, 10), (300, 10)], [(400, 20)]]
+    assert [(r.disk, r.data, r.table.dtype) for r in ws.runs(disk=3)] == [(3, None, ZERO_EXTENT)] * 3
     # data runs are bounded by bytes, not by their number of extents
     ws = WriteSet()
     for k in range(5):
@@ -182,7 +183,10 @@ def test_a_data_run_fills_max_raw_exactly_before_a_new_one_starts():
     ws = WriteSet()
     for k in range(5):
         ws.add(k * 1000, b"z" * 1000)
-    assert [r.raw_len for r in ws.runs(max_raw=2000)] == [2000, 2000, 1000]
+    runs = list(ws.runs(max_raw=2000, disk=2))
+    assert [(r.disk, r.table.dtype, r.table.tolist(), r.raw_len) for r in runs] == [
+        (2, DISK_EXTENT, [(0, 2000)], 2000), (2, DISK_EXTENT, [(2000, 2000)], 2000),
+        (2, DISK_EXTENT, [(4000, 1000)], 1000)]
     assert [r.raw_len for r in ws.runs(max_raw=1999)] == [1000] * 5
     assert [r.raw_len for r in ws.runs(max_raw=1)] == [1000] * 5   # one extent always fits
 
