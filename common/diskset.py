@@ -7,7 +7,8 @@ bytes here and on the wire, and the backup punches it into its replica.
 from __future__ import annotations
 
 import bisect
-from typing import Iterator
+import itertools
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -25,7 +26,7 @@ def is_zero(data: bytes) -> bool:
     """All zero bytes? (memcmp against a zero buffer; stops at the first non-zero chunk)"""
     if data[:64] != _ZEROS[:min(64, len(data))]:
         return False  # most data: decided without copying the rest
-    for k in range(0, len(data), len(_ZEROS)):
+    for k in range(64, len(data), len(_ZEROS)):
         chunk = data[k:k + len(_ZEROS)]
         if chunk != _ZEROS[:len(chunk)]:
             return False
@@ -63,19 +64,19 @@ class WriteSet:
         i = bisect.bisect_right(self._starts, offset) - 1
         if i < 0 or self._starts[i] + self._lens[i] <= offset:
             i += 1
-        # Cut the overlapped extents, keeping their parts outside [offset, end).
-        new = []
+        # Cut the overlapped extents, keeping their parts outside [offset, end):
+        # only the first can start before offset, only the last end after end.
+        head, tail = [], []
         j = i
         while j < len(self._starts) and self._starts[j] < end:
             s, n, d = self._starts[j], self._lens[j], self._data[j]
             if s < offset:
-                new.append((s, offset - s, None if d is None else d[: offset - s]))
+                head.append((s, offset - s, None if d is None else d[: offset - s]))
             if s + n > end:
-                new.append((end, s + n - end, None if d is None else d[end - s:]))
+                tail.append((end, s + n - end, None if d is None else d[end - s:]))
             j += 1
         self.bytes -= sum(len(d) for d in self._data[i:j] if d is not None)
-        new.append((offset, length, data))
-        new.sort(key=lambda x: x[0])
+        new = [*head, (offset, length, data), *tail]
         self._starts[i:j] = [s for s, _, _ in new]
         self._lens[i:j] = [n for _, n, _ in new]
         self._data[i:j] = [d for _, _, d in new]
@@ -85,41 +86,50 @@ class WriteSet:
         """The extents in offset order, as runs of one kind: data runs of at most
         `max_raw` bytes (adjacent writes merged up to MAX_EXTENT), zero runs of at
         most ZERO_RUN_MAX extents (adjacent ones merged); all tagged as mirrored `disk`."""
-        kind: str | None = None
-        rows: list[list[int]] = []
-        chunks: list[bytes] = []
-        size = 0
-        for s0, n0, d0 in zip(self._starts, self._lens, self._data):
-            this = "zero" if d0 is None else "data"
-            if this != kind or (this == "zero" and len(rows) >= ZERO_RUN_MAX):
-                if rows:
-                    yield _run(kind, rows, chunks, disk)
-                kind, rows, chunks, size = this, [], [], 0
-            if d0 is None:
-                if rows and rows[-1][0] + rows[-1][1] == s0:
-                    rows[-1][1] += n0
-                else:
-                    rows.append([s0, n0])
-                continue
-            for k in range(0, n0, MAX_EXTENT):  # a big write becomes several extents
-                s, d = s0 + k, d0[k:k + MAX_EXTENT]
-                if size + len(d) > max_raw and rows:
-                    yield _run(kind, rows, chunks, disk)
-                    rows, chunks, size = [], [], 0
-                if rows and rows[-1][0] + rows[-1][1] == s and rows[-1][1] + len(d) <= MAX_EXTENT:
-                    rows[-1][1] += len(d)
-                else:
-                    rows.append([s, len(d)])
-                chunks.append(d)
-                size += len(d)
-        if rows:
-            yield _run(kind, rows, chunks, disk)
+        extents = zip(self._starts, self._lens, self._data)
+        for zero, group in itertools.groupby(extents, key=lambda e: e[2] is None):
+            if zero:
+                yield from _zero_runs(group, disk)
+            else:
+                yield from _data_runs(group, max_raw, disk)
 
 
-def _run(kind: str | None, rows: list[list[int]], chunks: list[bytes], disk: int) -> DiskRun:
-    if kind == "zero":
-        return DiskRun(np.array([tuple(r) for r in rows], dtype=ZERO_EXTENT), None, disk)
-    return DiskRun(np.array([tuple(r) for r in rows], dtype=DISK_EXTENT), chunks, disk)
+def _zero_runs(extents: Iterable[tuple], disk: int) -> Iterator[DiskRun]:
+    """One or more zero runs for consecutive zero extents (at least one)."""
+    rows: list[list[int]] = []
+    for s, n, _ in extents:
+        if len(rows) >= ZERO_RUN_MAX:
+            yield DiskRun(_table(rows, ZERO_EXTENT), None, disk)
+            rows = []
+        if rows and rows[-1][0] + rows[-1][1] == s:
+            rows[-1][1] += n
+        else:
+            rows.append([s, n])
+    yield DiskRun(_table(rows, ZERO_EXTENT), None, disk)
+
+
+def _data_runs(extents: Iterable[tuple], max_raw: int, disk: int) -> Iterator[DiskRun]:
+    """One or more data runs for consecutive data extents (at least one)."""
+    rows: list[list[int]] = []
+    chunks: list[bytes] = []
+    size = 0
+    for s0, n0, d0 in extents:
+        for k in range(0, n0, MAX_EXTENT):  # a big write becomes several extents
+            s, d = s0 + k, d0[k:k + MAX_EXTENT]
+            if size + len(d) > max_raw and rows:
+                yield DiskRun(_table(rows, DISK_EXTENT), chunks, disk)
+                rows, chunks, size = [], [], 0
+            if rows and rows[-1][0] + rows[-1][1] == s and rows[-1][1] + len(d) <= MAX_EXTENT:
+                rows[-1][1] += len(d)
+            else:
+                rows.append([s, len(d)])
+            chunks.append(d)
+            size += len(d)
+    yield DiskRun(_table(rows, DISK_EXTENT), chunks, disk)
+
+
+def _table(rows: list[list[int]], dtype: np.dtype) -> np.ndarray:
+    return np.array([tuple(r) for r in rows], dtype=dtype)
 
 
 class SealedWrites:

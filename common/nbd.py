@@ -322,10 +322,7 @@ class NbdServerConnection:
             raise NbdError("connection already failed")
         if not data:
             return self._eof()
-        if self.state == "closed":
-            self._fail()
-            raise NbdError(f"{len(data)} bytes after the client disconnected")
-        self._buf += data
+        self._buf += data   # when closed: nothing is buffered, the loop is skipped, and this raises
         events: list[Event] = []
         try:
             while self.state != "closed":
@@ -356,7 +353,6 @@ class NbdServerConnection:
         self.state = "error"
         self._buf = bytearray()
         self._pos = 0
-        self._pending = None
 
     def _eof(self) -> list[Event]:
         if self.state == "closed":

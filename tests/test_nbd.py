@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -138,6 +140,22 @@ def test_block_size_follows_max_request():
     assert struct.unpack(">HIII", info) == (nbd.INFO_BLOCK_SIZE, 1, 4096, 65536)
 
 
+@pytest.mark.parametrize("option", [nbd.OPT_GO, nbd.OPT_EXPORT_NAME])
+def test_sizes_and_block_limits_are_unsigned_up_to_their_full_width(option):
+    """The export size is a u64 and the maximum block size a u32 on the wire."""
+    size, max_request = 2**64 - 1, 2**32 - 1
+    conn = NbdServerConnection({"disk": size}, max_request)
+    if option == nbd.OPT_GO:
+        events = conn.receive(client_flags() + opt(option, go_data("disk", nbd.INFO_BLOCK_SIZE)))
+        replies = option_replies(events[0].data)
+        assert struct.unpack(">HQH", replies[0][2]) == (nbd.INFO_EXPORT, size, nbd.TRANSMISSION_FLAGS)
+        assert struct.unpack(">HIII", replies[1][2]) == (nbd.INFO_BLOCK_SIZE, 1, 4096, max_request)
+    else:
+        events = conn.receive(client_flags() + opt(option, b"disk"))
+        assert struct.unpack(">QH", events[0].data) == (size, nbd.TRANSMISSION_FLAGS)
+    assert events[-1] == Ready("disk", size)
+
+
 def test_info_then_go_and_several_exports():
     conn = NbdServerConnection({"a": 4096, "b": 8192})
     events = conn.receive(client_flags() + opt(nbd.OPT_INFO, go_data("b")))
@@ -167,24 +185,27 @@ def test_empty_name_is_not_a_default_export():
     assert conn.receive(client_flags() + opt(nbd.OPT_GO, go_data(b"")))[-1] == Ready("", 4096)
 
 
-@pytest.mark.parametrize("data", [
-    b"",                                                   # nothing
-    b"\x00\x00\x00\x04dis",                                # shorter than the name
-    struct.pack(">I", 4) + b"disk",                        # no info count
-    struct.pack(">I", 4) + b"disk" + b"\x00",              # half an info count
-    struct.pack(">I", 4) + b"disk" + struct.pack(">H", 2) + b"\x00\x03",   # count says 2, has 1
-    struct.pack(">I", 4) + b"disk" + struct.pack(">HH", 0, 3),             # count says 0, has 1
-    struct.pack(">I", 0xFFFFFFFF) + b"disk\x00\x00",       # name length 4 GiB
-    struct.pack(">I", 4097) + b"x" * 4097 + b"\x00\x00",   # name longer than 4096
-    go_data(b"\xff\xfe"),                                  # not UTF-8
-    go_data(b"di\x00sk"),                                  # NUL in the name
+@pytest.mark.parametrize("data,why", [
+    (b"", "option too short"),                                                   # nothing
+    (bytes(5), "option too short"),                                             # 6 bytes is the least
+    (b"\x00\x00\x00\x04dis", "bad name length"),                                 # shorter than the name
+    (struct.pack(">I", 4) + b"disk", "bad name length"),                        # no info count
+    (struct.pack(">I", 4) + b"disk" + b"\x00", "bad name length"),              # half an info count
+    (struct.pack(">I", 4) + b"disk" + struct.pack(">H", 2) + b"\x00\x03",
+     "bad information request count"),                                          # count says 2, has 1
+    (struct.pack(">I", 4) + b"disk" + struct.pack(">HH", 0, 3),
+     "bad information request count"),                                          # count says 0, has 1
+    (struct.pack(">I", 0xFFFFFFFF) + b"disk\x00\x00", "bad name length"),        # name length 4 GiB
+    (struct.pack(">I", 4097) + b"x" * 4097 + b"\x00\x00", "bad name length"),    # name longer than 4096
+    (go_data(b"\xff\xfe"), "export name is not valid UTF-8"),                    # not UTF-8
+    (go_data(b"di\x00sk"), "export name is not valid UTF-8"),                     # NUL in the name
 ])
 @pytest.mark.parametrize("option", [nbd.OPT_GO, nbd.OPT_INFO])
-def test_malformed_go_and_info_are_invalid(option, data):
+def test_malformed_go_and_info_are_invalid(option, data, why):
     conn = NbdServerConnection({"disk": SIZE})
     events = conn.receive(client_flags() + opt(option, data))
     (reply,) = option_replies(sends(events))
-    assert reply[:2] == (option, nbd.REP_ERR_INVALID)
+    assert reply == (option, nbd.REP_ERR_INVALID, why.encode())
     assert conn.state == "options"
     assert conn.receive(opt(nbd.OPT_GO, go_data("disk")))[-1] == Ready("disk", SIZE)
 
@@ -227,10 +248,15 @@ def test_refused_options(option, data):
     conn = NbdServerConnection({"disk": SIZE})
     events = conn.receive(client_flags() + opt(option, data))
     (reply,) = option_replies(sends(events))
-    assert reply[:2] == (option, nbd.REP_ERR_UNSUP)
+    assert reply == (option, nbd.REP_ERR_UNSUP, f"{nbd.option_name(option)} not supported".encode())
     assert conn.state == "options"
     assert conn.receive(opt(nbd.OPT_GO, go_data("disk")))[-1] == Ready("disk", SIZE)
     assert conn.options == [option, nbd.OPT_GO]
+
+
+def test_option_names_for_logs_and_error_replies():
+    assert [nbd.option_name(o) for o in (nbd.OPT_GO, nbd.OPT_STRUCTURED_REPLY, 12, 2**32 - 1)] == [
+        "GO", "STRUCTURED_REPLY", "12", "4294967295"]
 
 
 def test_list():
@@ -242,7 +268,7 @@ def test_list():
         (nbd.OPT_LIST, nbd.REP_ACK, b""),
     ]
     replies = option_replies(sends(conn.receive(opt(nbd.OPT_LIST, b"junk"))))
-    assert [r[1] for r in replies] == [nbd.REP_ERR_INVALID]
+    assert replies == [(nbd.OPT_LIST, nbd.REP_ERR_INVALID, b"LIST takes no data")]
     assert conn.state == "options"
 
 
@@ -341,8 +367,30 @@ def test_read_and_reply_with_data():
 
 
 def test_reply_before_transmission_is_a_bug():
-    with pytest.raises(RuntimeError):
-        NbdServerConnection({"disk": SIZE}).reply(1)
+    conn = NbdServerConnection({"disk": SIZE})
+    with pytest.raises(RuntimeError, match="^no replies in state flags$"):
+        conn.reply(1)
+    conn.receive(client_flags())
+    with pytest.raises(RuntimeError, match="^no replies in state options$"):
+        conn.reply(1)
+
+
+@pytest.mark.parametrize("handle,error,data,message", [
+    (-1, 0, b"", "handle or error out of range"),
+    (2**64, 0, b"", "handle or error out of range"),       # the handle is a u64
+    (1, -1, b"", "handle or error out of range"),
+    (1, 2**32, b"", "handle or error out of range"),       # the error is a u32
+    (1, nbd.NBD_EIO, b"x", "an error reply carries no data"),
+])
+def test_reply_refuses_what_the_wire_cannot_carry(handle, error, data, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        ready_conn().reply(handle, error, data)
+
+
+def test_reply_field_bounds_are_inclusive():
+    conn = ready_conn()
+    assert simple_reply(conn.reply(0, 2**32 - 1)) == (0, 2**32 - 1, b"")
+    assert simple_reply(conn.reply(2**64 - 1, 0, b"data")) == (2**64 - 1, 0, b"data")
 
 
 def test_flush_trim_write_zeroes_disc():
@@ -509,18 +557,19 @@ def test_eof_at_a_boundary_is_a_disconnect():
     assert conn.receive(b"") == []
 
 
-@pytest.mark.parametrize("stream", [
-    b"\x00\x00",                                                   # half the client flags
-    client_flags() + opt(nbd.OPT_GO, go_data("disk"))[:10],        # half an option header
-    client_flags() + opt(nbd.OPT_GO, go_data("disk"))[:-1],        # option data cut short
-    HANDSHAKE + req(nbd.CMD_READ, 1, 0, 512)[:27],                 # a request header cut short
-    HANDSHAKE + write_req(1, 0, b"abcdef")[:-1],                   # a write payload cut short
+@pytest.mark.parametrize("stream,where", [
+    (b"\x00\x00", "the handshake"),                                             # half the client flags
+    (client_flags() + opt(nbd.OPT_GO, go_data("disk"))[:10], "the handshake"),  # half an option header
+    (client_flags() + opt(nbd.OPT_GO, go_data("disk"))[:-1], "the handshake"),  # option data cut short
+    (HANDSHAKE + req(nbd.CMD_READ, 1, 0, 512)[:27], "a request"),               # a request header cut short
+    (HANDSHAKE + write_req(1, 0, b"abcdef")[:-1], "a request"),                 # a write payload cut short
 ])
-def test_truncated_stream(stream):
+def test_truncated_stream(stream, where):
     conn = NbdServerConnection({"disk": SIZE})
     conn.receive(stream)
-    with pytest.raises(NbdError, match="stream ended"):
+    with pytest.raises(NbdError, match=f"^stream ended in the middle of {where}$"):
         conn.receive(b"")
+    assert conn.state == "error"
 
 
 def test_partial_write_is_buffered_only_up_to_its_length():
@@ -546,17 +595,70 @@ def test_byte_by_byte_equals_whole():
         "Send", "Send", "Send", "Ready", "Write", "Read", "WriteZeroes", "Send", "Flush", "Disconnect"]
 
 
-def test_constructor_validation():
-    with pytest.raises(ValueError):
-        NbdServerConnection({})
-    with pytest.raises(ValueError):
-        NbdServerConnection({"x" * 4097: 1})
-    with pytest.raises(ValueError):
-        NbdServerConnection({"disk": -1})
-    with pytest.raises(ValueError):
-        NbdServerConnection({"disk": 1}, max_request=100)
-    with pytest.raises(ValueError):
-        NbdServerConnection({"disk": 1}, max_request=1 << 32)
+@pytest.mark.parametrize("exports,max_request,message", [
+    ({}, 65536, "^no exports$"),
+    ({b"disk": 1}, 65536, "^bad export name b'disk'$"),
+    ({"x" * 4097: 1}, 65536, "^bad export name 'xxx"),
+    ({"é" * 2049: 1}, 65536, "^bad export name 'ééé"),   # 4098 bytes in UTF-8: the spec counts bytes
+    ({"di\0sk": 1}, 65536, "^bad export name 'di.x00sk'$"),
+    ({"disk": -1}, 65536, "^bad size -1 for export 'disk'$"),
+    ({"disk": 2**64}, 65536, "^bad size 18446744073709551616 for export 'disk'$"),
+    ({"disk": 1.0}, 65536, "^bad size 1.0 for export 'disk'$"),
+    ({"disk": 1}, 4095, r"^max_request must be within \[4096, 2\*\*32-1\]$"),
+    ({"disk": 1}, 2**32, r"^max_request must be within \[4096, 2\*\*32-1\]$"),
+])
+def test_constructor_validation(exports, max_request, message):
+    with pytest.raises(ValueError, match=message):
+        NbdServerConnection(exports, max_request)
+
+
+def test_constructor_bounds_are_inclusive_and_start_in_the_flags_state():
+    for exports, max_request in [({"é" * 2048: 0}, 4096), ({"x" * 4096: 2**64 - 1}, 2**32 - 1)]:
+        conn = NbdServerConnection(exports, max_request)
+        assert (conn.state, conn.export, conn.size, conn.no_zeroes, conn.options, conn.buffered) == (
+            "flags", None, 0, False, [], 0)
+        assert conn.max_request == max_request and conn.exports == exports
+
+
+@pytest.mark.parametrize("option", [nbd.OPT_GO, nbd.OPT_EXPORT_NAME])
+def test_an_export_name_of_exactly_4096_bytes_is_served(option):
+    """The spec's string limit is 4096 bytes: a name that long is still valid."""
+    name = "n" * 4096
+    conn = NbdServerConnection({name: 8192})
+    data = go_data(name) if option == nbd.OPT_GO else name.encode()
+    assert conn.receive(client_flags() + opt(option, data))[-1] == Ready(name, 8192)
+
+
+@pytest.mark.parametrize("stream,message", [
+    (client_flags(0), "^client flags 0x0 lack FIXED_NEWSTYLE$"),
+    (client_flags(C_FLAGS | 4), "^unknown client flags 0x7$"),
+    (client_flags() + opt(nbd.OPT_GO, magic=0x1234), "^bad option magic 0x1234$"),
+    (client_flags() + struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 8193),
+     "^option GO is 8193 bytes, the limit is 8192$"),
+    (client_flags() + opt(nbd.OPT_LIST) * 65, "^more than 64 options$"),
+    (client_flags() + opt(nbd.OPT_EXPORT_NAME, b"x" * 4097), "^export name of 4097 bytes$"),
+    (client_flags() + opt(nbd.OPT_EXPORT_NAME, b"nope"), r"^unknown export b'nope' in EXPORT_NAME$"),
+    (client_flags() + opt(nbd.OPT_EXPORT_NAME, b"n" * 100),   # the name quoted up to 64 bytes
+     "^unknown export b'" + "n" * 64 + "' in EXPORT_NAME$"),
+    (HANDSHAKE + req(nbd.CMD_READ, magic=0xABC), "^bad request magic 0xabc$"),
+    (HANDSHAKE + req(nbd.CMD_WRITE, length=65537), "^WRITE of 65537 bytes, the limit is 65536$"),
+    (HANDSHAKE + req(9), "^unknown command 9$"),
+    (HANDSHAKE + req(nbd.CMD_DISC) + req(nbd.CMD_FLUSH), "^28 bytes after the client disconnected$"),
+])
+def test_protocol_violations_say_what_was_wrong(stream, message):
+    """The NbdError text is what the operator reads in nbd-protocol-error."""
+    conn = NbdServerConnection({"disk": SIZE}, max_request=65536)
+    with pytest.raises(NbdError, match=message):
+        conn.receive(stream)
+    with pytest.raises(NbdError, match="^connection already failed$"):
+        conn.receive(b"x")
+
+
+def test_bytes_after_disconnect_are_counted_in_a_later_chunk():
+    conn = ready_conn()
+    conn.receive(req(nbd.CMD_DISC))
+    with pytest.raises(NbdError, match="^3 bytes after the client disconnected$"):
+        conn.receive(b"xyz")
 
 
 # --------------------------------------------------------------------------
@@ -723,11 +825,16 @@ class Client:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def connect(cls, path: Path, export: str = "disk") -> "Client":
+    async def connect(cls, path: Path, export: str = "disk", refused: tuple[int, ...] = ()) -> "Client":
+        """Handshake: the options `refused` (each answered with an error), then GO."""
         reader, writer = await asyncio.open_unix_connection(str(path))
         greeting = await reader.readexactly(18)
         assert greeting[:16] == b"NBDMAGICIHAVEOPT"
-        writer.write(client_flags() + opt(nbd.OPT_GO, go_data(export)))
+        writer.write(client_flags() + b"".join(opt(o) for o in refused) + opt(nbd.OPT_GO, go_data(export)))
+        for _ in refused:
+            _, _, rtype, length = struct.unpack(">QIII", await reader.readexactly(20))
+            assert rtype & (1 << 31)
+            await reader.readexactly(length)
         replies = []
         while True:
             head = await reader.readexactly(20)
@@ -842,7 +949,7 @@ def test_adapter_callback_errors_and_missing_callbacks(sockdir, caplog):
     run(main())
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any(m.startswith("nbd-callback-error") and "disk on fire" in m for m in errors)
-    assert any(m.startswith("nbd-callback-error") and "returned 5 bytes" in m for m in errors)
+    assert any(m.startswith("nbd-callback-error op=read") and "returned 5 bytes" in m for m in errors)
 
 
 @pytest.mark.parametrize("garbage", [
@@ -866,8 +973,8 @@ def test_adapter_drops_a_violating_client_and_keeps_serving(sockdir, caplog, gar
 
     run(main())
     assert disk.image[:2] == b"ok"
-    assert any(r.getMessage().startswith("nbd-protocol-error") and r.levelno == logging.ERROR
-               for r in caplog.records)
+    assert any(r.getMessage().startswith("nbd-protocol-error export=disk error=") and
+               r.levelno == logging.ERROR for r in caplog.records)
 
 
 def test_adapter_violation_in_transmission_and_close_with_clients_connected(sockdir, caplog):
@@ -903,6 +1010,201 @@ def test_adapter_replaces_a_stale_socket_but_not_a_file(sockdir):
         assert (sockdir / "f").read_text() == "not a socket"
 
     run(main())
+
+
+def test_adapter_validates_its_arguments_like_the_state_machine(sockdir):
+    noop = lambda o, d: None   # noqa: E731
+    for export, size, max_request in [("disk", SIZE, 100), ("disk", SIZE, 1 << 32),
+                                      ("disk", -1, 65536), ("di\0sk", SIZE, 65536)]:
+        with pytest.raises(ValueError):
+            NbdServer(sockdir / "s", export, size, noop, max_request=max_request)
+
+
+def test_adapter_close_is_safe_before_start_twice_and_without_its_socket(sockdir):
+    async def main():
+        await NbdServer(sockdir / "never", "disk", SIZE, lambda o, d: None).close()
+        server = NbdServer(sockdir / "s", "disk", SIZE, lambda o, d: None)
+        await server.start()
+        (sockdir / "s").unlink()   # removed under us (a tmp cleaner, an operator)
+        await server.close()
+        await server.close()
+
+    run(main())
+
+
+def test_adapter_close_returns_only_once_every_connection_has_ended(sockdir):
+    """After close() no callback runs: a connection held in the throttle is cancelled
+    and has finished by the time close() returns."""
+    disk = Disk(SIZE)
+    seen: list[str] = []
+
+    async def main():
+        entered = asyncio.Event()
+
+        async def throttle():
+            entered.set()
+            try:
+                await asyncio.Event().wait()   # a disk queue that never drains
+            finally:
+                seen.append("throttle ended")
+
+        server = NbdServer(sockdir / "s", "disk", SIZE, disk.on_write, throttle=throttle)
+        await server.start()
+        c = await Client.connect(server.socket_path)
+        c.writer.write(write_req(1, 0, b"x"))
+        await asyncio.wait_for(entered.wait(), 5)
+        await server.close()
+        assert seen == ["throttle ended"]
+        assert await asyncio.wait_for(c.reader.read(), 5) == b""
+
+    run(main())
+
+
+def test_adapter_close_during_a_connections_teardown_returns_normally(sockdir, caplog):
+    """close() racing a connection that is being closed (a violating client dropped
+    just as the daemon shuts down) neither raises nor hangs."""
+    async def main():
+        server = NbdServer(sockdir / "s", "disk", SIZE, lambda o, d: None)
+        closing: list[asyncio.Task] = []
+
+        class CloseOnProtocolError(logging.Handler):
+            def emit(self, record):
+                if record.getMessage().startswith("nbd-protocol-error") and not closing:
+                    closing.append(asyncio.get_running_loop().create_task(server.close()))
+
+        handler = CloseOnProtocolError()
+        logging.getLogger("remus.nbd").addHandler(handler)
+        try:
+            await server.start()
+            reader, writer = await asyncio.open_unix_connection(str(server.socket_path))
+            await reader.readexactly(18)
+            writer.write(b"garbage that is no NBD client at all")
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            while not closing:
+                await asyncio.sleep(0.01)
+            await asyncio.wait_for(closing[0], 5)
+        finally:
+            logging.getLogger("remus.nbd").removeHandler(handler)
+
+    run(main())
+
+
+def test_adapter_zeroes_without_on_zero_are_real_zero_writes_of_any_size(sockdir):
+    disk = Disk(SIZE)
+
+    async def main():
+        async with NbdServer(sockdir / "s", "disk", SIZE, disk.on_write, max_request=4096) as server:
+            c = await Client.connect(server.socket_path)
+            for handle, (cmd, offset, length) in enumerate([
+                    (nbd.CMD_WRITE_ZEROES, 0, 4), (nbd.CMD_TRIM, 100, 1),
+                    (nbd.CMD_WRITE_ZEROES, 200, 4096), (nbd.CMD_TRIM, 5000, 3), 
+                    (nbd.CMD_WRITE_ZEROES, 8192, 10000)]):
+                assert await c.call(req(cmd, handle, offset, length)) == (handle, 0, b"")
+            await c.close()
+
+    run(main())
+    assert [c[1:3] for c in disk.calls] == [
+        (0, 4), (100, 1), (200, 4096), (5000, 3), (8192, 4096), (12288, 4096), (16384, 1808)]
+    expected = bytearray([0xEE]) * SIZE
+    for offset, length in [(0, 4), (100, 1), (200, 4096), (5000, 3), (8192, 10000)]:
+        expected[offset:offset + length] = bytes(length)
+    assert disk.image == expected
+
+
+def test_adapter_callback_error_log_names_the_callback(sockdir, caplog):
+    def on_write(offset, data):
+        raise OSError("disk on fire")
+
+    async def main():
+        for callback in (on_write, functools.partial(on_write)):
+            async with NbdServer(sockdir / "s", "disk", SIZE, callback) as server:
+                c = await Client.connect(server.socket_path)
+                assert await c.call(write_req(1, 0, b"x")) == (1, nbd.NBD_EIO, b"")
+                await c.close()
+
+    run(main())
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [
+        "nbd-callback-error op=on_write error=\"OSError('disk on fire')\"",
+        "nbd-callback-error op=? error=\"OSError('disk on fire')\""]
+
+
+def test_adapter_logs_one_line_per_request_for_the_operator(sockdir, caplog):
+    caplog.set_level(logging.DEBUG, logger="remus.nbd")
+    disk = Disk(SIZE)
+
+    async def main():
+        async with NbdServer(sockdir / "s", "disk", SIZE, disk.on_write, disk.on_read,
+                             disk.on_flush) as server:
+            c = await Client.connect(server.socket_path, refused=(nbd.OPT_STRUCTURED_REPLY, 99))
+            await c.call(write_req(1, 100, b"hello", flags=nbd.CMD_FLAG_FUA))
+            await c.call(req(nbd.CMD_WRITE_ZEROES, 2, 0, 10))
+            await c.call(req(nbd.CMD_WRITE_ZEROES, 3, 0, 10, flags=nbd.CMD_FLAG_NO_HOLE))
+            await c.call(req(nbd.CMD_TRIM, 4, 20, 5, flags=nbd.CMD_FLAG_FUA))
+            await c.call(req(nbd.CMD_FLUSH, 5))
+            await c.call(req(nbd.CMD_READ, 6, 98, 9), 9)
+            await c.close()
+
+    run(main())
+    assert [r.getMessage() for r in caplog.records if r.name == "remus.nbd"] == [
+        f"nbd-client-ready export=disk size={SIZE} options=STRUCTURED_REPLY,99,GO",
+        "nbd-write offset=100 length=5 fua=True",
+        "nbd-write-zeroes offset=0 length=10 may_trim=True fua=False",
+        "nbd-write-zeroes offset=0 length=10 may_trim=False fua=False",
+        "nbd-trim offset=20 length=5 fua=True",
+        "nbd-flush",
+        "nbd-read offset=98 length=9",
+        "nbd-client-disconnect export=disk options=STRUCTURED_REPLY,99,GO",
+    ]
+
+
+def unexpected_logs(caplog, *allowed: str) -> list[str]:
+    """Warnings and errors from any logger (asyncio's included) not starting with `allowed`."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+            and not r.getMessage().startswith(allowed or ("\0",))]
+
+
+async def all_connections_ended(server: NbdServer) -> None:
+    """Wait until the server has finished, and forgotten, every connection."""
+    for _ in range(300):
+        if not server._tasks:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"connections still tracked: {server._tasks}")
+
+
+def test_adapter_a_client_that_aborts_without_reading_the_ack_is_no_error(sockdir, caplog):
+    """NBD_OPT_ABORT: the client "SHOULD" wait for the ACK but may just close; the
+    server's failed write of the ACK is then no connection loss worth a warning."""
+    async def main():
+        async with NbdServer(sockdir / "s", "disk", SIZE, lambda o, d: None) as server:
+            for _ in range(3):
+                reader, writer = await asyncio.open_unix_connection(str(server.socket_path))
+                await reader.readexactly(18)
+                writer.write(client_flags() + opt(nbd.OPT_ABORT))
+                writer.close()
+                await writer.wait_closed()
+            await all_connections_ended(server)
+
+    run(main())
+    assert unexpected_logs(caplog) == []
+
+
+def test_adapter_a_client_gone_before_its_reply_is_a_lost_connection(sockdir, caplog):
+    async def main():
+        async with NbdServer(sockdir / "s", "disk", SIZE, lambda o, d: None) as server:
+            c = await Client.connect(server.socket_path)
+            c.writer.write(write_req(1, 0, b"x"))
+            c.writer.close()   # gone without waiting for the reply
+            await c.writer.wait_closed()
+            await all_connections_ended(server)
+
+    run(main())
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.levelno == logging.WARNING and warning.name == "remus.nbd"
+    assert re.fullmatch(r'nbd-connection-lost export=disk error="?\w.*', warning.getMessage())
+    assert "error=None" not in warning.getMessage()
 
 
 # --------------------------------------------------------------------------
