@@ -70,7 +70,8 @@ def download(pair: Pair, mib: int) -> dict:
 
 
 MODES = (("no-net", {}, ("--no-net",)), ("interval", {"trigger": "interval"}, ()),
-         ("output", {"trigger": "output"}, ()))
+         ("output", {"trigger": "output"}, ()),
+         ("output+pipeline", {"trigger": "output", "pipeline": 3}, ()))
 
 
 def protected(image, lan: Lan, interval: int, replication: dict,
@@ -114,19 +115,24 @@ def run_mode(image, lan: Lan, interval: int, mode: tuple, args, through: list) -
 
 def print_latency(rows: list[dict]) -> list[dict]:
     print("Request latency (client -> guest /cgi-bin/inc -> client), p50 ms; added = against no-net")
-    print("interval | no-net | interval: added  req/s | output: added  req/s  pause+ack | rate x")
+    print("interval | no-net | interval: added  req/s | output: added  req/s  pause+ack | rate x"
+          " | output+pipeline: added  req/s | rate x")
     by = {(r["interval_ms"], r["mode"]): r for r in rows}
     summary = []
     for interval in sorted({r["interval_ms"] for r in rows}):
-        n, i, o = (by[(interval, m)] for m in ("no-net", "interval", "output"))
+        n, i, o, p = (by[(interval, m)] for m in ("no-net", "interval", "output", "output+pipeline"))
         one_cp = (o["pause_p50_ms"] or 0) + (o["ack_p50_ms"] or 0)
         row = {"interval_ms": interval, "added_interval_ms": i["p50_ms"] - n["p50_ms"],
                "added_output_ms": o["p50_ms"] - n["p50_ms"], "pause_plus_ack_ms": one_cp,
-               "rate_ratio": o["requests_per_s"] / i["requests_per_s"]}
+               "rate_ratio": o["requests_per_s"] / i["requests_per_s"],
+               "added_pipelined_ms": p["p50_ms"] - n["p50_ms"],
+               "rate_ratio_pipelined": p["requests_per_s"] / i["requests_per_s"]}
         summary.append(row)
         print(f"{interval:8d} | {n['p50_ms']:6.1f} | {row['added_interval_ms']:15.1f} "
               f"{i['requests_per_s']:6.1f} | {row['added_output_ms']:13.1f} "
-              f"{o['requests_per_s']:6.1f} {one_cp:10.1f} | {row['rate_ratio']:6.2f}")
+              f"{o['requests_per_s']:6.1f} {one_cp:10.1f} | {row['rate_ratio']:6.2f} | "
+              f"{row['added_pipelined_ms']:22.1f} {p['requests_per_s']:6.1f} | "
+              f"{row['rate_ratio_pipelined']:6.2f}")
     return summary
 
 

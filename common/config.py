@@ -185,6 +185,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "min_interval_ms": Key(int, 20, _range(1, 60_000),
                                "trigger = output: the shortest time between two pauses, which "
                                "bounds the checkpoint rate at 1000 / min_interval_ms per second"),
+        "pipeline": Key(int, 1, _range(1, 8),
+                        "checkpoints in flight at once: 1 waits for each checkpoint's ack "
+                        "before the next pause (stop-and-wait); more let the next pause come "
+                        "while earlier checkpoints are still unacknowledged (they commit, and "
+                        "their output leaves, in order)"),
         "compression": Key(str, "zstd", _choice("zstd", "none"), "page compression on the wire"),
         "zstd_level": Key(int, 1, _range(-5, 19), "zstd level (1 is fast and good for pages)"),
         "capture": Key(str, "auto", _choice("auto", "compare", "softdirty"),

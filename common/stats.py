@@ -23,6 +23,7 @@ class EpochStats:
     send_ms: float       # encode + send, guest running
     ack_ms: float        # last byte sent .. ack received
     trigger: str = "interval"  # why it was taken: interval, output, disk, handover
+    in_flight: int = 0         # earlier checkpoints still unacknowledged when it was taken
 
 
 def percentile(values: list[float], q: float) -> float:

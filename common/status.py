@@ -91,6 +91,7 @@ class PrimaryStatus(Status):
     interval_ms: int = 0
     trigger: str = "interval"             # [replication] trigger in effect
     output_triggered: int | None = None   # of the recent checkpoints, taken for output
+    in_flight: int | None = None          # checkpoints sent, not yet acknowledged
     capture: str = ""
     checkpoints_per_s: float | None = None
     pause_p50_ms: float | None = None

@@ -12,7 +12,9 @@ import asyncio
 import os
 import secrets
 import ssl
+import dataclasses
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -133,6 +135,7 @@ class Replicator:
         self._handover: tuple[asyncio.Future, str] | None = None
         self._wake = asyncio.Event()  # cuts the wait for the next checkpoint short
         self._output_waiting = False    # trigger = output: a held frame awaits a checkpoint
+        self._in_flight: deque[asyncio.Task] = deque()  # checkpoints sent, not yet committed
         self._reader_task: asyncio.Task | None = None
         self._progress_at = 0.0         # when the backup last said a checkpoint is flowing
         self._handshake_eofs = 0        # handshakes in a row the backup closed
@@ -226,8 +229,8 @@ class Replicator:
             now = time.monotonic()
             trigger, look_again = pause_trigger(now, due, last, gap, self._output_waiting,
                                                 self._handover is not None, self._disk_full())
-            if trigger is not None:
-                return trigger
+            if trigger is not None or self._commit_failed():
+                return trigger or "failed"
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, look_again - now))
@@ -462,17 +465,35 @@ class Replicator:
             epoch = await self._precopy(proto) if self.cfg.replication.precopy_rounds else 0
         finally:
             watcher.cancel()
-        first = epoch + 1
+        try:
+            await self._checkpoint_loop(proto, epoch + 1, interval, sync_started)
+        finally:
+            await self._abandon_in_flight()
+
+    async def _checkpoint_loop(self, proto: PrimaryProtocol, first: int, interval: float,
+                               sync_started: float) -> None:
+        """Checkpoints from epoch `first` on, up to [replication] pipeline of them in
+        flight: the next pause need not wait for the previous checkpoint's ack. They
+        commit in order, each after the one before it."""
+        window = self.cfg.replication.pipeline
+        epoch = first - 1
         next_pause = last_pause = time.monotonic()
         while True:
             trigger = await self._until_next_pause(next_pause, last_pause)
+            await self._settle(window - 1)  # a failed commit ends the session here
             last_pause = time.monotonic()
             next_pause = last_pause + interval
             self._output_waiting = False  # what is held now goes with this checkpoint
             epoch += 1
             if self._handover is not None and self.state == PrimaryState.PROTECTING:
+                await self._settle(0)
                 await self._hand_over(proto, epoch)
-            await self._checkpoint(proto, epoch, full=epoch == 1, trigger=trigger)
+            stats, sent_at = await self._take(proto, epoch, epoch == 1, trigger=trigger)
+            before = self._in_flight[-1] if self._in_flight else None
+            task = asyncio.create_task(self._complete(stats, sent_at, before))
+            task.add_done_callback(lambda _: self._wake.set())
+            self._in_flight.append(task)
+            await self._settle(0 if epoch == first else window - 1)
             if epoch == first:
                 self.state = PrimaryState.PROTECTING
                 await self.hold.end()  # this commit released what the lost session held
@@ -485,6 +506,29 @@ class Replicator:
                           sync_wire_bytes=self.sync.wire_bytes)
                 self.sync.done_at = time.monotonic()
             self._maybe_summary()
+
+    def _commit_failed(self) -> bool:
+        return any(t.done() and not t.cancelled() and t.exception() is not None
+                   for t in self._in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        """Checkpoints sent and not yet committed."""
+        return len(self._in_flight)
+
+    async def _settle(self, keep: int) -> None:
+        """Wait until at most `keep` checkpoints are in flight; collect the committed
+        ones, raising what the first failed one raised."""
+        while self._in_flight and (len(self._in_flight) > keep or self._in_flight[0].done()):
+            await self._in_flight.popleft()
+
+    async def _abandon_in_flight(self) -> None:
+        """The session ends: what was in flight is never committed (its output stays held)."""
+        tasks = list(self._in_flight)
+        self._in_flight.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _precopy(self, proto: PrimaryProtocol) -> int:
         """Copy the guest's RAM to the backup while it runs: a full round, then rounds of
@@ -655,6 +699,13 @@ class Replicator:
 
     async def _checkpoint(self, proto: PrimaryProtocol, epoch: int, full: bool,
                           final: bool = False, trigger: str = "interval") -> None:
+        """Take one checkpoint and wait until it is committed."""
+        await self._complete(*await self._take(proto, epoch, full, final, trigger))
+
+    async def _take(self, proto: PrimaryProtocol, epoch: int, full: bool,
+                    final: bool = False, trigger: str = "interval") -> tuple[EpochStats, float]:
+        """Pause, capture, resume and send a checkpoint: its figures but the ack's, and
+        when its last byte went out."""
         loop = asyncio.get_running_loop()
         taken_at = time.time()
         captured, device_state, (writes, disk_synced), timings = \
@@ -671,26 +722,35 @@ class Replicator:
         if self.disk is not None:
             self.disk.sent()
         sent_at = time.monotonic()
-        acked_at = await self._await_ack(epoch)
-        self.committed_epoch = epoch
-        self.ever_protected = True
-        self.drill_point("commit-before")
-        await self.hooks.commit(epoch)
-        self.drill_point("commit-after")
         stats = EpochStats(
             epoch=epoch, full=full, taken_at=taken_at, pause_ms=timings["pause_ms"],
             capture_ms=timings.get("capture_ms", 0.0), device_ms=timings["device_ms"],
             dirty_pages=total, device_bytes=len(device_state),
             disk_bytes=writes.bytes if writes is not None else 0,
-            wire_bytes=wire,
-            send_ms=(sent_at - t_send) * 1000, ack_ms=(acked_at - sent_at) * 1000,
-            trigger=trigger)
+            wire_bytes=wire, send_ms=(sent_at - t_send) * 1000, ack_ms=0.0, trigger=trigger,
+            in_flight=len(self._in_flight))
+        return stats, sent_at
+
+    async def _complete(self, stats: EpochStats, sent_at: float,
+                        before: asyncio.Task | None = None) -> None:
+        """Once the checkpoint sent before it is committed: wait for this one's ack, then
+        commit it (its held output leaves)."""
+        if before is not None:
+            await before
+        acked_at = await self._await_ack(stats.epoch)
+        self.committed_epoch = stats.epoch
+        self.ever_protected = True
+        self.drill_point("commit-before")
+        await self.hooks.commit(stats.epoch)
+        self.drill_point("commit-after")
+        stats = dataclasses.replace(stats, ack_ms=(acked_at - sent_at) * 1000)
         self.epochs.add(stats)
-        _log.debug("checkpoint", epoch=epoch, pause_ms=stats.pause_ms, dirty=total, wire=wire,
-                   ack_ms=stats.ack_ms)
-        if full:
-            _log.info("sync-complete", epoch=epoch, pages=total, wire_bytes=wire,
-                      seconds=(acked_at - t_send))
+        _log.debug("checkpoint", epoch=stats.epoch, pause_ms=stats.pause_ms,
+                   dirty=stats.dirty_pages, wire=stats.wire_bytes, ack_ms=stats.ack_ms)
+        if stats.full:
+            _log.info("sync-complete", epoch=stats.epoch, pages=stats.dirty_pages,
+                      wire_bytes=stats.wire_bytes,
+                      seconds=(acked_at - sent_at) + stats.send_ms / 1000)
 
     @staticmethod
     def _sync_progress(pages_sent: int, total_pages: int, shown: int) -> int:
