@@ -124,6 +124,25 @@ class Lan:
     def mend(self, role: str, wire: str = "lan") -> None:
         _ip("-n", self.ns["switch"], "link", "set", self._port(role, wire), "up")
 
+    def throttle(self, role: str, towards: str, kbit: int) -> None:
+        """Slow what host `role` sends to host `towards` on the LAN to `kbit`, everything
+        else it sends going at full speed: data queued here is lost if the host is then
+        cut (a power loss), while frames to others overtake it."""
+        ns, to = self.ns[role], f"{self.addr[towards]}/32"
+        tc = ["tc", "-n", ns]
+        for cmd in (["qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "20"],
+                    ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb",
+                     "rate", f"{kbit}kbit", "quantum", "1514"],
+                    ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20", "htb",
+                     "rate", "10gbit", "quantum", "60000"],
+                    ["filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "u32",
+                     "match", "ip", "dst", to, "flowid", "1:10"]):
+            subprocess.run([*tc, *cmd], check=True, capture_output=True)
+
+    def unthrottle(self, role: str) -> None:
+        subprocess.run(["tc", "-n", self.ns[role], "qdisc", "del", "dev", "eth0", "root"],
+                       capture_output=True)
+
     def partition(self, a: str = "primary", b: str = "backup", heal: bool = False) -> None:
         """Cut hosts `a` and `b` off from each other on every wire, while both still
         reach everyone else (the client reaches both): blackhole routes both ways."""

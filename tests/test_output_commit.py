@@ -2,18 +2,23 @@
 client incrementing the guest's RAM-only counter as fast as it can while the primary
 is killed at random moments. No reply the client ever saw may be taken back."""
 import json
+import os
 import random
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
-from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_until
+from remus.common.localpair import Pair, PowerSwitch, ha_config, wait_for_replies, wait_until
 from remus.common.probe import read_replies, taken_back
 
 pytestmark = pytest.mark.integration
 
 INTERVAL_MS = 200
+PIPELINED = {"trigger": "output", "min_interval_ms": 10, "pipeline": 3}
+POWER_CUT_KBIT = 8000  # the stream slowed to ~1 MB/s: a checkpoint spends ~0.1 s queued
+BREAK_DIR = Path(__file__).parent / "break_early_release"
 
 LAN_OPTIONS = {"second_link": True}  # the conftest's `lan` fixture
 
@@ -23,13 +28,20 @@ def replies(probe) -> list[tuple[float, int]]:
 
 
 def failover_once(guest_image, lan, workdir, rng, *primary_args, ha: bool = False,
-                  replication: dict | None = None) -> dict:
+                  replication: dict | None = None, power_cut_kbit: int = 0,
+                  wrapper: tuple = ()) -> dict:
     """Protect, load, kill the primary host at a random moment, judge the replies.
     With `ha`, the failover goes through the heartbeat and fencing (fence_dummy);
-    `replication`: more [replication] keys."""
+    `replication`: more [replication] keys. With `power_cut_kbit`, the stream to the
+    backup is slowed to that rate once protected, and the kill is a power loss: the
+    primary host is unplugged first, so what it had sent but the backup had not
+    received is lost (a killed process's socket would still deliver it); output
+    released before the backup acknowledged shows then. `wrapper`: what the daemons
+    run under (e.g. env for a test-side break)."""
     extra, status = ha_config(lan, workdir) if ha else ("", None)
     pair = Pair(guest_image, workdir, lan=lan, interval_ms=INTERVAL_MS, extra_config=extra,
                 **(replication or {}))
+    pair.daemon_wrapper = list(wrapper)
     switch = PowerSwitch(status, pair) if ha else None
     try:
         pair.start_backup()
@@ -38,8 +50,14 @@ def failover_once(guest_image, lan, workdir, rng, *primary_args, ha: bool = Fals
         wait_until(lambda: pair.try_get("get"), 120, "the guest's counter service")
         probe = pair.start_probe()
         wait_until(lambda: len(replies(probe)) >= 3, 30, "the client's first replies")
+        if power_cut_kbit:
+            lan.throttle("primary", "backup", power_cut_kbit)
+            wait_for_replies(probe, 3, "replies with the stream slowed")
         time.sleep(rng.uniform(0, 2 * INTERVAL_MS / 1000))  # the random kill moment
         killed_at = time.time()
+        if power_cut_kbit:
+            for wire in ("lan", "hb"):
+                lan.cut("primary", wire)
         pair.primary.kill9()
         if switch is not None:
             switch.start()
@@ -61,6 +79,10 @@ def failover_once(guest_image, lan, workdir, rng, *primary_args, ha: bool = Fals
         if switch is not None:
             switch.done.set()
         pair.cleanup()
+        if power_cut_kbit:
+            lan.unthrottle("primary")
+            for wire in ("lan", "hb"):
+                lan.mend("primary", wire)
 
 
 def test_no_reply_is_ever_taken_back_across_failovers(guest_image, lan, tmp_path):
@@ -94,16 +116,15 @@ def test_without_buffering_the_same_test_catches_a_violation(guest_image, lan, t
 def test_no_reply_is_taken_back_with_output_triggered_pipelined_checkpoints(
         guest_image, lan, tmp_path):
     """trigger = output and pipeline = 3: the client's replies bring checkpoints forward,
-    and the next pause need not wait for the last ack; still nothing the client saw is
-    lost."""
+    and the next pause need not wait for the last ack; with the stream slowed and the
+    primary host's power cut, still nothing the client saw is lost."""
     rng = random.Random(19)
     runs = []
     for i in range(6):
         workdir = tmp_path / f"run{i}"
         workdir.mkdir()
-        runs.append(failover_once(guest_image, lan, workdir, rng,
-                                  replication={"trigger": "output", "min_interval_ms": 10,
-                                               "pipeline": 3}))
+        runs.append(failover_once(guest_image, lan, workdir, rng, replication=PIPELINED,
+                                  power_cut_kbit=POWER_CUT_KBIT))
     violations = [r["taken_back"] for r in runs if r["taken_back"]]
     assert not violations, f"replies taken back by a failover: {violations}"
     assert all(len(r["values"]) >= 6 for r in runs)
@@ -111,6 +132,25 @@ def test_no_reply_is_taken_back_with_output_triggered_pipelined_checkpoints(
     assert triggered >= 6, f"only {triggered} checkpoints were taken for output: not tested"
     assert any(r["max_in_flight"] >= 1 for r in runs), \
         "no checkpoint was taken while another was in flight: pipelining not tested"
+
+
+def test_output_released_before_the_ack_is_caught(guest_image, lan, tmp_path):
+    """Negative control of the test above: a primary that lets output out once a
+    checkpoint is sent, not once it is acknowledged (a test-side break,
+    tests/break_early_release), is caught taking replies back."""
+    wrapper = ("env", f"PYTHONPATH={BREAK_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               "REMUS_TEST_RELEASE_AT_SEND=1")
+    rng = random.Random(23)
+    for i in range(8):
+        workdir = tmp_path / f"run{i}"
+        workdir.mkdir()
+        run = failover_once(guest_image, lan, workdir, rng, replication=PIPELINED,
+                            power_cut_kbit=POWER_CUT_KBIT, wrapper=wrapper)
+        assert "TEST-BREAK" in (workdir / "primary-1.log").read_text()
+        if run["taken_back"]:
+            return
+    pytest.fail("output released before the ack never showed a reply taken back: "
+                "the test above cannot catch early release")
 
 
 @pytest.mark.skipif(not (shutil.which("fence_dummy") or shutil.which("/usr/sbin/fence_dummy")),
