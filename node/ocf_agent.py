@@ -42,7 +42,6 @@ PID_FILE = "ocf-daemon.pid"
 PROMOTED_ROLES = ("primary", "active")
 
 
-
 class AgentError(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
