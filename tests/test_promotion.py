@@ -102,8 +102,12 @@ def test_under_pacemaker_its_fence_timeout_is_in_the_takeover_window():
 
 def test_under_pacemaker_remus_fencing_devices_are_refused():
     fencing = {"level": [{"device": [{"kind": "command", "command": ["true"]}]}]}
-    with pytest.raises(ConfigError, match=r"Pacemaker fences.*remove \[fencing\]"):
+    with pytest.raises(ConfigError) as err:
         config(cluster={"manager": "pacemaker"}, fencing=fencing)
+    assert str(err.value) == (
+        "[fencing]: with [cluster] manager = \"pacemaker\", Pacemaker fences (its stonith "
+        "devices); remove [fencing], and give Pacemaker's fencing time as [cluster] "
+        "fence_timeout_s")
 
 
 @pytest.mark.parametrize("cluster, message", [
