@@ -128,7 +128,8 @@ class Replicator:
         self.input_forwarded = self.input_skipped = 0
         self._writer: asyncio.StreamWriter | None = None
         self._encoder: CheckpointEncoder | None = None
-        self._acks: dict[int, asyncio.Future] = {}
+        self._acks: dict[int, asyncio.Future] = {}      # until the ack comes (the reader's)
+        self._unawaited: dict[int, asyncio.Future] = {}  # until awaited (the sender's)
         # One thread encodes while the loop thread talks to QEMU and the socket.
         self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
         self._last_summary = time.monotonic()
@@ -336,6 +337,7 @@ class Replicator:
             if not fut.done():
                 fut.set_exception(SessionLost("stream closed"))
         self._acks.clear()
+        self._unawaited.clear()
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, port = self.cfg.backup_endpoint
@@ -609,7 +611,9 @@ class Replicator:
         assert self._writer is not None
         ack = loop.create_future()
         ack.add_done_callback(lambda f: f.cancelled() or f.exception())  # may end unawaited
-        self._acks[epoch] = ack
+        # The ack may come, and the reader pop it from _acks, before it is awaited:
+        # while the last frames drain, or (pipelined) while earlier epochs commit.
+        self._acks[epoch] = self._unawaited[epoch] = ack
         proto.sent(epoch)
         wire = frames_sent = shown = 0
         while True:
@@ -640,7 +644,9 @@ class Replicator:
         """The ack's arrival time. The deadline is ack_timeout_ms after the send, or
         after the backup's latest word that the checkpoint is still flowing in."""
         timeout = self.cfg.replication.ack_timeout_ms / 1000
-        fut = self._acks[epoch]
+        fut = self._unawaited.pop(epoch, None)
+        if fut is None:
+            raise SessionLost(f"stream closed before epoch {epoch} was acknowledged")
         start = time.monotonic()
         while True:
             left = max(start, self._progress_at) + timeout - time.monotonic()
