@@ -375,7 +375,7 @@ def judge(console: str, negative: bool) -> Verdict:
     else:
         v.lines.append(f"kernel lab: tests passed: {summary}")
     for mode in NEGATIVE_CONTROLS if negative else ():
-        _judge_negative(console, mode, v)
+        _judge_negative(console, mode, v, tests_passed=code == 0)
     return v
 
 
@@ -384,12 +384,17 @@ def _pytest_summary(console: str) -> str:
     return found[0] if found else "no pytest summary line"
 
 
-def _judge_negative(console: str, mode: str, v: Verdict) -> None:
+def _judge_negative(console: str, mode: str, v: Verdict, tests_passed: bool) -> None:
+    """The same soft-dirty tests with the capture broken on purpose must fail. That
+    proves something only if they passed unbroken in the same boot: the switch
+    is then the one difference."""
     m = re.search(rf"^{MARK}-NEGATIVE {re.escape(mode)} (\d+)", console, re.M)
     if not m:
         v.code = max(v.code, EXIT_LAB_ERROR)
         v.lines.append(f"kernel lab error (not a test result): negative control {mode} did not report")
-    elif int(m.group(1)) == 1:  # pytest: 1 = tests ran and some failed
+    elif not tests_passed:
+        v.lines.append(f"kernel lab: negative control {mode} inconclusive: the tests failed unbroken too")
+    elif int(m.group(1)) == 1:  # pytest: 1 = tests ran and some failed (2-5: usage, none collected)
         v.lines.append(f"kernel lab: negative control failed as expected ({mode})")
     else:
         v.code = max(v.code, EXIT_FAILED)
@@ -403,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m remus.common.kernel_lab", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default: $REMUS_CACHE or ~/.cache/remus)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the lab's root filesystem even if cached")
-    p.add_argument("--timeout", type=float, default=900, help="hard limit for one boot, seconds (default 900)")
+    p.add_argument("--timeout", type=float, default=600, help="hard limit for one boot, seconds (default 600)")
     p.add_argument("--no-negative", action="store_true", help="skip the negative controls")
     args = p.parse_args(argv)
     negative = not args.no_negative
