@@ -45,7 +45,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from remus.common.guest_image import KERNEL_META, _run, default_cache_dir, resolve_packages
+from remus.common.guest_image import KERNEL_META, default_cache_dir, resolve_packages
 from remus.common.guest_types import BuildError
 from remus.common.qemu import detect_accel
 
@@ -168,9 +168,22 @@ def build(cache_dir: Path, force: bool = False, log=print) -> LabImage:
     return LabImage(out)
 
 
-def _chroot(root: Path, *cmd: str) -> str:
+def _run(*cmd: str, cwd: Path | None = None) -> None:
+    """A build step; on failure the error names it and ends with its last output
+    (debootstrap, for one, says what went wrong on stdout)."""
+    try:
+        done = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, errors="replace")
+    except FileNotFoundError:
+        raise LabError(f"{cmd[0]} not found (scripts/install-deps installs what the lab needs)") from None
+    if done.returncode != 0:
+        tail = "\n".join(done.stdout.strip().splitlines()[-15:])
+        raise LabError(f"building the lab: {shlex.join(cmd)[:300]} failed ({done.returncode}):\n{tail}")
+
+
+def _chroot(root: Path, *cmd: str) -> None:
     # A clean environment: the host's PIP_* and PATH settings mean nothing inside.
-    return _run("chroot", str(root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+    _run("chroot", str(root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
                 "HOME=/root", "LANG=C.UTF-8", *cmd)
 
 
@@ -198,6 +211,9 @@ def _install_kernel(root: Path, tmp: Path, kernel: tuple[str, str]) -> None:
 def _install_wheels(root: Path, wheels: Path, reqs: list[str]) -> None:
     """Wheels made on the host (same python 3.11, same glibc), installed by the
     rootfs's own pip in a chroot with --no-index: nothing fetched inside."""
+    if sys.version_info[:2] != (3, 11):  # compiled wheels must match bookworm's python3
+        raise LabError(f"the wheelhouse is made with this Python {sys.version.split()[0]}; "
+                       f"{SUITE}'s python3 is 3.11: run the lab from a Python 3.11 venv")
     _run(sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels), *reqs)
     inside = root / "tmp" / "wheels"
     shutil.copytree(wheels, inside)

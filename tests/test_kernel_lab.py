@@ -53,3 +53,18 @@ def test_run_disk_holds_the_tree_the_package_links_and_the_script(tmp_path):
     assert link.issym() and link.linkname == "../../repo/common"
     assert "modprobe sch_plug" in script and "REMUS_LAB=1" in script
     assert "REMUS_TEST_SOFTDIRTY_BREAK=keep-bits" in script and "REMUS_TEST_SOFTDIRTY_BREAK=drop-page" in script
+
+
+def test_a_build_step_failing_is_a_lab_error_with_its_output(monkeypatch, capsys):
+    try:
+        lab._run("sh", "-c", "echo E: Couldn\\'t find these debs; exit 1")
+    except lab.LabError as exc:
+        assert "Couldn't find these debs" in str(exc) and "failed (1)" in str(exc)
+    else:
+        raise AssertionError("no LabError")
+
+    def broken_build(*args, **kwargs):
+        raise lab.LabError("debootstrap failed")
+    monkeypatch.setattr(lab, "build", broken_build)
+    assert lab.main(["--no-negative"]) == lab.EXIT_LAB_ERROR
+    assert "kernel lab error (not a test result): debootstrap failed" in capsys.readouterr().err
