@@ -59,6 +59,7 @@ ROOTFS_PACKAGES = ("python3", "python3-venv", "iproute2", "kmod", "procps", "ini
 LAB_VENV = "/opt/remus-lab"
 LAB_INIT = "/sbin/remus-lab-init"
 ROOTFS_SIZE = 3 << 30  # sparse file: only what mkfs.ext4 -d writes takes space
+BUILD_STEP_TIMEOUT = 1200  # s; a stalled mirror fails the build instead of hanging CI
 
 # Loaded by the run script; modprobe pulls in their dependencies.
 MODULES = ("sch_plug", "sch_ingress", "cls_u32", "act_mirred", "ifb", "tun", "bridge", "veth")
@@ -173,7 +174,10 @@ def _run(*cmd: str, cwd: Path | None = None) -> None:
     (debootstrap, for one, says what went wrong on stdout)."""
     try:
         done = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, errors="replace")
+                              stderr=subprocess.STDOUT, text=True, errors="replace",
+                              timeout=BUILD_STEP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise LabError(f"building the lab: {cmd[0]} still running after {BUILD_STEP_TIMEOUT} s") from None
     except FileNotFoundError:
         raise LabError(f"{cmd[0]} not found (scripts/install-deps installs what the lab needs)") from None
     if done.returncode != 0:
