@@ -71,6 +71,11 @@ SELECT = "(softdirty or live or probe) and not without_sch_plug"
 # Each must make the soft-dirty tests FAIL (see tests/test_capture.py).
 NEGATIVE_CONTROLS = ("keep-bits", "drop-page")
 NEGATIVE_SELECT = "softdirty"
+# Optional (--output-commit): the output-commit guarantee with buffer = "plug", the
+# demo guest running under QEMU inside the lab (nested emulation: slow, so few kills).
+OUTPUT_COMMIT_PACKAGES = ("qemu-system-x86",)
+OUTPUT_COMMIT_TEST = "tests/test_output_commit.py::test_no_reply_is_taken_back_with_the_kernel_plug_buffer"
+OUTPUT_COMMIT_FAILOVERS = 2
 
 EXIT_PASSED, EXIT_FAILED, EXIT_LAB_ERROR = 0, 1, 3
 MARK = "REMUS-LAB"
@@ -99,6 +104,13 @@ sleep 60
 
 class LabError(RuntimeError):
     """The lab could not produce a test result (build, boot, timeout)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one boot runs besides the kernel tests."""
+    negative: bool = True                # the negative controls
+    output_commit_guest: Path | None = None  # a built demo guest: run the plug output-commit test
 
 
 @dataclass(frozen=True)
@@ -135,15 +147,15 @@ def kernel_package() -> tuple[str, str]:
     return kernel[0]
 
 
-def lab_key(kernel: tuple[str, str], reqs: list[str]) -> str:
-    inputs = [FORMAT_VERSION, SUITE, MIRROR, ROOTFS_PACKAGES, LAB_VENV, list(kernel), reqs, INIT_SCRIPT]
+def lab_key(kernel: tuple[str, str], reqs: list[str], packages: tuple[str, ...]) -> str:
+    inputs = [FORMAT_VERSION, SUITE, MIRROR, packages, LAB_VENV, list(kernel), reqs, INIT_SCRIPT]
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
 
 
-def build(cache_dir: Path, force: bool = False, log=print) -> LabImage:
+def build(cache_dir: Path, force: bool = False, log=print, extra_packages: tuple[str, ...] = ()) -> LabImage:
     """The lab's root filesystem, kernel and initramfs: cached, else built (minutes)."""
-    kernel, reqs = kernel_package(), requirements()
-    out = Path(cache_dir).expanduser().resolve() / "lab" / lab_key(kernel, reqs)
+    kernel, reqs, packages = kernel_package(), requirements(), ROOTFS_PACKAGES + extra_packages
+    out = Path(cache_dir).expanduser().resolve() / "lab" / lab_key(kernel, reqs, packages)
     if (out / "manifest.json").exists() and not force:
         log(f"kernel lab: cached image {out}")
         return LabImage(out)
@@ -153,7 +165,7 @@ def build(cache_dir: Path, force: bool = False, log=print) -> LabImage:
     try:
         root = tmp / "root"
         log(f"kernel lab: debootstrap {SUITE} (a few minutes), then {kernel[0]} {kernel[1]}")
-        _run("debootstrap", "--variant=minbase", f"--include={','.join(ROOTFS_PACKAGES)}",
+        _run("debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
              SUITE, str(root), MIRROR)
         _install_kernel(root, tmp, kernel)
         log("kernel lab: the project's dependencies into the lab's venv")
@@ -265,7 +277,7 @@ def _remove_build_dir(tmp: Path) -> None:
 
 # -- one run ------------------------------------------------------------------
 
-def run_script(negative: bool) -> str:
+def run_script(plan: Plan) -> str:
     """What the lab's init runs from the run disk: modules, tests, markers."""
     env = "REMUS_LAB=1 PYTHONPATH=/src/pkg"
     pytest = f"{LAB_VENV}/bin/python -m pytest -v -ra --color=no -p no:cacheprovider"
@@ -277,10 +289,14 @@ def run_script(negative: bool) -> str:
         f'start=$(date +%s); {env} {pytest} {" ".join(TESTS)} -k {shlex.quote(SELECT)}',
         f'echo "{MARK}-EXIT $? $(( $(date +%s) - start ))"',
     ]
-    for mode in NEGATIVE_CONTROLS if negative else ():
+    for mode in NEGATIVE_CONTROLS if plan.negative else ():
         lines += [f"{env} REMUS_TEST_SOFTDIRTY_BREAK={mode} {pytest} tests/test_capture.py "
                   f"-k {NEGATIVE_SELECT}",
                   f'echo "{MARK}-NEGATIVE {mode} $?"']
+    if plan.output_commit_guest:
+        lines += [f"start=$(date +%s); {env} REMUS_TEST_GUEST_DIR=/src/guest REMUS_CACHE=/tmp/cache "
+                  f"REMUS_TEST_PLUG_FAILOVERS={OUTPUT_COMMIT_FAILOVERS} {pytest} {OUTPUT_COMMIT_TEST}",
+                  f'echo "{MARK}-OUTPUT-COMMIT $? $(( $(date +%s) - start ))"']
     return "\n".join(lines) + f'\necho "{MARK}-END"\n'
 
 
@@ -291,9 +307,10 @@ def _source_files() -> list[Path]:
     return [p for p in (Path(n.decode()) for n in out.split(b"\0") if n) if (REPO / p).is_file()]
 
 
-def write_run_disk(path: Path, negative: bool) -> None:
+def write_run_disk(path: Path, plan: Plan) -> None:
     """A tar as a raw disk: the working tree as /src/repo, the remus.* package
-    names as symlinks in /src/pkg (as the source layout has no remus/ folder)."""
+    names as symlinks in /src/pkg (as the source layout has no remus/ folder),
+    the demo guest as /src/guest if the plan runs it."""
     with tarfile.open(path, "w") as tar:
         for rel in _source_files():
             tar.add(REPO / rel, arcname=f"repo/{rel}", recursive=False)
@@ -301,7 +318,9 @@ def write_run_disk(path: Path, negative: bool) -> None:
             link = tarfile.TarInfo(f"pkg/remus/{name}")
             link.type, link.linkname = tarfile.SYMTYPE, f"../../repo/{name}"
             tar.addfile(link)
-        script = run_script(negative).encode()
+        if plan.output_commit_guest:
+            tar.add(plan.output_commit_guest, arcname="guest")
+        script = run_script(plan).encode()
         info = tarfile.TarInfo("run.sh")
         info.size = len(script)
         tar.addfile(info, io.BytesIO(script))
@@ -309,28 +328,30 @@ def write_run_disk(path: Path, negative: bool) -> None:
         f.truncate(-(-path.stat().st_size // 512) * 512 + 512 * 64)
 
 
-def qemu_command(image: LabImage, run_disk: Path, serial_log: Path) -> list[str]:
+def qemu_command(image: LabImage, run_disk: Path, serial_log: Path, memory_mib: int = 1024) -> list[str]:
     accel, _why = detect_accel("auto")
     append = (f"console=ttyS0 root=/dev/vda rw init={LAB_INIT} net.ifnames=0 panic=-1 "
               "quiet fsck.mode=skip")
     return ["qemu-system-x86_64", "-machine", "q35", "-accel", accel,
-            "-cpu", "host" if accel == "kvm" else "max", "-smp", "2", "-m", "1024",
+            "-cpu", "host" if accel == "kvm" else "max", "-smp", "2", "-m", str(memory_mib),
             "-nodefaults", "-display", "none", "-no-reboot", "-serial", f"file:{serial_log}",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append,
             "-drive", f"file={image.rootfs},format=raw,if=virtio,snapshot=on",
             "-drive", f"file={run_disk},format=raw,if=virtio,readonly=on"]
 
 
-def boot(image: LabImage, negative: bool, timeout: float, echo=sys.stdout) -> str:
+def boot(image: LabImage, plan: Plan, timeout: float, echo=sys.stdout) -> str:
     """Boot the lab, echo its console as it comes, return it. Raises LabError on
     timeout or if QEMU fails; QEMU and the temp folder are gone either way."""
     with tempfile.TemporaryDirectory(prefix="remus-lab-") as tmp:
         tmp = Path(tmp)
-        write_run_disk(tmp / "run.tar", negative)
+        write_run_disk(tmp / "run.tar", plan)
         serial = tmp / "serial.log"
         serial.touch()
         with open(tmp / "qemu.err", "w+") as err:
-            qemu = subprocess.Popen(qemu_command(image, tmp / "run.tar", serial),
+            # A nested guest pair: two 128 MiB guests' RAM files in the lab's /dev/shm.
+            memory = 2048 if plan.output_commit_guest else 1024
+            qemu = subprocess.Popen(qemu_command(image, tmp / "run.tar", serial, memory),
                                     stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                     start_new_session=True)
             try:
@@ -375,7 +396,7 @@ class Verdict:
     lines: list[str] = field(default_factory=list)
 
 
-def judge(console: str, negative: bool) -> Verdict:
+def judge(console: str, plan: Plan) -> Verdict:
     """From the console: lab error, test failure, or pass (see the module docstring)."""
     kernel = re.search(rf"^{MARK}-KERNEL (\S+)", console, re.M)
     result = re.search(rf"^{MARK}-EXIT (\d+) (\d+)", console, re.M)
@@ -394,14 +415,17 @@ def judge(console: str, negative: bool) -> Verdict:
         v.lines.append(f"kernel lab: tests SKIPPED inside the lab, where none may: {summary}")
     else:
         v.lines.append(f"kernel lab: tests passed: {summary}")
-    for mode in NEGATIVE_CONTROLS if negative else ():
+    for mode in NEGATIVE_CONTROLS if plan.negative else ():
         _judge_negative(console, mode, v, tests_passed=code == 0)
+    if plan.output_commit_guest:
+        _judge_output_commit(console, v)
     return v
 
 
-def _pytest_summary(console: str) -> str:
+def _pytest_summary(console: str, which: int = 0) -> str:
+    """pytest's final line: of the first run (the kernel tests) or the last one."""
     found = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|error|deselected).*?)\s*=*$", console, re.M)
-    return found[0] if found else "no pytest summary line"
+    return found[which] if found else "no pytest summary line"
 
 
 def _judge_negative(console: str, mode: str, v: Verdict, tests_passed: bool) -> None:
@@ -422,6 +446,20 @@ def _judge_negative(console: str, mode: str, v: Verdict, tests_passed: bool) -> 
                        f"{m.group(1)}): the soft-dirty tests cannot catch a broken capture")
 
 
+def _judge_output_commit(console: str, v: Verdict) -> None:
+    m = re.search(rf"^{MARK}-OUTPUT-COMMIT (\d+) (\d+)", console, re.M)
+    if not m:
+        v.code = max(v.code, EXIT_LAB_ERROR)
+        v.lines.append("kernel lab error (not a test result): the output-commit test did not report")
+    elif m.group(1) == "0" and not re.search(r"\d+ skipped", _pytest_summary(console, -1)):
+        v.lines.append(f"kernel lab: output commit with buffer = plug passed "
+                       f"({OUTPUT_COMMIT_FAILOVERS} failovers, {m.group(2)} s, nested QEMU)")
+    else:
+        v.code = max(v.code, EXIT_FAILED)
+        v.lines.append(f"kernel lab: OUTPUT COMMIT WITH buffer = plug FAILED or skipped (pytest exit "
+                       f"{m.group(1)}): {_pytest_summary(console, -1)}")
+
+
 # -- command line -------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,23 +468,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rebuild", action="store_true", help="rebuild the lab's root filesystem even if cached")
     p.add_argument("--timeout", type=float, default=600, help="hard limit for one boot, seconds (default 600)")
     p.add_argument("--no-negative", action="store_true", help="skip the negative controls")
+    p.add_argument("--output-commit", action="store_true",
+                   help=f"also the output-commit test with buffer = plug, {OUTPUT_COMMIT_FAILOVERS} failovers "
+                        "of the demo guest under nested QEMU (slow: raise --timeout)")
     args = p.parse_args(argv)
-    negative = not args.no_negative
+    cache = (args.cache or default_cache_dir()).expanduser()
     started = time.monotonic()
     try:
-        image = build((args.cache or default_cache_dir()).expanduser(), force=args.rebuild)
+        plan = Plan(not args.no_negative, _demo_guest(cache) if args.output_commit else None)
+        extra = OUTPUT_COMMIT_PACKAGES if args.output_commit else ()
+        image = build(cache, force=args.rebuild, extra_packages=extra)
         booted = time.monotonic()
-        console = boot(image, negative, args.timeout)
+        console = boot(image, plan, args.timeout)
     except (LabError, BuildError, OSError, subprocess.SubprocessError) as exc:
         print(f"\nkernel lab error (not a test result): {exc}", file=sys.stderr)
         return EXIT_LAB_ERROR
-    verdict = judge(console, negative)
+    verdict = judge(console, plan)
     print()
     for line in verdict.lines:
         print(line)
     print(f"kernel lab: {time.monotonic() - started:.0f} s in all, "
           f"{time.monotonic() - booted:.0f} s booted (image {image.root.name})")
     return verdict.code
+
+
+def _demo_guest(cache: Path) -> Path:
+    """The demo guest's folder, built on the host (the lab has no network)."""
+    from remus.common.guest_image import build as build_guest
+    return Path(build_guest(cache).kernel).parent
 
 
 if __name__ == "__main__":
