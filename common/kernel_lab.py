@@ -73,7 +73,7 @@ NEGATIVE_CONTROLS = ("keep-bits", "drop-page")
 NEGATIVE_SELECT = "softdirty"
 # Optional (--output-commit): the output-commit guarantee with buffer = "plug", the
 # demo guest running under QEMU inside the lab (nested emulation: slow, so few kills).
-OUTPUT_COMMIT_PACKAGES = ("qemu-system-x86",)
+OUTPUT_COMMIT_PACKAGES = ("qemu-system-x86", "curl")  # curl: the client host's requests (localpair)
 OUTPUT_COMMIT_TEST = "tests/test_output_commit.py::test_no_reply_is_taken_back_with_the_kernel_plug_buffer"
 OUTPUT_COMMIT_FAILOVERS = 2
 
@@ -294,10 +294,25 @@ def run_script(plan: Plan) -> str:
                   f"-k {NEGATIVE_SELECT}",
                   f'echo "{MARK}-NEGATIVE {mode} $?"']
     if plan.output_commit_guest:
-        lines += [f"start=$(date +%s); {env} REMUS_TEST_GUEST_DIR=/src/guest REMUS_CACHE=/tmp/cache "
+        lines += [*_entry_point_lines(), f"start=$(date +%s); {env} REMUS_TEST_GUEST_DIR=/src/guest REMUS_CACHE=/tmp/cache "
                   f"REMUS_TEST_PLUG_FAILOVERS={OUTPUT_COMMIT_FAILOVERS} {pytest} {OUTPUT_COMMIT_TEST}",
-                  f'echo "{MARK}-OUTPUT-COMMIT $? $(( $(date +%s) - start ))"']
+                  f'rc=$?; echo "{MARK}-OUTPUT-COMMIT $rc $(( $(date +%s) - start ))"',
+                  # On failure the daemons' logs: the lab is gone afterwards.
+                  '[ $rc -eq 0 ] || tail -n 40 /tmp/pytest-of-root/pytest-*/test_no_reply*/run*/*.log']
     return "\n".join(lines) + f'\necho "{MARK}-END"\n'
+
+
+def _entry_point_lines() -> list[str]:
+    """Shell lines writing the project's commands (remus-primary, ...) into the lab's
+    venv, as `pip install` would: the daemons the tests start are found there. The
+    venv holds only the dependencies; the code comes from the run disk."""
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    lines = []
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        body = f"#!{LAB_VENV}/bin/python\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n"
+        lines += [f"printf %s {shlex.quote(body)} > {LAB_VENV}/bin/{name}", f"chmod +x {LAB_VENV}/bin/{name}"]
+    return lines
 
 
 def _source_files() -> list[Path]:
