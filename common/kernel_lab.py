@@ -75,7 +75,7 @@ NEGATIVE_SELECT = "softdirty"
 # demo guest running under QEMU inside the lab (nested emulation: slow, so few kills).
 OUTPUT_COMMIT_PACKAGES = ("qemu-system-x86", "curl")  # curl: the client host's requests (localpair)
 OUTPUT_COMMIT_TEST = "tests/test_output_commit.py::test_no_reply_is_taken_back_with_the_kernel_plug_buffer"
-OUTPUT_COMMIT_FAILOVERS = 2
+OUTPUT_COMMIT_FAILOVERS = 2  # not passing yet: see README, "The kernel lab"
 
 EXIT_PASSED, EXIT_FAILED, EXIT_LAB_ERROR = 0, 1, 3
 MARK = "REMUS-LAB"
