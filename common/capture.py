@@ -185,15 +185,24 @@ def dirty_indices_from_pagemap(entries: bytes | np.ndarray) -> np.ndarray:
 
 
 def find_mapping(pid: int, path: Path) -> tuple[int, int]:
-    """(start, end) of the mapping of `path` in process `pid`, from /proc/PID/maps."""
+    """(start, end) of the mapping of `path` in process `pid`, from /proc/PID/maps.
+
+    A writable mapping wins over a read-only one: soft-dirty bits are per
+    mapping, and only the one the guest RAM is written through (QEMU's) gets
+    them. A process that also reads the file (as the daemon's RamView does)
+    has a read-only mapping of the same file that never gets a dirty bit."""
     target = str(path.resolve())
+    found = []
     with open(f"/proc/{pid}/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
             if len(fields) == 6 and fields[5].strip() == target:
                 start, end = (int(x, 16) for x in fields[0].split("-"))
-                return start, end
-    raise LookupError(f"process {pid} has no mapping of {target}")
+                found.append(("w" not in fields[1], start, end))
+    if not found:
+        raise LookupError(f"process {pid} has no mapping of {target}")
+    _read_only, start, end = min(found)
+    return start, end
 
 
 def softdirty_supported() -> tuple[bool, str]:

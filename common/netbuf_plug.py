@@ -45,6 +45,7 @@ import threading
 import time
 from typing import NamedTuple
 
+import pyroute2.config
 from pyroute2 import AsyncIPRoute, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -75,6 +76,14 @@ PLUG_HANDLE = 0x00010000       # 1:
 TCA_EGRESS_REDIR = 1           # linux/tc_act/tc_mirred.h
 TC_ACT_STOLEN = 4              # linux/pkt_cls.h: what mirred redirect returns
 IFNAMSIZ = 16
+
+# pyroute2 enters a network namespace from a forked child, which it stops with
+# SIGTERM. The child shares the daemon's asyncio signal wakeup fd, so a child
+# still running when stopped (any slow machine) made the daemon's loop see a
+# SIGTERM and stop: found in the kernel lab, where a daemon stopped "by signal"
+# right after start or standby. This makes the child take SIGTERM's default
+# action (die) before its work, so nothing reaches the shared wakeup fd.
+pyroute2.config.disable_mp_signal = True
 
 PLUG_MISSING = "kernel has no sch_plug (CONFIG_NET_SCH_PLUG)"
 _GONE = (errno.ENODEV, errno.ENOENT, errno.EINVAL)

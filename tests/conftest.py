@@ -11,6 +11,11 @@ CACHE = Path(os.environ.get("REMUS_CACHE", Path.home() / ".cache" / "remus"))
 
 @pytest.fixture(scope="session")
 def guest_image():
+    # The kernel lab has no network to build one: it brings the host's, built already.
+    prebuilt = os.environ.get("REMUS_TEST_GUEST_DIR")
+    if prebuilt:
+        from remus.common.guest_image import _image
+        return _image(Path(prebuilt))
     from remus.common.guest_image import build
     return build(CACHE)
 

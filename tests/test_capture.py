@@ -1,5 +1,9 @@
+import ctypes
 import mmap
 import os
+import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -77,6 +81,14 @@ def test_find_mapping_of_own_file(ram):
         find_mapping(os.getpid(), view.path.with_name("nope"))
 
 
+def test_find_mapping_prefers_the_writable_mapping(ram):
+    # The test process maps the file twice: the read-only view and the writer.
+    # Only the writer's mapping gets soft-dirty bits (seen in the kernel lab).
+    view, writer = ram
+    start, _end = find_mapping(os.getpid(), view.path)
+    assert start == ctypes.addressof(ctypes.c_char.from_buffer(writer))
+
+
 def test_auto_falls_back_to_compare_without_softdirty(ram):
     view, _ = ram
     ok, why = softdirty_supported()
@@ -87,7 +99,23 @@ def test_auto_falls_back_to_compare_without_softdirty(ram):
     cap.close()
 
 
-def test_softdirty_on_own_process(ram):
+@pytest.fixture
+def softdirty_break(monkeypatch):
+    """The kernel lab's negative control (`make test-kernel`): with
+    REMUS_TEST_SOFTDIRTY_BREAK set, the soft-dirty capture is broken on purpose
+    and the soft-dirty tests must fail, which shows they test something.
+    keep-bits: the bits are never cleared; drop-page: the first dirty page is lost."""
+    mode = os.environ.get("REMUS_TEST_SOFTDIRTY_BREAK")
+    if mode == "keep-bits":
+        monkeypatch.setattr(SoftDirtyCapture, "_clear", lambda self: None)
+    elif mode == "drop-page":
+        dirty = SoftDirtyCapture._dirty
+        monkeypatch.setattr(SoftDirtyCapture, "_dirty", lambda self: dirty(self)[1:])
+    elif mode:
+        raise ValueError(f"REMUS_TEST_SOFTDIRTY_BREAK={mode!r}: keep-bits or drop-page")
+
+
+def test_softdirty_on_own_process(ram, softdirty_break):
     ok, why = softdirty_supported()
     if not ok:
         pytest.skip(f"soft-dirty page tracking unavailable on this kernel: {why}")
@@ -99,6 +127,50 @@ def test_softdirty_on_own_process(ram):
     got = cap.capture()
     assert {3, 2500} <= set(got.indices.tolist())
     cap.close()
+
+
+# A separate process writes the guest RAM file through its own shared mapping,
+# as QEMU does; one line of page numbers per round on stdin, "done" when written.
+WRITER = r"""
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+ram = mmap.mmap(fd, int(sys.argv[2]))
+print("ready", flush=True)
+for line in sys.stdin:
+    for page in map(int, line.split()):
+        pos = page * 4096 + page * 7 % 4096
+        ram[pos] = (ram[pos] + 1) % 256
+    print("done", flush=True)
+"""
+
+
+def test_softdirty_finds_exactly_the_pages_another_process_wrote(ram, softdirty_break):
+    ok, why = softdirty_supported()
+    if not ok:
+        pytest.skip(f"soft-dirty page tracking unavailable on this kernel: {why}")
+    view, _ = ram
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(view.path), str(NPAGES * PAGE_SIZE)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "ready\n"
+        cap = SoftDirtyCapture(view, writer.pid)
+        cap.full()
+        rng = random.Random(20)
+        for _round in range(6):
+            pages = sorted(rng.sample(range(NPAGES), rng.randint(1, 300)))
+            writer.stdin.write(" ".join(map(str, pages)) + "\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline() == "done\n"
+            got = cap.capture()
+            # Every page written since the last capture, and nothing else: a
+            # page missed is lost on failover, a bit not cleared resends forever.
+            assert got.indices.tolist() == pages
+            assert np.array_equal(got.new_pages, view.pages[pages])
+        assert cap.capture().indices.tolist() == []
+        cap.close()
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_compare_sees_changes_in_zero_and_nonzero_blocks(tmp_path):

@@ -10,6 +10,7 @@ import errno
 import gzip
 import os
 import secrets
+import signal
 import shutil
 import socket
 import struct
@@ -627,3 +628,33 @@ def test_live_plug_holds_output_until_commit(netns):
             await dev.close()
         assert set(await asyncio.to_thread(_links, netns)) == {"lo"}
     asyncio.run(run())
+
+
+def test_a_namespace_helper_stopped_late_is_no_sigterm_for_the_daemon():
+    """pyroute2 enters a netns from a forked child and stops it with SIGTERM; the child
+    shares asyncio's signal wakeup fd, so a child still running then (slow machine)
+    made the daemon's loop see SIGTERM and stop. Importing netbuf_plug prevents it."""
+    import pyroute2.config
+    from pyroute2.process import ChildProcess, ChildProcessReturnValue
+    assert pyroute2.config.disable_mp_signal
+
+    def slow_child():
+        time.sleep(2)  # still busy when the parent stops it
+        return ChildProcessReturnValue(b"", [])
+
+    def fork_and_stop():
+        child = ChildProcess(target=slow_child, args=[])
+        child.run()
+        time.sleep(0.3)
+        child.stop()
+
+    async def main() -> bool:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        try:
+            await asyncio.to_thread(fork_and_stop)
+            await asyncio.sleep(0.3)
+            return stop.is_set()
+        finally:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+    assert not asyncio.run(main()), "the daemon's loop saw the helper's SIGTERM"
