@@ -123,7 +123,7 @@ def test_no_reply_is_taken_back_with_output_triggered_pipelined_checkpoints(
     primary host's power cut, still nothing the client saw is lost."""
     rng = random.Random(19)
     runs = []
-    for i in range(6):
+    for i in range(4):
         workdir = tmp_path / f"run{i}"
         workdir.mkdir()
         runs.append(failover_once(guest_image, lan, workdir, rng, replication=PIPELINED,
@@ -132,7 +132,7 @@ def test_no_reply_is_taken_back_with_output_triggered_pipelined_checkpoints(
     assert not violations, f"replies taken back by a failover: {violations}"
     assert all(len(r["values"]) >= 6 for r in runs)
     triggered = sum(t == "output" for r in runs for t in r["triggers"])
-    assert triggered >= 6, f"only {triggered} checkpoints were taken for output: not tested"
+    assert triggered >= 4, f"only {triggered} checkpoints were taken for output: not tested"
     assert any(r["max_in_flight"] >= 1 for r in runs), \
         "no checkpoint was taken while another was in flight: pipelining not tested"
 
