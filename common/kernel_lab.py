@@ -294,12 +294,11 @@ def run_script(plan: Plan) -> str:
                   f"-k {NEGATIVE_SELECT}",
                   f'echo "{MARK}-NEGATIVE {mode} $?"']
     if plan.output_commit_guest:
-        lines += [*_entry_point_lines(), *_signal_trace_lines(), f"start=$(date +%s); {env} REMUS_TEST_GUEST_DIR=/src/guest REMUS_CACHE=/tmp/cache "
+        lines += [*_entry_point_lines(), f"start=$(date +%s); {env} REMUS_TEST_GUEST_DIR=/src/guest REMUS_CACHE=/tmp/cache "
                   f"REMUS_TEST_PLUG_FAILOVERS={OUTPUT_COMMIT_FAILOVERS} {pytest} {OUTPUT_COMMIT_TEST}",
                   f'rc=$?; echo "{MARK}-OUTPUT-COMMIT $rc $(( $(date +%s) - start ))"',
                   # On failure the daemons' logs: the lab is gone afterwards.
-                  '[ $rc -eq 0 ] || tail -n 40 /tmp/pytest-of-root/pytest-*/test_no_reply*/run*/*.log',
-                  '[ $rc -eq 0 ] || grep -v "^#" /sys/kernel/tracing/trace | tail -n 30']
+                  '[ $rc -eq 0 ] || tail -n 40 /tmp/pytest-of-root/pytest-*/test_no_reply*/run*/*.log']
     return "\n".join(lines) + f'\necho "{MARK}-END"\n'
 
 
@@ -314,14 +313,6 @@ def _entry_point_lines() -> list[str]:
         body = f"#!{LAB_VENV}/bin/python\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n"
         lines += [f"printf %s {shlex.quote(body)} > {LAB_VENV}/bin/{name}", f"chmod +x {LAB_VENV}/bin/{name}"]
     return lines
-
-
-def _signal_trace_lines() -> list[str]:
-    """Who sends SIGINT/SIGTERM during the output-commit test (shown on failure): a
-    daemon has been seen stopped by a signal from an unknown sender in the lab."""
-    events = "/sys/kernel/tracing/events/signal/signal_generate"
-    return ["mount -t tracefs tracefs /sys/kernel/tracing",
-            f"echo 'sig == 2 || sig == 15' > {events}/filter", f"echo 1 > {events}/enable"]
 
 
 def _source_files() -> list[Path]:

@@ -230,8 +230,10 @@ class Replicator:
             now = time.monotonic()
             trigger, look_again = pause_trigger(now, due, last, gap, self._output_waiting,
                                                 self._handover is not None, self._disk_full())
-            if trigger is not None or self._commit_failed():
-                return trigger or "failed"
+            if trigger is not None:
+                return trigger
+            if self._commit_failed():
+                await self._settle(len(self._in_flight))  # raises the failed commit's error
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, look_again - now))

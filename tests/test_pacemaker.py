@@ -5,13 +5,16 @@ Pacemaker's tools find agents only under their built-in OCF root
 `make install` does, pointing at this test's Python) and what was there before
 is put back afterwards.
 """
+import os
 import shutil
-import time
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from remus.common.localpair import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_DIR = Path("/usr/lib/ocf/resource.d/remus")
@@ -89,7 +92,7 @@ class Cluster:
         self.logs = {side: workdir / f"{rid}.log" for side, rid in NODE.items()}
 
     def act(self, side: str, action: str) -> subprocess.CompletedProcess:
-        env = {**__import__("os").environ, "CIB_file": str(self.cib)}
+        env = {**os.environ, "CIB_file": str(self.cib)}
         return subprocess.run([*self.lan.exec(side), "crm_resource", f"--force-{action}",
                                "-r", NODE[side]], env=env, capture_output=True, text=True,
                               timeout=180)
@@ -141,11 +144,6 @@ def cluster(guest_image, lan, tmp_path, installed_agent):
     finally:
         c.stop_all()
         pair.cleanup()
-
-
-def wait_until(cond, timeout, what):
-    from remus.common.localpair import wait_until as wait
-    return wait(cond, timeout, what)
 
 
 def test_pacemaker_fails_the_guest_over_by_promotion_and_nothing_is_taken_back(cluster):
