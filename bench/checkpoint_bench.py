@@ -9,7 +9,10 @@ Both run in the same invocation, on the same guest image, under the same load:
   way), and unthrottled (the best a full copy can do).
 
 Scenarios: the guest idle, then dirtying memory at set rates (pages/s) with its
-`/cgi-bin/dirty` service. Prints a table and writes JSON to bench/results/.
+`/cgi-bin/dirty` service. Remus runs once per --pipelines value. Prints a table
+(with the share of wall time the guest spent paused), where Remus's checkpoint
+time goes (stop, capture and device save side by side, resume, then send and
+ack), and writes JSON to bench/results/.
 """
 from __future__ import annotations
 
@@ -58,12 +61,19 @@ def epochs_under_load(port: int, stats: Path, rate: int, seconds: float) -> tupl
     return [r for r in rows if not r["full"] and t0 <= r["taken_at"] < t1], t1 - t0
 
 
+def p50(rows: list[dict], key: str) -> float | None:
+    return percentile([r[key] for r in rows], 0.5) if rows and key in rows[0] else None
+
+
 def summarise(name: str, scenario: str, rows: list[dict], seconds: float) -> dict:
     pauses = [r["pause_ms"] for r in rows]
     return {
         "mode": name, "scenario": scenario, "checkpoints": len(rows),
         "checkpoints_per_s": len(rows) / seconds if seconds else 0.0,
         "pause_p50_ms": percentile(pauses, 0.5), "pause_p99_ms": percentile(pauses, 0.99),
+        # The share of wall time the guest spent stopped.
+        "pause_share": sum(pauses) / 1000 / seconds if seconds else 0.0,
+        "breakdown_p50_ms": {k: p50(rows, k + "_ms") for k in BREAKDOWN if p50(rows, k + "_ms") is not None},
         # The baseline has no dirty tracking: it copies all of RAM every time.
         "dirty_pages_p50": percentile([r["dirty_pages"] for r in rows], 0.5) if rows and "dirty_pages" in rows[0] else None,
         "wire_bytes_p50": percentile([r["wire_bytes"] for r in rows], 0.5),
@@ -71,9 +81,17 @@ def summarise(name: str, scenario: str, rows: list[dict], seconds: float) -> dic
     }
 
 
-def run_remus(image, scenarios: list[int], seconds: float, interval: int) -> list[dict]:
+# Where a checkpoint's time goes (the primary's --stats): inside the pause, stop, then
+# capture and device save side by side, then preresume + cont; after it, the send and
+# the wait for the ack.
+BREAKDOWN = ("stop", "capture", "device", "resume", "send", "ack")
+
+
+def run_remus(image, scenarios: list[int], seconds: float, interval: int,
+              pipeline: int = 1) -> list[dict]:
     workdir = Path(tempfile.mkdtemp(prefix="remus-bench-"))
-    pair = Pair(image, workdir, interval_ms=interval)
+    pair = Pair(image, workdir, interval_ms=interval, pipeline=pipeline)
+    name = "remus" if pipeline == 1 else f"remus pipeline={pipeline}"
     stats = workdir / "epochs.jsonl"
     out = []
     try:
@@ -81,7 +99,7 @@ def run_remus(image, scenarios: list[int], seconds: float, interval: int) -> lis
         wait_until(lambda: pair.try_get("get"), 120, "the guest's service")
         for rate in scenarios:
             rows, window = epochs_under_load(pair.http_port, stats, rate, seconds)
-            out.append(summarise("remus", scenario_name(rate), rows, window))
+            out.append(summarise(name, scenario_name(rate), rows, window))
         set_dirty_rate(pair.http_port, 0)
     finally:
         pair.cleanup()
@@ -138,6 +156,7 @@ def scenario_name(rate: int) -> str:
 def print_table(rows: list[dict]) -> None:
     cols = [("mode", "mode", "{}"), ("scenario", "scenario", "{}"), ("cp/s", "checkpoints_per_s", "{:.1f}"),
             ("pause p50 ms", "pause_p50_ms", "{:.1f}"), ("pause p99 ms", "pause_p99_ms", "{:.1f}"),
+            ("paused", "pause_share", "{:.0%}"),
             ("dirty p50", "dirty_pages_p50", "{:.0f}"), ("wire p50 KiB", "wire_bytes_p50", "{:.0f}"),
             ("wire p99 KiB", "wire_bytes_p99", "{:.0f}")]
     cells = [[h for h, _, _ in cols]]
@@ -151,14 +170,29 @@ def print_table(rows: list[dict]) -> None:
             print("-|-".join("-" * w for w in widths))
 
 
+def print_breakdown(rows: list[dict]) -> None:
+    """Where Remus's checkpoint time goes, p50 ms; `other` is the pause beyond stop,
+    max(capture, device) and resume (hooks, the loop's own work)."""
+    print("\nCheckpoint breakdown, p50 ms (pause = stop + max(capture, device) + resume + other)")
+    print("mode                 | scenario           | " + " | ".join(f"{k:>7s}" for k in BREAKDOWN)
+          + " |   other")
+    for r in rows:
+        b = r.get("breakdown_p50_ms") or {}
+        if not b:
+            continue
+        other = r["pause_p50_ms"] - b["stop"] - max(b["capture"], b["device"]) - b["resume"]
+        print(f"{r['mode']:20s} | {r['scenario']:18s} | "
+              + " | ".join(f"{b[k]:7.1f}" for k in BREAKDOWN) + f" | {other:7.1f}")
+
+
 def ratios(rows: list[dict]) -> list[dict]:
     by = {(r["mode"], r["scenario"]): r for r in rows}
     out = []
     for (mode, scenario), r in by.items():
         for base_mode in ("baseline", "baseline-unthrottled"):
             base = by.get((base_mode, scenario))
-            if mode == "remus" and base and r["pause_p50_ms"]:
-                out.append({"scenario": scenario, "against": base_mode,
+            if mode.startswith("remus") and base and r["pause_p50_ms"]:
+                out.append({"scenario": scenario, "mode": mode, "against": base_mode,
                             "pause_p50_ratio": base["pause_p50_ms"] / r["pause_p50_ms"],
                             "wire_p50_ratio": base["wire_bytes_p50"] / max(r["wire_bytes_p50"], 1)})
     return out
@@ -169,20 +203,24 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10, help="measuring window per scenario")
     ap.add_argument("--interval", type=int, default=200, help="checkpoint interval in ms")
     ap.add_argument("--rates", default="0,1000,5000", help="dirty rates in pages/s (0 = idle)")
+    ap.add_argument("--pipelines", default="1,2",
+                    help="[replication] pipeline values to run Remus with, side by side")
     args = ap.parse_args()
     scenarios = [int(x) for x in args.rates.split(",")]
     image = build(Path(os.environ.get("REMUS_CACHE", Path.home() / ".cache" / "remus")))
-    rows = run_remus(image, scenarios, args.seconds, args.interval)
+    rows = [row for pipeline in sorted({int(x) for x in args.pipelines.split(",")})
+            for row in run_remus(image, scenarios, args.seconds, args.interval, pipeline)]
     rows += asyncio.run(_baseline(image, scenarios, args.seconds, args.interval,
                                   "baseline", QEMU_DEFAULT_MAX_BANDWIDTH))
     rows += asyncio.run(_baseline(image, scenarios, args.seconds, args.interval,
                                   "baseline-unthrottled", 1 << 40))
     rows.sort(key=lambda r: (scenarios.index(next(s for s in scenarios if scenario_name(s) == r["scenario"])), r["mode"]))
     print_table(rows)
+    print_breakdown(rows)
     rel = ratios(rows)
     print()
     for r in rel:
-        print(f"{r['scenario']}: {r['against']} pause / remus pause = {r['pause_p50_ratio']:.1f}x, "
+        print(f"{r['scenario']}: {r['against']} pause / {r['mode']} pause = {r['pause_p50_ratio']:.1f}x, "
               f"wire = {r['wire_p50_ratio']:.0f}x")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"checkpoint-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -5,10 +5,14 @@ side in one run, at each checkpoint interval, three primaries on the same guest:
 --no-net (frames relayed at once, the baseline), the output buffer with
 checkpoints on the interval (trigger = interval), and the buffer with
 checkpoints brought forward by waiting output (trigger = output):
-- latency: sequential `GET /cgi-bin/inc` round trips over a fresh connection
-  each; the added latency (p50 against --no-net), set beside the primary's own
-  pause p50 + ack p50 (what one checkpoint costs a reply at least), and the
-  request rate of that one sequential client;
+- latency over one connection: sequential `inc` requests to the guest's line
+  service (port 7, /bin/remus-line), a client that keeps its connection as a
+  database client does; the added latency (p50 against --no-net), set beside
+  the primary's own pause p50 + ack p50 (what one checkpoint costs a reply at
+  least), and the request rate of that one sequential client;
+- latency over a fresh connection each: sequential `GET /cgi-bin/inc` (busybox
+  httpd has no keep-alive), where the SYN-ACK and the reply each wait for a
+  checkpoint;
 - throughput (at --throughput-interval): a bulk download from the guest
   (`/cgi-bin/blob`) through each, and through a direct TAP (the guest after
   activation on the backup, where no daemon relays frames).
@@ -44,8 +48,25 @@ for _ in range(n):
 """
 
 
-def latencies(pair: Pair, n: int) -> list[float]:
-    r = subprocess.run([*pair.lan.exec("client"), "python3", "-c", LATENCY_CLIENT, pair.url("inc"), str(n)],
+LINE_CLIENT = """
+import socket, sys, time
+host, n = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((host, 7), timeout=10)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+replies = s.makefile("rb")
+for _ in range(n):
+    t0 = time.perf_counter()
+    s.sendall(b"inc\\n")
+    if not replies.readline().strip().isdigit():
+        raise SystemExit("the line service closed or answered nonsense")
+    print((time.perf_counter() - t0) * 1000)
+"""
+
+
+def latencies(pair: Pair, n: int, one_connection: bool) -> list[float]:
+    client, target = ((LINE_CLIENT, pair.lan.addr["guest"]) if one_connection
+                      else (LATENCY_CLIENT, pair.url("inc")))
+    r = subprocess.run([*pair.lan.exec("client"), "python3", "-c", client, target, str(n)],
                        capture_output=True, text=True, timeout=600, check=True)
     return [float(x) for x in r.stdout.split()]
 
@@ -95,10 +116,14 @@ def run_mode(image, lan: Lan, interval: int, mode: tuple, args, through: list) -
     name, replication, extra = mode
     pair, workdir = protected(image, lan, interval, replication, *extra)
     try:
-        lat = latencies(pair, args.requests)
-        row = {"interval_ms": interval, "mode": name, "p50_ms": percentile(lat, .5),
-               "p90_ms": percentile(lat, .9), "requests": len(lat),
-               "requests_per_s": len(lat) / (sum(lat) / 1000), **primary_figures(pair)}
+        line = latencies(pair, args.requests, one_connection=True)
+        figures = primary_figures(pair)  # the checkpoints the line client saw
+        http = latencies(pair, args.http_requests, one_connection=False)
+        row = {"interval_ms": interval, "mode": name, "p50_ms": percentile(line, .5),
+               "p90_ms": percentile(line, .9), "requests": len(line),
+               "requests_per_s": len(line) / (sum(line) / 1000),
+               "http_p50_ms": percentile(http, .5), "http_requests": len(http),
+               "http_requests_per_s": len(http) / (sum(http) / 1000), **figures}
         if interval == args.throughput_interval:
             through.append({"path": f"{name}", **download(pair, args.mib)})
             if name == "interval":
@@ -114,32 +139,36 @@ def run_mode(image, lan: Lan, interval: int, mode: tuple, args, through: list) -
 
 
 def print_latency(rows: list[dict]) -> list[dict]:
-    print("Request latency (client -> guest /cgi-bin/inc -> client), p50 ms; added = against no-net")
-    print("interval | no-net | interval: added  req/s | output: added  req/s  pause+ack | rate x"
-          " | output+pipeline: added  req/s | rate x")
+    print("Request latency, p50 ms; added = against no-net in the same run; rate x = request "
+          "rate against trigger = interval")
+    print("interval | mode            | one connection: p50  added  req/s  rate x "
+          "| fresh connections: p50  added | pause+ack p50")
     by = {(r["interval_ms"], r["mode"]): r for r in rows}
     summary = []
     for interval in sorted({r["interval_ms"] for r in rows}):
-        n, i, o, p = (by[(interval, m)] for m in ("no-net", "interval", "output", "output+pipeline"))
-        one_cp = (o["pause_p50_ms"] or 0) + (o["ack_p50_ms"] or 0)
-        row = {"interval_ms": interval, "added_interval_ms": i["p50_ms"] - n["p50_ms"],
-               "added_output_ms": o["p50_ms"] - n["p50_ms"], "pause_plus_ack_ms": one_cp,
-               "rate_ratio": o["requests_per_s"] / i["requests_per_s"],
-               "added_pipelined_ms": p["p50_ms"] - n["p50_ms"],
-               "rate_ratio_pipelined": p["requests_per_s"] / i["requests_per_s"]}
-        summary.append(row)
-        print(f"{interval:8d} | {n['p50_ms']:6.1f} | {row['added_interval_ms']:15.1f} "
-              f"{i['requests_per_s']:6.1f} | {row['added_output_ms']:13.1f} "
-              f"{o['requests_per_s']:6.1f} {one_cp:10.1f} | {row['rate_ratio']:6.2f} | "
-              f"{row['added_pipelined_ms']:22.1f} {p['requests_per_s']:6.1f} | "
-              f"{row['rate_ratio_pipelined']:6.2f}")
+        base, fixed = by[(interval, "no-net")], by[(interval, "interval")]
+        for name, _, _ in MODES:
+            r = by[(interval, name)]
+            one_cp = (r["pause_p50_ms"] or 0) + (r["ack_p50_ms"] or 0)
+            row = {"interval_ms": interval, "mode": name,
+                   "added_ms": r["p50_ms"] - base["p50_ms"],
+                   "rate_ratio": r["requests_per_s"] / fixed["requests_per_s"],
+                   "http_added_ms": r["http_p50_ms"] - base["http_p50_ms"],
+                   "pause_plus_ack_ms": one_cp}
+            summary.append(row)
+            print(f"{interval:8d} | {name:15s} | {r['p50_ms']:19.1f} {row['added_ms']:6.1f} "
+                  f"{r['requests_per_s']:6.1f} {row['rate_ratio']:6.2f} | "
+                  f"{r['http_p50_ms']:22.1f} {row['http_added_ms']:6.1f} | {one_cp:13.1f}")
     return summary
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--intervals", default="25,100,200")
-    ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--requests", type=int, default=200,
+                    help="requests over one connection, per mode and interval")
+    ap.add_argument("--http-requests", type=int, default=40,
+                    help="requests over a fresh connection each")
     ap.add_argument("--mib", type=int, default=16, help="download size for throughput")
     ap.add_argument("--throughput-interval", type=int, default=100,
                     help="the interval (ms) the downloads run at")

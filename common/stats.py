@@ -23,6 +23,8 @@ class EpochStats:
     send_ms: float       # encode + send, guest running
     ack_ms: float        # last byte sent .. ack received
     trigger: str = "interval"  # why it was taken: interval, output, disk, handover
+    stop_ms: float = 0.0       # inside the pause: QMP stop until the guest is stopped
+    resume_ms: float = 0.0     # inside the pause: preresume hooks + QMP cont
     in_flight: int = 0         # earlier checkpoints still unacknowledged when it was taken
 
 

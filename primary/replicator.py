@@ -30,7 +30,7 @@ from remus.common.hooks import Hooks
 from remus.common.status import PrimaryState
 from remus.common.takeover import output_hold_s
 from remus.primary.output_hold import OutputHold
-from remus.primary.trigger import pause_trigger
+from remus.primary.trigger import next_due, pause_trigger
 
 _log = log.get("remus.primary")
 
@@ -486,7 +486,7 @@ class Replicator:
             trigger = await self._until_next_pause(next_pause, last_pause)
             await self._settle(window - 1)  # a failed commit ends the session here
             last_pause = time.monotonic()
-            next_pause = last_pause + interval
+            next_pause = next_due(trigger, next_pause, last_pause, interval)
             self._output_waiting = False  # what is held now goes with this checkpoint
             epoch += 1
             if self._handover is not None and self.state == PrimaryState.PROTECTING:
@@ -669,13 +669,13 @@ class Replicator:
             self.disk.lift_cap()  # `stop` waits for in-flight writes: let them land
         await self.guest.stop()
         self.barrier_epoch = epoch  # input handed to the guest from now on is not in `epoch`
+        timings: dict = {"stop_ms": (time.monotonic() - t0) * 1000}
         resumed = False
         try:
             self.drill_point("postsuspend-before")
             await self.hooks.postsuspend(epoch)
             self.drill_point("postsuspend-after")
             disk = self.disk.take_sealed() if self.disk is not None else (None, False)
-            timings: dict = {}
             tc = time.monotonic()
             capture_job = loop.run_in_executor(None, self.capture.full if full else self.capture.capture)
             capture_job.add_done_callback(
@@ -688,10 +688,12 @@ class Replicator:
                 timings["pause_ms"] = (time.monotonic() - t0) * 1000
                 return captured, device_state, disk, timings
             self.drill_point("preresume-before")
+            tr = time.monotonic()
             await self.hooks.preresume(epoch)
             self.drill_point("preresume-after")
             await self.guest.cont()
             resumed = True
+            timings["resume_ms"] = (time.monotonic() - tr) * 1000
             if self.paused_for_backup:
                 self.paused_for_backup = False
                 _log.warning("guest-resumed", detail="a new session took its first checkpoint")
@@ -736,7 +738,8 @@ class Replicator:
             dirty_pages=total, device_bytes=len(device_state),
             disk_bytes=writes.bytes if writes is not None else 0,
             wire_bytes=wire, send_ms=(sent_at - t_send) * 1000, ack_ms=0.0, trigger=trigger,
-            in_flight=len(self._in_flight))
+            in_flight=len(self._in_flight), stop_ms=timings["stop_ms"],
+            resume_ms=timings.get("resume_ms", 0.0))
         return stats, sent_at
 
     async def _complete(self, stats: EpochStats, sent_at: float,

@@ -26,3 +26,12 @@ def pause_trigger(now: float, due: float, last: float, min_gap: float, output_wa
     if output_waiting:
         return (OUTPUT, now) if now >= earliest else (None, min(due, earliest))
     return None, due
+
+
+def next_due(trigger: str, due: float, paused_at: float, interval: float) -> float:
+    """The end of the next interval. On the interval's own pause the cadence is kept
+    (due + interval), so that the loop's own latency does not stretch every epoch;
+    a pause brought forward, or one more than an interval late, starts it afresh."""
+    if trigger == INTERVAL and paused_at - due < interval:
+        return due + interval
+    return paused_at + interval

@@ -3,7 +3,7 @@ replicator that output waits."""
 import pytest
 
 from remus.common.netbuf import UserspaceNetBuffer
-from remus.primary.trigger import DISK, HANDOVER, INTERVAL, OUTPUT, pause_trigger
+from remus.primary.trigger import DISK, HANDOVER, INTERVAL, OUTPUT, next_due, pause_trigger
 
 LAST, GAP, DUE = 100.0, 0.02, 100.2  # last pause at 100 s, min gap 20 ms, interval 200 ms
 
@@ -56,3 +56,21 @@ def test_a_frame_dropped_at_the_cap_does_not_report_output(tmp_path):
     nb.protecting = True
     nb._from_guest(b"x" * 60)  # 60 + overhead > 100: dropped
     assert calls == [] and nb.queue.dropped_frames == 1
+
+
+def test_the_interval_keeps_its_cadence_when_the_loop_is_a_little_late():
+    # due at 10.0, paused at 10.004: the next is due at 10.1, not 10.104
+    assert next_due(INTERVAL, 10.0, 10.004, 0.1) == pytest.approx(10.1)
+
+
+def test_a_pause_more_than_an_interval_late_starts_the_cadence_afresh():
+    assert next_due(INTERVAL, 10.0, 10.25, 0.1) == pytest.approx(10.35)
+
+
+@pytest.mark.parametrize("trigger", [OUTPUT, DISK, HANDOVER])
+def test_a_pause_brought_forward_starts_a_full_interval(trigger):
+    assert next_due(trigger, 10.0, 9.96, 0.1) == pytest.approx(10.06)
+
+
+def test_exactly_an_interval_late_starts_afresh():
+    assert next_due(INTERVAL, 10.0, 10.25, 0.25) == 10.5
