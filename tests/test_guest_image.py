@@ -52,7 +52,8 @@ def test_cache_key_changes_with_every_input(change, monkeypatch):
 def test_guest_files_cover_the_service():
     names = dict(gi._guest_files())
     for name in ("init", "www/cgi-bin/inc", "www/cgi-bin/get", "www/cgi-bin/dirty",
-                 "www/cgi-bin/record", "www/cgi-bin/disklast", "bin/remus-dirty", "lib/remus/cgi.sh"):
+                 "www/cgi-bin/record", "www/cgi-bin/disklast", "bin/remus-dirty", "bin/remus-line",
+                 "lib/remus/cgi.sh"):
         assert name in names
     assert b"REMUS-GUEST-READY" in names["init"]
 
@@ -60,10 +61,21 @@ def test_guest_files_cover_the_service():
 @pytest.mark.skipif(not BUSYBOX, reason="no busybox on the host to check shell syntax")
 @pytest.mark.parametrize("name", ["init", "www/cgi-bin/inc", "www/cgi-bin/get", "www/cgi-bin/dirty",
                                   "www/cgi-bin/record", "www/cgi-bin/disklast",
-                                  "bin/remus-dirty", "lib/remus/cgi.sh"])
+                                  "bin/remus-dirty", "bin/remus-line", "lib/remus/cgi.sh"])
 def test_guest_scripts_parse(name):
     done = subprocess.run([BUSYBOX, "sh", "-n", str(gi.GUEST_FILES / name)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(not BUSYBOX, reason="no busybox on the host to run the line service")
+def test_line_service_answers_each_line_on_one_connection(tmp_path):
+    (tmp_path / "counter").write_bytes(b"xx")  # the CGI's counter: two increments so far
+    script = gi.GUEST_FILES.joinpath("bin/remus-line").read_text().replace(
+        "STATE=/run/remus", f"STATE={tmp_path}")
+    done = subprocess.run([BUSYBOX, "sh", "-c", script], input="inc\ninc\nget\nping\nhello\n",
+                          capture_output=True, text=True, timeout=30)
+    assert done.stdout.splitlines() == ["3", "4", "4", "pong", "error: unknown command"]
+    assert (tmp_path / "counter").read_bytes() == b"xxxx"
 
 
 # -- the counter CGI, run on the host with busybox sh ----------------------------
