@@ -632,8 +632,7 @@ class BackupProtocol:
         staged = StagedCheckpoint(cp.epoch, cp.full, cp.taken_at, indices, pages, cp.device or b"",
                                   cp.disk_synced, cp.precopy, cp.received)
         self._consistent_staged = self._consistent_staged or not cp.precopy
-        if cp.device is not None:  # a pre-copy round has none: the base stays
-            self._last_device = cp.device
+        self._last_device = cp.device  # None for a pre-copy round: no device state came yet
         self._open = None
         self._last_staged = cp.epoch
         self._unacked.append(staged)
