@@ -70,6 +70,7 @@ def make_stream(
     frames = [enc.hello(FP, SESSION, npages * ps)]
     sent: list[Sent] = []
     replica_view = None  # what the primary knows the backup holds
+    device = b""
     for epoch in range(1, n_ckpt + 1):
         if epoch == 1:
             full, idx = True, np.arange(npages, dtype=np.uint32)
@@ -82,12 +83,23 @@ def make_stream(
                 ram[i, pos] ^= rng.integers(1, 256, 3, dtype=np.uint8)
         new = ram[idx].copy()
         prev = replica_view[idx] if (xor and not full) else None
-        device = rng.bytes(int(rng.integers(1, 200)))
+        device = _next_device(rng, device)
         taken_at = 1_700_000_000.0 + epoch * 0.25
         frames += list(enc.checkpoint(epoch, full, taken_at, idx, new, prev, device, batch_pages=batch))
         sent.append(Sent(epoch, full, taken_at, idx, new, device))
         replica_view = ram.copy()
     return frames, sent
+
+
+def _next_device(rng, device: bytes) -> bytes:
+    """A device state after `device`: mostly a few bytes changed (a delta frame), now
+    and then one of another length (sent whole)."""
+    if not device or rng.random() < 0.25:
+        return rng.bytes(int(rng.integers(1, 200)))
+    changed = bytearray(device)
+    for pos in rng.integers(0, len(changed), 2):
+        changed[pos] ^= int(rng.integers(1, 256))
+    return bytes(changed)
 
 
 class Daemon:
@@ -485,18 +497,20 @@ def test_encoder_validation():
 # Backup rejections. Each builds a session whose stream is broken in one way
 # and checks that the error names the problem and nothing is staged for it.
 
-ENC = CheckpointEncoder(PS)
-ENC_RAW = CheckpointEncoder(PS, "none")
 ALL = np.arange(NPAGES, dtype=np.uint32)
 RNG = np.random.default_rng(42)
 FULL_PAGES = RNG.integers(0, 256, (NPAGES, PS), dtype=np.uint8)
 
 
-def full_frames(epoch=1, enc=ENC, batch=8, device=b"dev", taken_at=5.0) -> list[bytes]:
+# The helpers take a new encoder unless given one: an encoder belongs to one session
+# (its device frames are deltas against its previous one), so tests must not share one.
+def full_frames(epoch=1, enc=None, batch=8, device=b"dev", taken_at=5.0) -> list[bytes]:
+    enc = enc or CheckpointEncoder(PS)
     return list(enc.checkpoint(epoch, True, taken_at, ALL, FULL_PAGES, None, device, batch_pages=batch))
 
 
-def incr_frames(epoch=2, idx=(1, 5, 9), xor=True, enc=ENC, batch=8) -> list[bytes]:
+def incr_frames(epoch=2, idx=(1, 5, 9), xor=True, enc=None, batch=8) -> list[bytes]:
+    enc = enc or CheckpointEncoder(PS)
     idx = np.array(idx, dtype=np.uint32)
     new = FULL_PAGES[idx] ^ np.uint8(0x5A)
     prev = FULL_PAGES[idx] if xor else None
@@ -663,7 +677,7 @@ def test_zstd_corrupt_and_trailing_data():
 
 
 def test_unknown_codec_and_raw_length():
-    f = incr_frames(enc=ENC_RAW, xor=False)
+    f = incr_frames(enc=CheckpointEncoder(PS, "none"), xor=False)
     expect_reject(full_frames() + [f[0], retype(f[1], codec="lz4")], "unknown codec 'lz4'", 1)
     expect_reject(full_frames() + [f[0], patch_pages(f[1], encoded=b"\x00" * (3 * PS - 1))],
                   "uncompressed data is 191 bytes, raw_len says 192", 1)
@@ -686,7 +700,7 @@ def test_end_checks():
 
 
 def test_corrupted_page_data_caught_by_checksum():
-    f = incr_frames(enc=ENC_RAW, xor=False)
+    f = incr_frames(enc=CheckpointEncoder(PS, "none"), xor=False)
     h = FrameDecoder().feed(f[1])[0]
     payload = bytearray(h.payload)
     payload[-1] ^= 1
@@ -1105,7 +1119,7 @@ def test_precopy_round_must_not_carry_device_state():
     d.feed(frame({"t": "begin", "epoch": 1, "full": True, "taken_at": 1.0, "disk_synced": False,
                   "precopy": True}))
     with pytest.raises(ProtocolError, match="carries no device state"):
-        d.feed(frame({"t": "device", "codec": "none", "raw_len": 3}, b"dev"))
+        d.feed(frame({"t": "device", "codec": "none", "raw_len": 3, "delta": False}, b"dev"))
 
 
 def test_precopy_flag_is_covered_by_the_checksum():

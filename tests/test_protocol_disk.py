@@ -317,8 +317,8 @@ BAD_DISK_DATA = [  # frames after the pages of checkpoint 1 (None: that session'
     ([zero_frame(zeroes((0, MAX_DISK_SIZE)))], "zero frame", f"an extent ends beyond disk 0's {DISK} bytes"),
     ([zero_frame(zeroes((MAX_DISK_SIZE + 1, 512)))], "zero frame", "an extent is empty or beyond any disk"),
     ([zero_frame(zeroes((0, MAX_DISK_SIZE + 1)))], "zero frame", "an extent is empty or beyond any disk"),
-    ([encode_frame({"t": "device", "codec": "zstd", "raw_len": 3}, b"bad")], "device frame",
-     r"not a zstd frame \(.*\)"),
+    ([encode_frame({"t": "device", "codec": "zstd", "raw_len": 3, "delta": False}, b"bad")],
+     "device frame", r"not a zstd frame \(.*\)"),
     (["end"], "end of checkpoint", "no device frame"),
 ]
 
@@ -349,7 +349,8 @@ def test_decoded_sizes_up_to_max_payload_are_taken():
     b, frames = in_checkpoint(max_payload=limit)
     table = memoryview(extents((0, limit))).cast("B").tobytes()
     b.receive(raw_disk_frame(1, table + packed(limit), limit, "zstd"))
-    b.receive(encode_frame({"t": "device", "codec": "zstd", "raw_len": limit}, packed(limit)))
+    b.receive(encode_frame({"t": "device", "codec": "zstd", "raw_len": limit, "delta": False},
+                           packed(limit)))
     with pytest.raises(ProtocolError, match=rf"^device frame in checkpoint 1: second device frame$"):
         b.receive(frames[3])
     b, frames = in_checkpoint(max_payload=limit)
@@ -360,4 +361,5 @@ def test_decoded_sizes_up_to_max_payload_are_taken():
     b, frames = in_checkpoint(max_payload=limit)
     with pytest.raises(ProtocolError, match=rf"^device frame in checkpoint 1: raw_len {limit + 1} "
                                             rf"is out of range \(1\.\.{limit}\)$"):
-        b.receive(encode_frame({"t": "device", "codec": "zstd", "raw_len": limit + 1}, packed(limit + 1)))
+        b.receive(encode_frame({"t": "device", "codec": "zstd", "raw_len": limit + 1, "delta": False},
+                               packed(limit + 1)))

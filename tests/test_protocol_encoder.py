@@ -28,7 +28,7 @@ FP = "fingerprint-0123"
 SESSION = "0123456789abcdef0123456789abcdef"
 PS = 64
 RAM = 32 * PS
-ENC = CheckpointEncoder(PS)
+ENC = CheckpointEncoder(PS)  # shared: no test feeds its device frames (maybe deltas) to a backup
 IDX2 = np.array([1, 3], dtype=np.uint32)
 PAGES2 = np.zeros((2, PS), np.uint8)
 
@@ -224,10 +224,13 @@ def test_pages_frame_never_decodes_to_more_than_max_frame_raw():
 def test_indices_of_any_integer_dtype_go_on_the_wire_as_uint32_le():
     rng = np.random.default_rng(3)
     pages = rng.integers(0, 256, (3, PS), dtype=np.uint8)
-    reference = list(ENC.checkpoint(2, False, 1.0, np.array([2, 5, 9], np.uint32), pages, None, b"d"))
+    # A new encoder each time: a second device frame from one would be a delta.
+    reference = list(CheckpointEncoder(PS).checkpoint(2, False, 1.0, np.array([2, 5, 9], np.uint32),
+                                                      pages, None, b"d"))
     for dtype in (np.int64, np.uint16, ">u4"):
         idx = np.array([2, 5, 9], dtype=dtype)
-        assert list(ENC.checkpoint(2, False, 1.0, idx, pages, None, b"d")) == reference
+        assert list(CheckpointEncoder(PS).checkpoint(2, False, 1.0, idx, pages, None, b"d")) \
+            == reference
     pre = [list(ENC.precopy_round(2, False, 1.0, [(np.array([2, 5, 9], dtype), pages, None)]))
            for dtype in (np.uint32, np.int64)]
     assert pre[0] == pre[1]

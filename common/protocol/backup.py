@@ -116,6 +116,9 @@ class BackupProtocol:
         self._open: _Open | None = None
         self._last_staged: int | None = None
         self._unacked: list[StagedCheckpoint] = []
+        # The device state of the last checkpoint staged, in stream order, acked or
+        # not: the base of the next device frame if it is a delta (the encoder's too).
+        self._last_device: bytes | None = None
         self._error: str | None = None
 
     # -- public API ---------------------------------------------------------
@@ -573,10 +576,30 @@ class BackupProtocol:
             raise ProtocolError(f"{what}: second device frame")
         if not 1 <= raw_len <= self.max_payload:
             raise ProtocolError(f"{what}: raw_len {raw_len} is out of range (1..{self.max_payload})")
+        base = self._delta_base(cp, what, raw_len) if f["delta"] else None
         data = self._decode(what, codec, memoryview(payload), raw_len)
-        device = bytes(data)  # no copy if it is bytes already
+        if base is None:
+            device = bytes(data)  # no copy if it is bytes already
+        else:
+            device = np.bitwise_xor(np.frombuffer(data, np.uint8),
+                                    np.frombuffer(base, np.uint8)).tobytes()
+        # The raw state, never the delta: the checksum then also proves the base was right.
         cp.hasher.update(device)
         cp.device = device
+
+    def _delta_base(self, cp: _Open, what: str, raw_len: int) -> bytes:
+        """The device state a delta frame of `raw_len` bytes applies to."""
+        if cp.full:
+            raise ProtocolError(f"{what}: a full checkpoint's device state must be whole, "
+                                f"not a delta")
+        base = self._last_device
+        if base is None:
+            raise ProtocolError(f"{what}: a delta, but no earlier checkpoint of this session "
+                                f"carried a device state")
+        if len(base) != raw_len:
+            raise ProtocolError(f"{what}: a delta of {raw_len} bytes against a previous device "
+                                f"state of {len(base)} bytes")
+        return base
 
     def _end(self, cp: _Open, f: dict) -> StagedCheckpoint:
         what = f"end of checkpoint {cp.epoch}"
@@ -609,6 +632,7 @@ class BackupProtocol:
         staged = StagedCheckpoint(cp.epoch, cp.full, cp.taken_at, indices, pages, cp.device or b"",
                                   cp.disk_synced, cp.precopy, cp.received)
         self._consistent_staged = self._consistent_staged or not cp.precopy
+        self._last_device = cp.device  # None for a pre-copy round: no device state came yet
         self._open = None
         self._last_staged = cp.epoch
         self._unacked.append(staged)

@@ -9,7 +9,8 @@ It is the hex blake2b (digest_size=16) over, in order:
        contents (after undoing xor),
     3. for each disk frame, its extent table then the raw (decoded) data; for
        each zero frame, its extent table,
-    4. the raw (decoded) device state.
+    4. the raw (decoded) device state, a delta undone: so a delta applied to
+       the wrong base fails the checksum.
 
 (1) is there so that a corrupted ``full`` flag or ``taken_at`` cannot slip
 through either: every field of a staged checkpoint is covered.

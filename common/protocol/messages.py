@@ -18,7 +18,11 @@ is in the frame payload)::
                    payload: count uint32 LE page indices, then the encoded pages
                    (raw_len = count * page_size decoded bytes; with xor they are
                    new XOR previous page contents)
-    device   P->B  codec, raw_len; payload: the encoded device state (raw_len > 0)
+    device   P->B  codec, raw_len, delta; payload: the encoded device state (raw_len > 0
+                   decoded bytes); with delta, the state XOR the device state of the
+                   previous checkpoint of the session that had one (the last one sent,
+                   acknowledged or not), which must be raw_len bytes too. A full
+                   checkpoint's device state is never a delta.
     disk     P->B  disk (index into disk_sizes), count, codec, raw_len; payload:
                    count DISK_EXTENT records
                    (offset uint64 LE, length uint32 LE), then the encoded bytes
@@ -62,7 +66,7 @@ import numpy as np
 
 from remus.common.wire import DEFAULT_MAX_PAYLOAD, Frame, ProtocolError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 CODECS = ("zstd", "none")
 # The encoder keeps the decoded size of one pages frame at or below this, so
 # that a backup with the default max_payload accepts it even if incompressible.
@@ -105,7 +109,7 @@ _SCHEMA: dict[str, tuple[_Field, ...]] = {
     "pages": (("count", "int"), ("codec", "str"), ("xor", "bool"), ("raw_len", "int")),
     "disk": (("disk", "int"), ("count", "int"), ("codec", "str"), ("raw_len", "int")),
     "zero": (("disk", "int"), ("count", "int")),
-    "device": (("codec", "str"), ("raw_len", "int")),
+    "device": (("codec", "str"), ("raw_len", "int"), ("delta", "bool")),
     "end": (("epoch", "int"), ("pages", "int"), ("checksum", "str")),
     "ack": (("epoch", "int"),),
     "progress": (("epoch", "int"), ("bytes", "int")),
