@@ -176,12 +176,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "replication": {
         "interval_ms": Key(int, 200, _range(5, 60_000), "checkpoint every MS milliseconds"),
-        "trigger": Key(str, "interval", _choice("interval", "output"),
-                       "interval: a checkpoint every interval_ms; output: also as soon as "
-                       "the guest's output waits in the buffer (and min_interval_ms has "
-                       "passed since the last pause), so a reply waits for one checkpoint, "
-                       "not for the end of the interval; costs more pauses and CPU while "
-                       "the guest talks (userspace buffer only)"),
+        "trigger": Key(str, "output", _choice("interval", "output"),
+                       "output: a checkpoint every interval_ms, and also as soon as the "
+                       "guest's output waits in the buffer (and min_interval_ms has passed "
+                       "since the last pause), so a reply waits for one checkpoint, not for "
+                       "the end of its interval; costs more pauses and CPU while the guest "
+                       "talks (userspace buffer only). interval: every interval_ms only"),
         "min_interval_ms": Key(int, 20, _range(1, 60_000),
                                "trigger = output: the shortest time between two pauses, which "
                                "bounds the checkpoint rate at 1000 / min_interval_ms per second"),

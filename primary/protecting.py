@@ -93,13 +93,18 @@ class Protecting(Role):
         """trigger = output needs a buffer that sees the guest's frames."""
         if self.cfg.replication.trigger != "output":
             return
-        if netbuf is not None and netbuf.set_output_listener(self.replicator.output_waiting):
+        if netbuf is None:  # user networking or --no-net: no output is held to wait
+            _log.info("trigger-interval-only", detail="no output buffer here, so no output "
+                      "waits for a checkpoint: checkpoints stay on the interval")
+            return
+        if netbuf.set_output_listener(self.replicator.output_waiting):
             self.trigger = "output"
             return
         _log.warning("trigger-unavailable", trigger="output",
-                     detail="no buffered NIC sees the guest's output here (no bridged NIC, "
-                            "or the plug qdisc holds it in the kernel): checkpoints stay on "
-                            "the interval")
+                     detail="the plug qdisc holds the guest's output in the kernel, out of "
+                            "the daemon's sight: checkpoints stay on the interval, and each "
+                            "reply waits for the end of its interval ([network] buffer = "
+                            "\"userspace\" brings them forward)")
 
     async def _supervise(self, node) -> Role | int:
         """Run the replicator until something ends this role; what ends it decides."""
