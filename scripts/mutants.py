@@ -112,6 +112,24 @@ def forget_survivors(cfg: dict, modules: list[str]) -> None:
                 meta.write_text(json.dumps(data))
 
 
+def drop_unmutated(cfg: dict, modules: list[str]) -> None:
+    """With --keep, mutmut mutates a file again only when it is newer than its copy
+    under mutants/; a module's file the last run copied without mutating it (it was
+    not selected then: no .meta) would stay unmutated, the module scoring 0 of 0.
+    Such copies are dropped, so mutmut mutates them, and with them mutmut's record
+    of which tests reach which function: it has none for their functions, and would
+    count every mutant of theirs as reached by no test."""
+    dropped = False
+    for name in modules:
+        for pattern in cfg["modules"][name]:
+            for copy in (STAGE / "mutants" / "remus").glob(pattern):
+                if copy.suffix == ".py" and not copy.with_name(copy.name + ".meta").exists():
+                    copy.unlink()
+                    dropped = True
+    if dropped:
+        (STAGE / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+
+
 def run_mutmut(cfg: dict, children: int) -> int:
     env = dict(os.environ, REMUS_MUTATION_EXAMPLES=str(cfg["examples"]))
     # The staged tree, not the installed checkout, is what the tests import.
@@ -174,6 +192,8 @@ def report(cfg: dict, modules: list[str]) -> tuple[dict, list[str]]:
         rows[name] = {"killed": t.killed, "survived": len(t.survived),
                       "equivalent": t.equivalent, "unchecked": t.unchecked,
                       "score": round(t.score, 4), "survivors": t.survived}
+        if not codes:
+            problems.append(f"{name}: no mutants (no such file, or nothing mutmut can change)")
         if t.score < cfg["threshold"]:
             problems.append(f"{name}: score {t.score:.1%} is under {cfg['threshold']:.0%}")
         if t.unchecked:
@@ -227,6 +247,7 @@ def main() -> int:
     stage(cfg, modules, fresh=not args.keep)
     if args.keep:
         forget_survivors(cfg, modules)
+        drop_unmutated(cfg, modules)
     rc = run_mutmut(cfg, args.children)
     if rc != 0:
         print(f"mutmut run failed (exit {rc}); see {STAGE}", file=sys.stderr)
