@@ -1,8 +1,13 @@
 """Output-triggered checkpoints: when the next pause comes, and what tells the
 replicator that output waits."""
+import logging
+from types import SimpleNamespace
+
 import pytest
 
 from remus.common.netbuf import UserspaceNetBuffer
+from remus.common.nicgroup import NicGroup
+from remus.primary.protecting import Protecting
 from remus.primary.trigger import DISK, HANDOVER, INTERVAL, OUTPUT, next_due, pause_trigger
 
 LAST, GAP, DUE = 100.0, 0.02, 100.2  # last pause at 100 s, min gap 20 ms, interval 200 ms
@@ -74,3 +79,47 @@ def test_a_pause_brought_forward_starts_a_full_interval(trigger):
 
 def test_exactly_an_interval_late_starts_afresh():
     assert next_due(INTERVAL, 10.0, 10.25, 0.25) == 10.5
+
+
+def _wire(trigger: str, netbuf) -> SimpleNamespace:
+    role = SimpleNamespace(cfg=SimpleNamespace(replication=SimpleNamespace(trigger=trigger)),
+                           replicator=SimpleNamespace(output_waiting=lambda: None),
+                           trigger="interval")
+    Protecting._wire_output_trigger(role, netbuf)
+    return role
+
+
+class _Plug:
+    def set_output_listener(self, listener) -> bool:
+        return False  # the kernel holds the frames: nothing to tell
+
+
+def _events(caplog, level) -> list[str]:
+    return [r.getMessage().split()[0] for r in caplog.records if r.levelno == level]
+
+
+def test_the_default_trigger_without_an_output_buffer_is_not_a_warning(caplog):
+    with caplog.at_level(logging.INFO):
+        assert _wire("output", None).trigger == "interval"
+    assert "trigger-interval-only" in _events(caplog, logging.INFO)
+    assert not _events(caplog, logging.WARNING)
+
+
+def test_the_plug_buffer_cannot_bring_checkpoints_forward_and_says_so(caplog):
+    with caplog.at_level(logging.INFO):
+        assert _wire("output", _Plug()).trigger == "interval"
+    assert _events(caplog, logging.WARNING) == ["trigger-unavailable"]
+
+
+def test_the_userspace_buffer_reports_output(tmp_path, caplog):
+    nb = UserspaceNetBuffer("unused", tmp_path / "net.sock", 1 << 20)
+    with caplog.at_level(logging.INFO):
+        assert _wire("output", NicGroup([nb], [])).trigger == "output"
+    assert nb.output_listener is not None and not caplog.records
+
+
+def test_trigger_interval_asks_nothing_of_the_buffer(tmp_path, caplog):
+    nb = UserspaceNetBuffer("unused", tmp_path / "net.sock", 1 << 20)
+    with caplog.at_level(logging.INFO):
+        assert _wire("interval", NicGroup([nb], [])).trigger == "interval"
+    assert nb.output_listener is None and not caplog.records
