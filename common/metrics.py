@@ -52,6 +52,12 @@ class _StatusCollector:
                                   "long the guest's output stays held (the takeover window)")
             g.add_metric([], hold)
             yield g
+        in_flight = getattr(s, "in_flight", None)
+        if in_flight is not None:
+            g = GaugeMetricFamily("remus_checkpoints_in_flight", "checkpoints sent and not yet "
+                                  "acknowledged (at most [replication] pipeline)")
+            g.add_metric([], in_flight)
+            yield g
         held = getattr(s, "held_output", None)
         if held:
             for key in ("held_frames", "held_bytes", "dropped_frames"):

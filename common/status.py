@@ -92,6 +92,7 @@ class PrimaryStatus(Status):
     trigger: str = "interval"             # [replication] trigger in effect
     output_triggered: int | None = None   # of the recent checkpoints, taken for output
     in_flight: int | None = None          # checkpoints sent, not yet acknowledged
+    pipeline: int = 1                     # [replication] pipeline: how many may be in flight
     capture: str = ""
     checkpoints_per_s: float | None = None
     pause_p50_ms: float | None = None

@@ -82,6 +82,9 @@ def render(statuses: dict) -> str:
                 lines.append(f"  trigger: output waiting (or every {s['interval_ms']} ms); "
                              f"{s.get('output_triggered') or 0} of the recent checkpoints "
                              "taken for output")
+            if s.get("pipeline", 1) > 1:
+                lines.append(f"  pipeline: {s.get('in_flight') or 0} checkpoint(s) in flight "
+                             f"(unacknowledged), up to {s['pipeline']}")
             sync = s.get("sync")
             if sync:
                 lines.append(sync_line(sync, s["state"] == "syncing"))

@@ -207,7 +207,7 @@ class Protecting(Role):
             rep.session, rep.committed_epoch, heartbeat_status(node.hb),
             qemu_pid=guest.pid, interval_ms=self.cfg.replication.interval_ms,
             trigger=self.trigger, output_triggered=s["output_triggered"],
-            in_flight=rep.in_flight,
+            in_flight=rep.in_flight, pipeline=self.cfg.replication.pipeline,
             capture=self.capture.name, checkpoints_per_s=s["checkpoints_per_s"],
             pause_p50_ms=s["pause_p50_ms"], pause_p99_ms=s["pause_p99_ms"],
             bytes_per_s=s["bytes_per_s"], ack_p50_ms=s["ack_p50_ms"],

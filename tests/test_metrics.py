@@ -194,3 +194,23 @@ def test_a_reply_bigger_than_the_socket_buffers_arrives_whole():
         assert 'remus_test_many_total{n="4999"} 4999.0' in text
     finally:
         m.close()
+
+
+def test_the_checkpoints_in_flight_are_a_gauge_where_the_status_has_them():
+    from remus.common.status import PrimaryStatus
+    primary = PrimaryStatus(RoleName("primary"), "primary", "demo", "protecting", os.getpid(), 3,
+                            None, 7, in_flight=2, pipeline=3)
+    m = Metrics(lambda: primary)
+    port = free_port()
+    m.serve(f"127.0.0.1:{port}")
+    try:
+        assert scrape(port)["remus_checkpoints_in_flight"].value == 2
+    finally:
+        m.close()
+    m = Metrics(_status)  # a role with no checkpoint stream has no such figure
+    port = free_port()
+    m.serve(f"127.0.0.1:{port}")
+    try:
+        assert "remus_checkpoints_in_flight" not in scrape(port)
+    finally:
+        m.close()

@@ -70,3 +70,13 @@ def test_render_shows_the_output_hold_and_a_stale_replica_with_its_reason():
     assert "primary demo: HOLDING" in text and "output held 12.3 s more" in text
     assert "REPLICA STALE: fencing did not succeed within the takeover window" in text
     assert "output held" not in render({"primary": PRIMARY})
+
+
+def test_render_shows_the_trigger_and_the_pipeline_window_when_there_is_one():
+    output = {**PRIMARY, "trigger": "output", "interval_ms": 100, "output_triggered": 37}
+    text = render({"primary": {**output, "pipeline": 3, "in_flight": 2}})
+    assert "trigger: output waiting (or every 100 ms); 37 of the recent checkpoints" in text
+    assert "pipeline: 2 checkpoint(s) in flight (unacknowledged), up to 3" in text
+    stop_and_wait = render({"primary": {**output, "pipeline": 1, "in_flight": 0}})
+    assert "pipeline" not in stop_and_wait and "trigger: output" in stop_and_wait
+    assert "trigger" not in render({"primary": {**PRIMARY, "trigger": "interval"}})
