@@ -267,6 +267,9 @@ def test_on_backup_loss_pause_keeps_the_guest_stopped_until_the_backup_returns(m
     assert int(wait_until(lambda: pair.try_get("inc"), 30, "the guest resumed by the operator")) == value + 2
 
 
+TUNED_WMEM = 4 << 20  # net_bench's tuned guest; this 128 MiB guest's own limit is about 1 MiB
+
+
 @pytest.fixture(scope="module")
 def watched_pair(guest_image, tmp_path_factory):
     """One protected pair with metrics endpoints, shared by the tests below that only
@@ -275,6 +278,7 @@ def watched_pair(guest_image, tmp_path_factory):
 
     ports = free_port(), free_port()
     pair = Pair(guest_image, tmp_path_factory.mktemp("watched"), interval_ms=100,
+                append_extra=f"remus.tcp_wmem={TUNED_WMEM} tcp_cubic.hystart=0",
                 config_overrides={"metrics": {"primary": f"127.0.0.1:{ports[0]}",
                                               "backup": f"127.0.0.1:{ports[1]}"}})
     try:
@@ -311,6 +315,7 @@ def test_status_reports_both_daemons_consistently(watched_pair):
     assert p["last_committed_epoch"] <= b["last_committed_epoch"] <= p["last_committed_epoch"] + 10
     assert p["checkpoints_per_s"] > 0 and p["pause_p50_ms"] > 0 and p["bytes_per_s"] > 0
     assert p["heartbeat"] is None and b["fencing"]["configured"] is False
+    assert p["pipeline"] == 1 and p["in_flight"] in (0, 1)
     later = wait_until(lambda: (s := status())["primary"]["last_committed_epoch"]
                        > p["last_committed_epoch"] and s, 30, "the epoch to advance")
     assert later["backup"]["last_committed_epoch"] >= b["last_committed_epoch"]
@@ -339,9 +344,19 @@ def test_metrics_endpoints_are_scraped_and_parsed(watched_pair):
     assert m["remus_ack_latency_seconds_count"].value >= 4
     assert m["remus_checkpoint_bytes_total"].value > 0
     assert m["remus_state"].labels == {"role": "primary", "state": "protecting"}
+    assert m["remus_checkpoints_in_flight"].value in (0, 1)
     later = wait_until(lambda: primary_after(m["remus_checkpoints_total"].value + 3), 30, "more checkpoints")
     assert later["remus_last_committed_epoch"].value > m["remus_last_committed_epoch"].value
     b = wait_until(lambda: (b := scrape("backup"))["remus_standby_guest"].labels["state"] == "ready"
                    and b, 30, "the backup's standby guest in the metrics")
     assert b["remus_state"].labels == {"role": "backup", "state": "standby"}
     assert b["remus_failovers_total"].value == 0
+
+
+def test_the_guest_takes_its_tcp_settings_from_the_command_line(watched_pair):
+    """remus.tcp_wmem= (the guest's init) and tcp_cubic.hystart= (the kernel), as
+    net_bench's tuned guest boots; /cgi-bin/tcp reports what is in effect."""
+    text = wait_until(lambda: watched_pair.try_get("tcp"), 120, "the guest's tcp settings")
+    settings = dict(line.split(" ", 1) for line in text.splitlines())
+    assert settings["tcp_wmem"].split() == ["4096", "16384", str(TUNED_WMEM)], text
+    assert settings["hystart"] == "0" and settings["congestion_control"] == "cubic", text

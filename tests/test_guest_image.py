@@ -61,7 +61,8 @@ def test_guest_files_cover_the_service():
 @pytest.mark.skipif(not BUSYBOX, reason="no busybox on the host to check shell syntax")
 @pytest.mark.parametrize("name", ["init", "www/cgi-bin/inc", "www/cgi-bin/get", "www/cgi-bin/dirty",
                                   "www/cgi-bin/record", "www/cgi-bin/disklast",
-                                  "bin/remus-dirty", "bin/remus-line", "lib/remus/cgi.sh"])
+                                  "www/cgi-bin/tcp", "bin/remus-dirty", "bin/remus-line",
+                                  "lib/remus/cgi.sh"])
 def test_guest_scripts_parse(name):
     done = subprocess.run([BUSYBOX, "sh", "-n", str(gi.GUEST_FILES / name)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -108,6 +109,22 @@ def test_concurrent_increments_are_never_lost(tmp_path):
     values = sorted(int(_body(p)) for p in procs)
     assert values == list(range(1, 61))
     assert _body(_cgi(tmp_path, "get")) == "60\n"
+
+
+@pytest.mark.skipif(not BUSYBOX, reason="no busybox on the host to run the CGI scripts")
+def test_tcp_reports_each_setting_and_unknown_for_what_the_kernel_lacks(tmp_path):
+    (tmp_path / "ipv4").mkdir()
+    (tmp_path / "ipv4/tcp_wmem").write_text("4096\t16384\t4194304\n")
+    (tmp_path / "ipv4/tcp_congestion_control").write_text("cubic\n")
+    script = gi.GUEST_FILES.joinpath("www/cgi-bin/tcp").read_text()
+    assert "/proc/sys/net/ipv4" in script and "/sys/module/tcp_cubic" in script
+    script = (script.replace("/proc/sys/net/ipv4", str(tmp_path / "ipv4"))
+              .replace("/sys/module/tcp_cubic", str(tmp_path / "absent")))
+    (tmp_path / "cgi.sh").write_text(gi.GUEST_FILES.joinpath("lib/remus/cgi.sh").read_text())
+    script = script.replace("/lib/remus/cgi.sh", str(tmp_path / "cgi.sh"))
+    out = subprocess.run([BUSYBOX, "sh", "-c", script], capture_output=True, timeout=30)
+    assert out.stdout.decode().partition("\r\n\r\n")[2].splitlines() == [
+        "tcp_wmem 4096\t16384\t4194304", "congestion_control cubic", "hystart unknown"]
 
 
 @pytest.mark.skipif(not BUSYBOX, reason="no busybox on the host to run the CGI scripts")
