@@ -267,7 +267,7 @@ def test_on_backup_loss_pause_keeps_the_guest_stopped_until_the_backup_returns(m
     assert int(wait_until(lambda: pair.try_get("inc"), 30, "the guest resumed by the operator")) == value + 2
 
 
-TUNED_WMEM = 4 << 20  # net_bench's tuned guest; this 128 MiB guest's own limit is about 1 MiB
+TUNED_WMEM = 4 << 20  # net_bench's tuned guest; this 128 MiB guest's own limit is 651 KiB
 
 
 @pytest.fixture(scope="module")
