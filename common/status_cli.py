@@ -75,52 +75,63 @@ def render(statuses: dict) -> str:
             lines.append("  runs the guest UNPROTECTED since a failover: `remusctl reprotect` "
                          "once the other host is back")
         elif role == RoleName.PRIMARY.value:
-            lines.append(f"  checkpoints {s['checkpoints_per_s']:.1f}/s  pause p50 {s['pause_p50_ms']:.1f} ms "
-                         f"p99 {s['pause_p99_ms']:.1f} ms  {s['bytes_per_s'] / 1024:.0f} KiB/s  "
-                         f"ack p50 {s['ack_p50_ms']:.1f} ms")
-            if s.get("trigger") == "output":
-                lines.append(f"  trigger: output waiting (or every {s['interval_ms']} ms); "
-                             f"{s.get('output_triggered') or 0} of the recent checkpoints "
-                             "taken for output")
-            if s.get("pipeline", 1) > 1:
-                lines.append(f"  pipeline: {s.get('in_flight') or 0} checkpoint(s) in flight "
-                             f"(unacknowledged), up to {s['pipeline']}")
-            sync = s.get("sync")
-            if sync:
-                lines.append(sync_line(sync, s["state"] == "syncing"))
-            if s.get("output_hold_s_left") is not None:
-                lines.append(f"  BACKUP LOST: output held {s['output_hold_s_left']:.1f} s more "
-                             "(the takeover window: the backup may be taking over)")
-            held = s.get("held_output")
-            if held:
-                lines.append(f"  held output {held['held_frames']} frames, {held['held_bytes']} bytes; "
-                             f"dropped {held['dropped_frames']}")
+            lines += primary_lines(s)
         elif "fencing" in s:
-            if s.get("stale_reason"):
-                lines.append(f"  REPLICA STALE: {s['stale_reason']}")
-            f = s["fencing"]
-            lines.append(f"  replica {s['replica']['state']}  fencing "
-                         f"{'%d level(s)' % f['levels'] if f['configured'] else 'NOT CONFIGURED'}"
-                         + (f"  LAST FAILURE: {f['last_failure']}" if f.get("last_failure") else ""))
-            sg = s.get("standby_guest")
-            if sg and sg["state"] != "none":
-                lines.append("  standby guest: " + {
-                    "ready": f"ready (QEMU pid {sg.get('qemu_pid')})",
-                    "launching": "launching",
-                    "off": "off ([backup] standby_guest = false)",
-                    "gone": "QEMU EXITED; relaunching",
-                    "failed": f"LAUNCH FAILED: {sg.get('error')}; a failover would launch "
-                              "QEMU itself"}.get(sg["state"], sg["state"]))
-            if s.get("last_failover"):
-                lf = s["last_failover"]
-                lines.append(f"  last failover: epoch {lf['epoch']}, detection {lf['detect_ms']:.0f} ms, "
-                             f"fencing {lf['fence_ms']:.0f} ms ({lf['reason']})")
+            lines += backup_lines(s)
         hb = s.get("heartbeat")
         if hb:
             lines += [render_link(link) for link in hb["links"]]
         else:
             lines.append("  heartbeat: not configured")
     return "\n".join(lines)
+
+
+def primary_lines(s: dict) -> list[str]:
+    lines = [f"  checkpoints {s['checkpoints_per_s']:.1f}/s  pause p50 {s['pause_p50_ms']:.1f} ms "
+             f"p99 {s['pause_p99_ms']:.1f} ms  {s['bytes_per_s'] / 1024:.0f} KiB/s  "
+             f"ack p50 {s['ack_p50_ms']:.1f} ms"]
+    if s.get("trigger") == "output":
+        lines.append(f"  trigger: output waiting (or every {s['interval_ms']} ms); "
+                     f"{s.get('output_triggered') or 0} of the recent checkpoints "
+                     "taken for output")
+    if s.get("pipeline", 1) > 1:
+        lines.append(f"  pipeline: {s.get('in_flight') or 0} checkpoint(s) in flight "
+                     f"(unacknowledged), up to {s['pipeline']}")
+    sync = s.get("sync")
+    if sync:
+        lines.append(sync_line(sync, s["state"] == "syncing"))
+    if s.get("output_hold_s_left") is not None:
+        lines.append(f"  BACKUP LOST: output held {s['output_hold_s_left']:.1f} s more "
+                     "(the takeover window: the backup may be taking over)")
+    held = s.get("held_output")
+    if held:
+        lines.append(f"  held output {held['held_frames']} frames, {held['held_bytes']} bytes; "
+                     f"dropped {held['dropped_frames']}")
+    return lines
+
+
+def backup_lines(s: dict) -> list[str]:
+    lines = []
+    if s.get("stale_reason"):
+        lines.append(f"  REPLICA STALE: {s['stale_reason']}")
+    f = s["fencing"]
+    lines.append(f"  replica {s['replica']['state']}  fencing "
+                 f"{'%d level(s)' % f['levels'] if f['configured'] else 'NOT CONFIGURED'}"
+                 + (f"  LAST FAILURE: {f['last_failure']}" if f.get("last_failure") else ""))
+    sg = s.get("standby_guest")
+    if sg and sg["state"] != "none":
+        lines.append("  standby guest: " + {
+            "ready": f"ready (QEMU pid {sg.get('qemu_pid')})",
+            "launching": "launching",
+            "off": "off ([backup] standby_guest = false)",
+            "gone": "QEMU EXITED; relaunching",
+            "failed": f"LAUNCH FAILED: {sg.get('error')}; a failover would launch "
+                      "QEMU itself"}.get(sg["state"], sg["state"]))
+    if s.get("last_failover"):
+        lf = s["last_failover"]
+        lines.append(f"  last failover: epoch {lf['epoch']}, detection {lf['detect_ms']:.0f} ms, "
+                     f"fencing {lf['fence_ms']:.0f} ms ({lf['reason']})")
+    return lines
 
 
 def render_link(link: dict) -> str:
