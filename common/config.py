@@ -185,6 +185,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "min_interval_ms": Key(int, 20, _range(1, 60_000),
                                "trigger = output: the shortest time between two pauses, which "
                                "bounds the checkpoint rate at 1000 / min_interval_ms per second"),
+        "max_rate": Key(int, 0, _range(0, 1000),
+                        "trigger = output: at most this many pauses in any one second, however "
+                        "often output waits (0: min_interval_ms alone bounds the rate); lets a "
+                        "short min_interval_ms serve occasional replies while a guest that talks "
+                        "all the time pauses no more than this. Pauses on the interval count "
+                        "towards it but still come"),
         "pipeline": Key(int, 1, _range(1, 8),
                         "checkpoints in flight at once: 1 waits for each checkpoint's ack "
                         "before the next pause (stop-and-wait); more let the next pause come "

@@ -30,7 +30,7 @@ from remus.common.hooks import Hooks
 from remus.common.status import PrimaryState
 from remus.common.takeover import output_hold_s
 from remus.primary.output_hold import OutputHold
-from remus.primary.trigger import next_due, pause_trigger
+from remus.primary.trigger import next_due, pause_trigger, rate_floor
 
 _log = log.get("remus.primary")
 
@@ -222,14 +222,16 @@ class Replicator:
             self._output_waiting = True
             self._wake.set()
 
-    async def _until_next_pause(self, due: float, last: float) -> str:
-        """Wait for the next checkpoint (primary/trigger.py); why it is taken."""
+    async def _until_next_pause(self, due: float, last: float, floor: float) -> str:
+        """Wait for the next checkpoint (primary/trigger.py); why it is taken. `floor`:
+        the earliest [replication] max_rate lets output bring it."""
         rep = self.cfg.replication
         gap = min(rep.min_interval_ms, rep.interval_ms) / 1000
         while True:
             now = time.monotonic()
             trigger, look_again = pause_trigger(now, due, last, gap, self._output_waiting,
-                                                self._handover is not None, self._disk_full())
+                                                self._handover is not None, self._disk_full(),
+                                                floor)
             if trigger is not None:
                 return trigger
             if self._commit_failed():
@@ -481,11 +483,15 @@ class Replicator:
         commit in order, each after the one before it."""
         window = self.cfg.replication.pipeline
         epoch = first - 1
+        max_rate = self.cfg.replication.max_rate
         next_pause = last_pause = time.monotonic()
+        recent = deque(maxlen=max(1, max_rate))  # the latest pauses' start times
         while True:
-            trigger = await self._until_next_pause(next_pause, last_pause)
+            trigger = await self._until_next_pause(next_pause, last_pause,
+                                                   rate_floor(recent, max_rate))
             await self._settle(window - 1)  # a failed commit ends the session here
             last_pause = time.monotonic()
+            recent.append(last_pause)
             next_pause = next_due(trigger, next_pause, last_pause, interval)
             self._output_waiting = False  # what is held now goes with this checkpoint
             epoch += 1

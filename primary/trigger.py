@@ -2,27 +2,33 @@
 
 A checkpoint is due every interval. With `[replication] trigger = "output"` the
 guest's output waiting in the NIC buffers brings it forward, to no sooner than
-min_interval_ms after the last pause: a reply then waits for one checkpoint
-(pause, transfer, ack) instead of also waiting for the end of its interval. A
-quiet guest holds no output, so it pauses no more often than before. A
-handover, or the epoch's disk writes reaching their cap, take one at once.
+min_interval_ms after the last pause, nor sooner than max_rate allows: a reply
+then waits for one checkpoint (pause, transfer, ack) instead of also waiting for
+the end of its interval. A quiet guest holds no output, so it pauses no more
+often than before. A handover, or the epoch's disk writes reaching their cap,
+take one at once.
 """
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 INTERVAL, OUTPUT, DISK, HANDOVER = "interval", "output", "disk", "handover"
 
 
 def pause_trigger(now: float, due: float, last: float, min_gap: float, output_waiting: bool,
-                  handover: bool = False, disk_full: bool = False) -> tuple[str | None, float]:
+                  handover: bool = False, disk_full: bool = False,
+                  rate_floor: float = -math.inf) -> tuple[str | None, float]:
     """(why to pause now, or None) and, when None, the time to look again. `due` is
-    the end of the interval, `last` the start of the last pause (monotonic s)."""
+    the end of the interval, `last` the start of the last pause (monotonic s),
+    `rate_floor` the earliest an output-triggered pause may come (see rate_floor)."""
     if handover:
         return HANDOVER, now
     if disk_full:
         return DISK, now
     if now >= due:
         return INTERVAL, now
-    earliest = last + min_gap
+    earliest = max(last + min_gap, rate_floor)
     if output_waiting:
         return (OUTPUT, now) if now >= earliest else (None, min(due, earliest))
     return None, due
@@ -35,3 +41,12 @@ def next_due(trigger: str, due: float, paused_at: float, interval: float) -> flo
     if trigger == INTERVAL and paused_at - due < interval:
         return due + interval
     return paused_at + interval
+
+
+def rate_floor(recent_pauses: Sequence[float], max_rate: int) -> float:
+    """The earliest output may bring a pause under `max_rate` pauses in any second
+    (0: no such bound): one second after the max_rate-th latest pause. Pauses on
+    the interval count towards the rate but are never held back by it."""
+    if max_rate <= 0 or len(recent_pauses) < max_rate:
+        return -math.inf
+    return recent_pauses[-max_rate] + 1.0

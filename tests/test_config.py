@@ -27,6 +27,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_and_relative_kernel(tmp_path):
     cfg = load(write(tmp_path, BASE))
     assert cfg.replication.interval_ms == 200  # as xl remus
+    assert cfg.replication.max_rate == 0  # min_interval_ms alone bounds the rate
     assert cfg.guest.memory_mib == 128
     assert cfg.guest.kernel == str(tmp_path / "vmlinuz")
     assert cfg.backup_endpoint == ("127.0.0.1", 7788)
@@ -39,6 +40,8 @@ def test_defaults_and_relative_kernel(tmp_path):
     ("[replication]\ninterval_ms = 0\n", "[replication] interval_ms"),
     ("[replication]\ninterval_ms = '200'\n", "[replication] interval_ms: expected int"),
     ("[replication]\ncompression = 'lz4'\n", "[replication] compression"),
+    ("[replication]\nmax_rate = -1\n", "[replication] max_rate: must be between 0 and 1000"),
+    ("[replication]\nmax_rate = 1001\n", "[replication] max_rate: must be between 0 and 1000"),
     ("[network]\nmac = '01:00:00:00:00:01'\n", "[network] mac"),
     ("[network]\nhost_forward = ['tcp::1-:2']\n", "[network] host_forward"),
 ])
