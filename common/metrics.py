@@ -23,6 +23,13 @@ REQUEST_TIMEOUT_S = 5.0  # for a connection to send its request and take the rep
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
+def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+    """A gauge without labels, holding `value`."""
+    g = GaugeMetricFamily(name, text)
+    g.add_metric([], value)
+    return g
+
+
 class _StatusCollector:
     def __init__(self, status: Callable[[], Status]):
         self._status = status
@@ -48,22 +55,16 @@ class _StatusCollector:
             yield g
         hold = getattr(s, "output_hold_s_left", None)
         if hold is not None:
-            g = GaugeMetricFamily("remus_output_hold_seconds_left", "the backup is lost: how "
-                                  "long the guest's output stays held (the takeover window)")
-            g.add_metric([], hold)
-            yield g
+            yield _gauge("remus_output_hold_seconds_left", "the backup is lost: how long the "
+                         "guest's output stays held (the takeover window)", hold)
         in_flight = getattr(s, "in_flight", None)
         if in_flight is not None:
-            g = GaugeMetricFamily("remus_checkpoints_in_flight", "checkpoints sent and not yet "
-                                  "acknowledged (at most [replication] pipeline)")
-            g.add_metric([], in_flight)
-            yield g
+            yield _gauge("remus_checkpoints_in_flight", "checkpoints sent and not yet "
+                         "acknowledged (at most [replication] pipeline)", in_flight)
         held = getattr(s, "held_output", None)
         if held:
             for key in ("held_frames", "held_bytes", "dropped_frames"):
-                g = GaugeMetricFamily(f"remus_output_{key}", f"guest output {key.replace('_', ' ')}")
-                g.add_metric([], held[key])
-                yield g
+                yield _gauge(f"remus_output_{key}", f"guest output {key.replace('_', ' ')}", held[key])
         hb = s.heartbeat
         if hb:
             up = GaugeMetricFamily("remus_heartbeat_link_up", "1 if the peer beats on the link",
