@@ -174,18 +174,21 @@ def run_tuned(image, lan: Lan, args, through: list) -> None:
 
 
 def print_throughput(through: list[dict], interval: int, mib: int) -> None:
-    """Each path against the no-net of its own guest (default or tuned)."""
+    """Each path against the no-net of the same guest: the one its download found
+    with the same TCP settings."""
+    def guest(t: dict) -> tuple:
+        return tuple(t["guest_tcp"].items())
+
     print(f"\nGuest output throughput (bulk download of {mib} MiB to the client, {interval} ms)")
     print("path                                 | Mbit/s | frames/s | of no-net | all runs")
-    base = {("tuned" in t["path"]): t["mbit_s"] for t in through if t["path"].startswith("no-net")}
+    base = {guest(t): t["mbit_s"] for t in through if t["path"].startswith("no-net")}
     for t in through:
-        t["of_no_net"] = t["mbit_s"] / (base.get("tuned" in t["path"]) or 1)
+        t["of_no_net"] = t["mbit_s"] / (base.get(guest(t)) or 1)
         print(f"{t['path']:36s} | {t['mbit_s']:6.1f} | {t['frames_s']:8.0f} | "
               f"{t['of_no_net']:9.0%} | {t['samples_mbit_s']}")
-    for tuned in sorted({"tuned" in t["path"] for t in through}):
-        t = next(t for t in through if ("tuned" in t["path"]) == tuned)
-        print(f"guest TCP {'tuned' if tuned else 'as booted'}: " +
-              ", ".join(f"{k} {v}" for k, v in t["guest_tcp"].items()))
+    for settings in dict.fromkeys(guest(t) for t in through):
+        paths = [t["path"] for t in through if guest(t) == settings]
+        print(f"guest TCP for {', '.join(paths)}: " + ", ".join(f"{k} {v}" for k, v in settings))
 
 
 def print_latency(rows: list[dict]) -> list[dict]:
